@@ -1,0 +1,4 @@
+pub mod demo;
+pub mod features;
+pub mod kmeans;
+pub mod prepare;

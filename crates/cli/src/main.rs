@@ -1,0 +1,48 @@
+//! `fedhubert`: a thin binary over the library crates. Each subcommand lives in `cmd/NAME.rs`
+//! as an `Args` struct (clap derive) and a `run(args) -> anyhow::Result<()>`.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "fedhubert", version, about = "Federated HuBERT pretraining and distillation")]
+struct Cli {
+    /// Log level filter (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Scan a corpus and partition it into clients with train/validation manifests.
+    Prepare(cmd::prepare::Args),
+    /// Extract 39-dim MFCC (Kaldi-compatible, 100 Hz) for manifests or client folders.
+    Features(cmd::features::Args),
+    /// Fit a k-means codebook (local, federated or central) and write per-client labels.
+    Kmeans(cmd::kmeans::Args),
+    /// Run the pipeline on the bundled sample and print a summary.
+    Demo(cmd::demo::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let result = match cli.command {
+        Command::Prepare(a) => cmd::prepare::run(a),
+        Command::Features(a) => cmd::features::run(a),
+        Command::Kmeans(a) => cmd::kmeans::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Feature shards in fairseq's dump layout: `NAME.npy` (one 2-D little-endian array, all utterances'
+//! frames stacked in manifest order) and `NAME.len` (one frame count per line, same order).
+//!
+//! Writing streams: the `.npy` header is written with a placeholder row count and patched on `finish`,
+//! so memory is bounded by one utterance whatever the corpus size. Both files are written under a
+//! temporary name and renamed into place only when complete: a crash never leaves a half shard.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::FeatureError;
+
+/// Element types a shard can hold (features are `f32`, k-means labels `u16`).
+pub trait NpyElem: Copy + Default + Send + Sync + 'static {
+    const DESCR: &'static str;
+    const SIZE: usize;
+    fn write_le(vals: &[Self], out: &mut Vec<u8>);
+    fn read_le(bytes: &[u8], out: &mut Vec<Self>);
+}
+
+impl NpyElem for f32 {
+    const DESCR: &'static str = "<f4";
+    const SIZE: usize = 4;
+    fn write_le(vals: &[Self], out: &mut Vec<u8>) {
+        out.reserve(vals.len() * 4);
+        for v in vals {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    fn read_le(bytes: &[u8], out: &mut Vec<Self>) {
+        out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+    }
+}
+
+impl NpyElem for u16 {
+    const DESCR: &'static str = "<u2";
+    const SIZE: usize = 2;
+    fn write_le(vals: &[Self], out: &mut Vec<u8>) {
+        out.reserve(vals.len() * 2);
+        for v in vals {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    fn read_le(bytes: &[u8], out: &mut Vec<Self>) {
+        out.extend(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])));
+    }
+}
+
+/// Header length fixed at 128 bytes so the row count can be patched in place after streaming.
+const HEADER_LEN: usize = 128;
+
+fn npy_header(descr: &str, rows: usize, dim: Option<usize>) -> Vec<u8> {
+    let shape = match dim {
+        Some(d) => format!("({rows}, {d})"),
+        None => format!("({rows},)"),
+    };
+    let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    let mut h = Vec::with_capacity(HEADER_LEN);
+    h.extend_from_slice(b"\x93NUMPY\x01\x00");
+    let pad = HEADER_LEN - 10 - dict.len() - 1;
+    h.extend_from_slice(&((HEADER_LEN - 10) as u16).to_le_bytes());
+    h.extend_from_slice(dict.as_bytes());
+    h.extend(std::iter::repeat_n(b' ', pad));
+    h.push(b'\n');
+    h
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> FeatureError {
+    FeatureError::Io { path: path.to_path_buf(), source: e }
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".tmp{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Paths of a shard named `stem` in `dir`: (`stem.npy`, `stem.len`).
+pub fn shard_paths(dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
+    (dir.join(format!("{stem}.npy")), dir.join(format!("{stem}.len")))
+}
+
+/// Streams utterances into a shard. `dim` is `Some(d)` for 2-D features, `None` for 1-D labels.
+pub struct ShardWriter<T: NpyElem> {
+    npy_path: PathBuf,
+    len_path: PathBuf,
+    npy_tmp: PathBuf,
+    len_tmp: PathBuf,
+    npy: BufWriter<File>,
+    len: BufWriter<File>,
+    dim: Option<usize>,
+    rows: usize,
+    buf: Vec<u8>,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: NpyElem> ShardWriter<T> {
+    pub fn create(dir: &Path, stem: &str, dim: Option<usize>) -> Result<Self, FeatureError> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let (npy_path, len_path) = shard_paths(dir, stem);
+        let (npy_tmp, len_tmp) = (tmp_path(&npy_path), tmp_path(&len_path));
+        let mut npy = BufWriter::new(File::create(&npy_tmp).map_err(|e| io_err(&npy_tmp, e))?);
+        let len = BufWriter::new(File::create(&len_tmp).map_err(|e| io_err(&len_tmp, e))?);
+        npy.write_all(&npy_header(T::DESCR, 0, dim)).map_err(|e| io_err(&npy_tmp, e))?;
+        Ok(Self { npy_path, len_path, npy_tmp, len_tmp, npy, len, dim, rows: 0, buf: Vec::new(), _t: Default::default() })
+    }
+
+    /// Appends one utterance: `values.len()` must be a multiple of `dim` (rows = frames).
+    pub fn push(&mut self, values: &[T]) -> Result<(), FeatureError> {
+        let d = self.dim.unwrap_or(1);
+        if values.len() % d != 0 {
+            return Err(FeatureError::Shape(format!(
+                "shard {}: utterance of {} values is not a whole number of {d}-dim frames",
+                self.npy_path.display(),
+                values.len()
+            )));
+        }
+        let frames = values.len() / d;
+        self.buf.clear();
+        T::write_le(values, &mut self.buf);
+        self.npy.write_all(&self.buf).map_err(|e| io_err(&self.npy_tmp, e))?;
+        writeln!(self.len, "{frames}").map_err(|e| io_err(&self.len_tmp, e))?;
+        self.rows += frames;
+        Ok(())
+    }
+
+    /// Patches the row count, flushes, and renames both files into place.
+    pub fn finish(mut self) -> Result<(PathBuf, PathBuf), FeatureError> {
+        self.npy.flush().map_err(|e| io_err(&self.npy_tmp, e))?;
+        self.len.flush().map_err(|e| io_err(&self.len_tmp, e))?;
+        let mut f = self.npy.into_inner().map_err(|e| io_err(&self.npy_tmp, e.into_error()))?;
+        f.seek(SeekFrom::Start(0)).map_err(|e| io_err(&self.npy_tmp, e))?;
+        f.write_all(&npy_header(T::DESCR, self.rows, self.dim)).map_err(|e| io_err(&self.npy_tmp, e))?;
+        f.sync_all().map_err(|e| io_err(&self.npy_tmp, e))?;
+        drop(f);
+        drop(self.len);
+        std::fs::rename(&self.len_tmp, &self.len_path).map_err(|e| io_err(&self.len_path, e))?;
+        std::fs::rename(&self.npy_tmp, &self.npy_path).map_err(|e| io_err(&self.npy_path, e))?;
+        Ok((self.npy_path, self.len_path))
+    }
+}
+
+/// Reads a shard one utterance at a time (bounded memory), or whole.
+pub struct ShardReader<T: NpyElem> {
+    path: PathBuf,
+    reader: BufReader<File>,
+    lengths: Vec<usize>,
+    next: usize,
+    dim: usize,
+    bytes: Vec<u8>,
+    _t: std::marker::PhantomData<T>,
+}
+
+/// Parses the header of an `.npy` file: returns (descr, shape, header bytes).
+fn parse_header(path: &Path, r: &mut impl Read) -> Result<(String, Vec<usize>), FeatureError> {
+    let bad = |why: &str| FeatureError::Format { path: path.to_path_buf(), why: why.to_string() };
+    let mut magic = [0u8; 10];
+    r.read_exact(&mut magic).map_err(|e| io_err(path, e))?;
+    if &magic[..6] != b"\x93NUMPY" {
+        return Err(bad("not an .npy file (bad magic)"));
+    }
+    let hlen = match magic[6] {
+        1 => u16::from_le_bytes([magic[8], magic[9]]) as usize,
+        2 | 3 => {
+            let mut rest = [0u8; 2];
+            r.read_exact(&mut rest).map_err(|e| io_err(path, e))?;
+            u32::from_le_bytes([magic[8], magic[9], rest[0], rest[1]]) as usize
+        }
+        v => return Err(bad(&format!("unsupported .npy version {v}"))),
+    };
+    let mut h = vec![0u8; hlen];
+    r.read_exact(&mut h).map_err(|e| io_err(path, e))?;
+    let h = String::from_utf8_lossy(&h).to_string();
+    if h.contains("'fortran_order': True") {
+        return Err(bad("fortran-order arrays are not supported"));
+    }
+    let descr = h
+        .split("'descr':")
+        .nth(1)
+        .and_then(|s| s.split('\'').nth(1))
+        .ok_or_else(|| bad("header has no descr"))?
+        .to_string();
+    let shape_s = h
+        .split("'shape':")
+        .nth(1)
+        .and_then(|s| s.split('(').nth(1))
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| bad("header has no shape"))?;
+    let shape = shape_s
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>().map_err(|_| bad("bad shape")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((descr, shape))
+}
+
+impl<T: NpyElem> ShardReader<T> {
+    pub fn open(dir: &Path, stem: &str) -> Result<Self, FeatureError> {
+        let (npy_path, len_path) = shard_paths(dir, stem);
+        let lf = File::open(&len_path).map_err(|e| io_err(&len_path, e))?;
+        let mut lengths = Vec::new();
+        for (i, line) in BufReader::new(lf).lines().enumerate() {
+            let line = line.map_err(|e| io_err(&len_path, e))?;
+            let n = line.trim().parse::<usize>().map_err(|_| FeatureError::Format {
+                path: len_path.clone(),
+                why: format!("line {}: expected a frame count, found {line:?}", i + 1),
+            })?;
+            lengths.push(n);
+        }
+        let f = File::open(&npy_path).map_err(|e| io_err(&npy_path, e))?;
+        let mut reader = BufReader::with_capacity(1 << 20, f);
+        let (descr, shape) = parse_header(&npy_path, &mut reader)?;
+        if descr != T::DESCR {
+            return Err(FeatureError::Format {
+                path: npy_path,
+                why: format!("dtype {descr}, expected {}", T::DESCR),
+            });
+        }
+        let rows: usize = lengths.iter().sum();
+        if shape.first() != Some(&rows) {
+            return Err(FeatureError::Format {
+                path: npy_path,
+                why: format!("{shape:?} rows but the .len index sums to {rows} frames"),
+            });
+        }
+        let dim = shape.get(1).copied().unwrap_or(1);
+        Ok(Self { path: npy_path, reader, lengths, next: 0, dim, bytes: Vec::new(), _t: Default::default() })
+    }
+
+    /// Frame counts per utterance, in manifest order.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+
+    /// Values per frame (1 for label shards).
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Reads the next utterance into `out` (cleared first); `Ok(false)` at the end.
+    pub fn next_into(&mut self, out: &mut Vec<T>) -> Result<bool, FeatureError> {
+        let Some(&frames) = self.lengths.get(self.next) else { return Ok(false) };
+        self.next += 1;
+        self.bytes.resize(frames * self.dim * T::SIZE, 0);
+        self.reader.read_exact(&mut self.bytes).map_err(|e| io_err(&self.path, e))?;
+        out.clear();
+        T::read_le(&self.bytes, out);
+        Ok(true)
+    }
+
+    /// Reads every remaining utterance.
+    pub fn read_all(mut self) -> Result<Vec<Vec<T>>, FeatureError> {
+        let mut all = Vec::with_capacity(self.lengths.len());
+        let mut v = Vec::new();
+        while self.next_into(&mut v)? {
+            all.push(std::mem::take(&mut v));
+        }
+        Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_f32_and_u16() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardWriter::<f32>::create(dir.path(), "mfcc", Some(3)).unwrap();
+        w.push(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        w.push(&[7.0, 8.0, 9.0]).unwrap();
+        assert!(w.push(&[1.0]).is_err());
+        w.finish().unwrap();
+        let r = ShardReader::<f32>::open(dir.path(), "mfcc").unwrap();
+        assert_eq!(r.lengths(), &[2, 1]);
+        assert_eq!(r.dim(), 3);
+        let all = r.read_all().unwrap();
+        assert_eq!(all[1], vec![7.0, 8.0, 9.0]);
+
+        let mut w = ShardWriter::<u16>::create(dir.path(), "km", None).unwrap();
+        w.push(&[3, 4, 5]).unwrap();
+        w.finish().unwrap();
+        assert!(ShardReader::<f32>::open(dir.path(), "km").is_err(), "dtype mismatch must be an error");
+        let all = ShardReader::<u16>::open(dir.path(), "km").unwrap().read_all().unwrap();
+        assert_eq!(all, vec![vec![3, 4, 5]]);
+    }
+
+    #[test]
+    fn truncated_shard_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardWriter::<f32>::create(dir.path(), "x", Some(2)).unwrap();
+        w.push(&[1.0, 2.0, 3.0, 4.0]).unwrap();
+        w.finish().unwrap();
+        std::fs::write(dir.path().join("x.len"), "2\n5\n").unwrap();
+        let err = ShardReader::<f32>::open(dir.path(), "x").err().unwrap().to_string();
+        assert!(err.contains("x.npy"), "{err}");
+    }
+}
