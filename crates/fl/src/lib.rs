@@ -1,0 +1,54 @@
+//! Federated rounds in the spirit of Flower: a `Strategy` (FedAvg, FedAvgM, FedAdam, FedYogi,
+//! FedAdagrad, FedProx, FedMedian, FedTrimmedAvg, Krum), client sampling, failures and stragglers,
+//! traffic accounting with optional update compression, and round checkpoints with exact resume.
+//!
+//! The crate knows nothing about HuBERT: clients are a `ClientPool` and weights are named f32
+//! tensors, so the same engine drives simulation, distillation and the Flower bridge.
+
+pub mod compress;
+pub mod rounds;
+pub mod strategy;
+pub mod weights;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub use compress::Compression;
+pub use rounds::{ClientPool, EvalRes, FitConfig, RoundRecord, RunConfig, RunResult, run};
+pub use strategy::{FitRes, Strategy, StrategyConfig};
+pub use weights::{Tensor, Weights};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {why}")]
+    Format { path: PathBuf, why: String },
+    #[error("weights layout mismatch: {0}")]
+    Layout(String),
+    #[error("config: {0}")]
+    Config(String),
+    #[error("client {client}: {why}")]
+    Client { client: usize, why: String },
+    #[error("round {0}: no client results to aggregate")]
+    NoResults(u64),
+    #[error(
+        "round {round}: only {got} clients replied in {attempts} attempts, min_fit_clients is {needed} ({why}); the checkpoint of the last completed round is kept: fix the cause and rerun with --resume"
+    )]
+    RoundFailed { round: u64, attempts: u32, got: usize, needed: usize, why: String },
+}
+
+/// Temp file in the same folder, fsync, rename: readers never see half a file.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), FlError> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let io = |e| FlError::Io { path: path.to_path_buf(), source: e };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".tmp{}", std::process::id()));
+    let tmp = dir.join(name);
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)
+}
