@@ -29,7 +29,11 @@ impl NpyElem for f32 {
         }
     }
     fn read_le(bytes: &[u8], out: &mut Vec<Self>) {
-        out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
     }
 }
 
@@ -43,7 +47,11 @@ impl NpyElem for u16 {
         }
     }
     fn read_le(bytes: &[u8], out: &mut Vec<Self>) {
-        out.extend(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])));
+        out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]])),
+        );
     }
 }
 
@@ -67,18 +75,27 @@ fn npy_header(descr: &str, rows: usize, dim: Option<usize>) -> Vec<u8> {
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> FeatureError {
-    FeatureError::Io { path: path.to_path_buf(), source: e }
+    FeatureError::Io {
+        path: path.to_path_buf(),
+        error: e,
+    }
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".tmp{}", std::process::id()));
     path.with_file_name(name)
 }
 
 /// Paths of a shard named `stem` in `dir`: (`stem.npy`, `stem.len`).
 pub fn shard_paths(dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
-    (dir.join(format!("{stem}.npy")), dir.join(format!("{stem}.len")))
+    (
+        dir.join(format!("{stem}.npy")),
+        dir.join(format!("{stem}.len")),
+    )
 }
 
 /// Streams utterances into a shard. `dim` is `Some(d)` for 2-D features, `None` for 1-D labels.
@@ -87,8 +104,9 @@ pub struct ShardWriter<T: NpyElem> {
     len_path: PathBuf,
     npy_tmp: PathBuf,
     len_tmp: PathBuf,
-    npy: BufWriter<File>,
-    len: BufWriter<File>,
+    /// `None` once finished (or taken by `finish`); a writer dropped unfinished removes its temporaries.
+    npy: Option<BufWriter<File>>,
+    len: Option<BufWriter<File>>,
     dim: Option<usize>,
     rows: usize,
     buf: Vec<u8>,
@@ -102,14 +120,26 @@ impl<T: NpyElem> ShardWriter<T> {
         let (npy_tmp, len_tmp) = (tmp_path(&npy_path), tmp_path(&len_path));
         let mut npy = BufWriter::new(File::create(&npy_tmp).map_err(|e| io_err(&npy_tmp, e))?);
         let len = BufWriter::new(File::create(&len_tmp).map_err(|e| io_err(&len_tmp, e))?);
-        npy.write_all(&npy_header(T::DESCR, 0, dim)).map_err(|e| io_err(&npy_tmp, e))?;
-        Ok(Self { npy_path, len_path, npy_tmp, len_tmp, npy, len, dim, rows: 0, buf: Vec::new(), _t: Default::default() })
+        npy.write_all(&npy_header(T::DESCR, 0, dim))
+            .map_err(|e| io_err(&npy_tmp, e))?;
+        Ok(Self {
+            npy_path,
+            len_path,
+            npy_tmp,
+            len_tmp,
+            npy: Some(npy),
+            len: Some(len),
+            dim,
+            rows: 0,
+            buf: Vec::new(),
+            _t: Default::default(),
+        })
     }
 
     /// Appends one utterance: `values.len()` must be a multiple of `dim` (rows = frames).
     pub fn push(&mut self, values: &[T]) -> Result<(), FeatureError> {
         let d = self.dim.unwrap_or(1);
-        if values.len() % d != 0 {
+        if !values.len().is_multiple_of(d) {
             return Err(FeatureError::Shape(format!(
                 "shard {}: utterance of {} values is not a whole number of {d}-dim frames",
                 self.npy_path.display(),
@@ -119,25 +149,50 @@ impl<T: NpyElem> ShardWriter<T> {
         let frames = values.len() / d;
         self.buf.clear();
         T::write_le(values, &mut self.buf);
-        self.npy.write_all(&self.buf).map_err(|e| io_err(&self.npy_tmp, e))?;
-        writeln!(self.len, "{frames}").map_err(|e| io_err(&self.len_tmp, e))?;
+        let (npy, len) = (
+            self.npy.as_mut().expect("unfinished"),
+            self.len.as_mut().expect("unfinished"),
+        );
+        npy.write_all(&self.buf)
+            .map_err(|e| io_err(&self.npy_tmp, e))?;
+        writeln!(len, "{frames}").map_err(|e| io_err(&self.len_tmp, e))?;
         self.rows += frames;
         Ok(())
     }
 
     /// Patches the row count, flushes, and renames both files into place.
     pub fn finish(mut self) -> Result<(PathBuf, PathBuf), FeatureError> {
-        self.npy.flush().map_err(|e| io_err(&self.npy_tmp, e))?;
-        self.len.flush().map_err(|e| io_err(&self.len_tmp, e))?;
-        let mut f = self.npy.into_inner().map_err(|e| io_err(&self.npy_tmp, e.into_error()))?;
-        f.seek(SeekFrom::Start(0)).map_err(|e| io_err(&self.npy_tmp, e))?;
-        f.write_all(&npy_header(T::DESCR, self.rows, self.dim)).map_err(|e| io_err(&self.npy_tmp, e))?;
+        let (mut npy, mut len) = (
+            self.npy.take().expect("unfinished"),
+            self.len.take().expect("unfinished"),
+        );
+        npy.flush().map_err(|e| io_err(&self.npy_tmp, e))?;
+        len.flush().map_err(|e| io_err(&self.len_tmp, e))?;
+        let mut f = npy
+            .into_inner()
+            .map_err(|e| io_err(&self.npy_tmp, e.into_error()))?;
+        f.seek(SeekFrom::Start(0))
+            .map_err(|e| io_err(&self.npy_tmp, e))?;
+        f.write_all(&npy_header(T::DESCR, self.rows, self.dim))
+            .map_err(|e| io_err(&self.npy_tmp, e))?;
         f.sync_all().map_err(|e| io_err(&self.npy_tmp, e))?;
         drop(f);
-        drop(self.len);
+        drop(len);
         std::fs::rename(&self.len_tmp, &self.len_path).map_err(|e| io_err(&self.len_path, e))?;
         std::fs::rename(&self.npy_tmp, &self.npy_path).map_err(|e| io_err(&self.npy_path, e))?;
-        Ok((self.npy_path, self.len_path))
+        Ok((self.npy_path.clone(), self.len_path.clone()))
+    }
+}
+
+impl<T: NpyElem> Drop for ShardWriter<T> {
+    /// An unfinished writer (an error part-way, a panic) removes its temporary files: the folder is
+    /// left as it was before `create`. After `finish` (even a failed one) the temporaries were
+    /// renamed or are removed here too.
+    fn drop(&mut self) {
+        self.npy.take();
+        self.len.take();
+        let _ = std::fs::remove_file(&self.npy_tmp);
+        let _ = std::fs::remove_file(&self.len_tmp);
     }
 }
 
@@ -154,7 +209,10 @@ pub struct ShardReader<T: NpyElem> {
 
 /// Parses the header of an `.npy` file: returns (descr, shape, header bytes).
 fn parse_header(path: &Path, r: &mut impl Read) -> Result<(String, Vec<usize>), FeatureError> {
-    let bad = |why: &str| FeatureError::Format { path: path.to_path_buf(), why: why.to_string() };
+    let bad = |why: &str| FeatureError::Format {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    };
     let mut magic = [0u8; 10];
     r.read_exact(&mut magic).map_err(|e| io_err(path, e))?;
     if &magic[..6] != b"\x93NUMPY" {
@@ -203,10 +261,13 @@ impl<T: NpyElem> ShardReader<T> {
         let mut lengths = Vec::new();
         for (i, line) in BufReader::new(lf).lines().enumerate() {
             let line = line.map_err(|e| io_err(&len_path, e))?;
-            let n = line.trim().parse::<usize>().map_err(|_| FeatureError::Format {
-                path: len_path.clone(),
-                why: format!("line {}: expected a frame count, found {line:?}", i + 1),
-            })?;
+            let n = line
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| FeatureError::Format {
+                    path: len_path.clone(),
+                    why: format!("line {}: expected a frame count, found {line:?}", i + 1),
+                })?;
             lengths.push(n);
         }
         let f = File::open(&npy_path).map_err(|e| io_err(&npy_path, e))?;
@@ -226,7 +287,15 @@ impl<T: NpyElem> ShardReader<T> {
             });
         }
         let dim = shape.get(1).copied().unwrap_or(1);
-        Ok(Self { path: npy_path, reader, lengths, next: 0, dim, bytes: Vec::new(), _t: Default::default() })
+        Ok(Self {
+            path: npy_path,
+            reader,
+            lengths,
+            next: 0,
+            dim,
+            bytes: Vec::new(),
+            _t: Default::default(),
+        })
     }
 
     /// Frame counts per utterance, in manifest order.
@@ -241,10 +310,14 @@ impl<T: NpyElem> ShardReader<T> {
 
     /// Reads the next utterance into `out` (cleared first); `Ok(false)` at the end.
     pub fn next_into(&mut self, out: &mut Vec<T>) -> Result<bool, FeatureError> {
-        let Some(&frames) = self.lengths.get(self.next) else { return Ok(false) };
+        let Some(&frames) = self.lengths.get(self.next) else {
+            return Ok(false);
+        };
         self.next += 1;
         self.bytes.resize(frames * self.dim * T::SIZE, 0);
-        self.reader.read_exact(&mut self.bytes).map_err(|e| io_err(&self.path, e))?;
+        self.reader
+            .read_exact(&mut self.bytes)
+            .map_err(|e| io_err(&self.path, e))?;
         out.clear();
         T::read_le(&self.bytes, out);
         Ok(true)
@@ -282,9 +355,24 @@ mod tests {
         let mut w = ShardWriter::<u16>::create(dir.path(), "km", None).unwrap();
         w.push(&[3, 4, 5]).unwrap();
         w.finish().unwrap();
-        assert!(ShardReader::<f32>::open(dir.path(), "km").is_err(), "dtype mismatch must be an error");
-        let all = ShardReader::<u16>::open(dir.path(), "km").unwrap().read_all().unwrap();
+        assert!(
+            ShardReader::<f32>::open(dir.path(), "km").is_err(),
+            "dtype mismatch must be an error"
+        );
+        let all = ShardReader::<u16>::open(dir.path(), "km")
+            .unwrap()
+            .read_all()
+            .unwrap();
         assert_eq!(all, vec![vec![3, 4, 5]]);
+    }
+
+    #[test]
+    fn unfinished_writer_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardWriter::<f32>::create(dir.path(), "x", Some(2)).unwrap();
+        w.push(&[1.0, 2.0]).unwrap();
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
@@ -294,7 +382,10 @@ mod tests {
         w.push(&[1.0, 2.0, 3.0, 4.0]).unwrap();
         w.finish().unwrap();
         std::fs::write(dir.path().join("x.len"), "2\n5\n").unwrap();
-        let err = ShardReader::<f32>::open(dir.path(), "x").err().unwrap().to_string();
+        let err = ShardReader::<f32>::open(dir.path(), "x")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("x.npy"), "{err}");
     }
 }

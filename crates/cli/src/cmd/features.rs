@@ -1,0 +1,166 @@
+//! `fedhubert features`: 39-dim Kaldi-compatible MFCC (100 Hz) for one manifest or every client
+//! folder, written as fairseq-layout shards (`mfcc.npy` + `mfcc.len`) plus `features.json`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use fedhubert_audio::Manifest;
+use fedhubert_features::{ExtractOptions, ExtractSummary, extract_manifest};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["manifest", "clients"])))]
+pub struct Args {
+    /// One manifest CSV to featurize (needs --out).
+    #[arg(long, value_name = "CSV", requires = "out")]
+    pub manifest: Option<PathBuf>,
+    /// Output folder for --manifest (gets mfcc.npy, mfcc.len, features.json).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// A partition folder: featurizes every DIR/client_*/manifest.csv into its own client folder.
+    #[arg(long, value_name = "DIR", conflicts_with = "out")]
+    pub clients: Option<PathBuf>,
+    /// Audio root the manifest paths are relative to (default: the root declared in partition.json
+    /// next to the manifest or in its parent folder).
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Worker threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Utterances featurized in parallel before being written in order (bounds memory).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub chunk: u64,
+}
+
+fn load_manifest(path: &Path, root: Option<&Path>) -> Result<Manifest> {
+    let m = match root {
+        Some(r) => Manifest::load_with_root(path, r.to_path_buf()),
+        None => Manifest::load(path),
+    };
+    m.with_context(|| format!("cannot load manifest {}", path.display()))
+}
+
+/// Every `DIR/client_*/manifest.csv`, sorted by client number.
+fn client_manifests(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read client folder {}", dir.display()))?;
+    let mut found: Vec<(u64, String, PathBuf)> = Vec::new();
+    for e in rd {
+        let e = e.with_context(|| format!("cannot read client folder {}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("client_") else {
+            continue;
+        };
+        let m = e.path().join("manifest.csv");
+        if e.path().is_dir() && m.is_file() {
+            found.push((rest.parse().unwrap_or(u64::MAX), name, m));
+        }
+    }
+    if found.is_empty() {
+        bail!(
+            "{}: no client_*/manifest.csv found (run `fedhubert prepare` first)",
+            dir.display()
+        );
+    }
+    found.sort();
+    Ok(found.into_iter().map(|(_, _, p)| p).collect())
+}
+
+fn run_one(manifest_path: &Path, out: &Path, args: &Args, label: &str) -> Result<ExtractSummary> {
+    let manifest = load_manifest(manifest_path, args.root.as_deref())?;
+    let total = manifest.entries.len() as u64;
+    let bar = if std::io::stderr().is_terminal() {
+        let b = ProgressBar::new(total);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} utts {msg} ({elapsed}, eta {eta})",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        b.set_prefix(label.to_string());
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let opts = ExtractOptions {
+        threads: args.threads,
+        chunk: args.chunk as usize,
+        ..Default::default()
+    };
+    let res = extract_manifest(&manifest, manifest_path, out, &opts, &mut |p| {
+        bar.set_position(p.done as u64);
+        bar.set_message(format!("{:.0} s audio", p.audio_seconds));
+    });
+    bar.finish_and_clear();
+    let s = res?;
+    tracing::debug!(
+        "{label}: {} utterances, {} frames, {:.1} s audio in {:.2} s ({:.0}x real time) -> {}",
+        s.utterances,
+        s.frames,
+        s.audio_seconds,
+        s.wall_seconds,
+        s.realtime_factor(),
+        s.npy.display()
+    );
+    if s.empty > 0 {
+        tracing::warn!(
+            "{label}: {} utterances shorter than 25 ms have 0 frames",
+            s.empty
+        );
+    }
+    Ok(s)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let jobs: Vec<(PathBuf, PathBuf, String)> = match (&args.manifest, &args.clients) {
+        (Some(m), None) => {
+            let out = args
+                .out
+                .clone()
+                .expect("clap requires --out with --manifest");
+            vec![(m.clone(), out, m.display().to_string())]
+        }
+        (None, Some(dir)) => client_manifests(dir)?
+            .into_iter()
+            .map(|m| {
+                let client = m.parent().expect("client_*/manifest.csv").to_path_buf();
+                let label = client
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                (m, client, label)
+            })
+            .collect(),
+        _ => bail!("give exactly one of --manifest (with --out) or --clients"),
+    };
+    let (mut utts, mut frames, mut audio, mut wall, mut threads) =
+        (0usize, 0u64, 0f64, 0f64, 0usize);
+    for (m, out, label) in &jobs {
+        let s = run_one(m, out, &args, label)?;
+        utts += s.utterances;
+        frames += s.frames;
+        audio += s.audio_seconds;
+        wall += s.wall_seconds;
+        threads = s.threads;
+        println!(
+            "{label}: {} utterances, {} frames ({:.1} s of audio) -> {}, {}",
+            s.utterances,
+            s.frames,
+            s.audio_seconds,
+            s.npy.display(),
+            s.len.display()
+        );
+    }
+    println!(
+        "features: {} manifest(s), {utts} utterances, {frames} frames x 39 dims, {:.1} s of audio in {:.2} s \
+         ({:.1} utt/s, {:.0}x real time, {threads} threads)",
+        jobs.len(),
+        audio,
+        wall,
+        utts as f64 / wall.max(1e-9),
+        audio / wall.max(1e-9),
+    );
+    Ok(())
+}
