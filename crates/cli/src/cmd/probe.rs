@@ -1,0 +1,166 @@
+//! `fedhubert probe`: SUPERB-style downstream evaluation of an upstream (checkpoint, HF export or
+//! random init) on a labelled clip folder (Speech Commands layout `WORD/*.wav`).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use fedhubert_eval::{
+    FinetuneConfig, HeadConfig, HeadKind, LoadConfig, ProbeConfig, SplitConfig, UpstreamSpec,
+    load_labelled_dir, load_upstream, probe, upstream::arch_config, write_report,
+};
+use fedhubert_model::HubertConfig;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A fedhubert checkpoint file (model.safetensors from `pretrain`), an exported HuggingFace
+    /// directory, or `random` (untrained, see --arch / --config).
+    #[arg(long)]
+    pub upstream: String,
+    /// `speech-commands` (speaker-disjoint split from HASH_nohash_N names) or `folder` (any
+    /// LABEL/*.wav folder; the split is speaker-disjoint only when names carry speaker ids).
+    #[arg(long, default_value = "speech-commands")]
+    pub task: String,
+    /// Labelled clip folder (default: the bundled assets/speech-commands-sample).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Output folder: probe.json, confusion.{csv,json,png}.
+    #[arg(long, default_value = "runs/probe")]
+    pub out: PathBuf,
+    /// Maximum probe-head epochs (early stopping on validation accuracy).
+    #[arg(long, default_value_t = 200)]
+    pub epochs: usize,
+    /// Stop after this many epochs without a better validation accuracy (0: never).
+    #[arg(long, default_value_t = 50)]
+    pub patience: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Head learning rate (AdamW).
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    /// Use a one-hidden-layer ReLU MLP of this width instead of a linear classifier.
+    #[arg(long)]
+    pub mlp: Option<usize>,
+    /// After the frozen probe, fine-tune the upstream transformer + head (burn autodiff).
+    #[arg(long)]
+    pub finetune: bool,
+    #[arg(long, default_value_t = 5)]
+    pub finetune_epochs: usize,
+    #[arg(long, default_value_t = 5e-5)]
+    pub finetune_lr: f64,
+    /// `random` upstream: architecture preset (tiny, student, base, large).
+    #[arg(long, default_value = "tiny")]
+    pub arch: String,
+    /// `random` upstream: HF config.json (overrides --arch).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Clips per upstream forward pass during extraction.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// cpu, or cuda[:N] when built with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if !matches!(args.task.as_str(), "speech-commands" | "folder") {
+        bail!("--task {}: expected speech-commands or folder", args.task);
+    }
+    let dev = super::pretrain::device(&args.device)?;
+    let data_dir = match &args.data {
+        Some(d) => d.clone(),
+        None => super::demo::bundled("assets/speech-commands-sample")?,
+    };
+    let random_cfg = match &args.config {
+        Some(p) => {
+            HubertConfig::from_json_file(p).with_context(|| format!("--config {}", p.display()))?
+        }
+        None => arch_config(&args.arch)?,
+    };
+    let spec = UpstreamSpec::parse(&args.upstream, random_cfg, args.seed)?;
+    let upstream = load_upstream(&spec, &dev)?;
+    let data = load_labelled_dir(&data_dir, &LoadConfig::default())?;
+    println!(
+        "data {}: {} clips, {} classes, {:.0} s{}",
+        data_dir.display(),
+        data.clips.len(),
+        data.classes.len(),
+        data.seconds(),
+        if data.has_speakers() {
+            ", speaker ids from file names"
+        } else {
+            ""
+        }
+    );
+    let cfg = ProbeConfig {
+        task: args.task.clone(),
+        upstream_name: spec.describe(),
+        split: SplitConfig {
+            seed: args.seed,
+            ..Default::default()
+        },
+        head: HeadConfig {
+            kind: args
+                .mlp
+                .map_or(HeadKind::Linear, |hidden| HeadKind::Mlp { hidden }),
+            learning_rate: args.lr,
+            epochs: args.epochs,
+            patience: args.patience,
+            seed: args.seed,
+            ..Default::default()
+        },
+        extract_batch: args.batch,
+        finetune: args.finetune.then(|| FinetuneConfig {
+            epochs: args.finetune_epochs,
+            upstream_lr: args.finetune_lr,
+            seed: args.seed,
+            ..Default::default()
+        }),
+    };
+    let r = probe(&upstream, &data, &cfg)?;
+    write_report(&r, &args.out)?;
+    let s = &r.split;
+    println!(
+        "split ({}): train {} / valid {} / test {} clips ({:.0}/{:.0}/{:.0} %), speakers {:?}",
+        if s.speaker_disjoint {
+            "speaker-disjoint"
+        } else {
+            "stratified"
+        },
+        s.clips[0],
+        s.clips[1],
+        s.clips[2],
+        s.fractions[0] * 100.0,
+        s.fractions[1] * 100.0,
+        s.fractions[2] * 100.0,
+        s.speakers
+    );
+    println!(
+        "upstream: {} ({} hidden states x {})",
+        r.upstream, r.num_hidden_states, r.hidden_size
+    );
+    println!(
+        "test accuracy {:.3}  valid {:.3}  train {:.3}  (majority baseline {:.3}, chance {:.3}); best epoch {} of {}",
+        r.test_accuracy,
+        r.valid_accuracy,
+        r.train_accuracy,
+        r.majority_baseline,
+        1.0 / r.classes.len() as f64,
+        r.best_epoch,
+        r.epochs_run
+    );
+    let w: Vec<String> = r.layer_weights.iter().map(|w| format!("{w:.3}")).collect();
+    println!("layer weights [{}]", w.join(", "));
+    if let Some(f) = &r.finetune {
+        println!(
+            "fine-tuned ({} steps, lr {}): test accuracy {:.3}  valid {:.3}  ({:.0} s)",
+            f.steps, f.learning_rate, f.test_accuracy, f.valid_accuracy, f.seconds
+        );
+    }
+    println!(
+        "timing: extract {:.1} s, head {:.1} s; wrote {}/probe.json, confusion.{{csv,json,png}}",
+        r.extract_seconds,
+        r.train_seconds,
+        args.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! [`probe`]: split, extract once, train the head, evaluate, optionally fine-tune.
+
+use std::time::Instant;
+
+use fedhubert_model::HubertModel;
+use serde::{Deserialize, Serialize};
+
+use crate::report::{ConfusionMatrix, ProbeReport, SplitSummary};
+use crate::split::speakers_per_split;
+use crate::{
+    EvalError, FinetuneConfig, HeadConfig, LabelledClips, SplitConfig, extract_pooled, finetune,
+    split_clips, train_probe,
+};
+
+/// Everything [`probe`] needs besides the upstream and the data.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProbeConfig {
+    /// Task name for the report (e.g. `speech-commands`).
+    pub task: String,
+    /// Upstream description for the report (e.g. `UpstreamSpec::describe`).
+    pub upstream_name: String,
+    pub split: SplitConfig,
+    pub head: HeadConfig,
+    /// Clips per upstream forward pass during extraction (equal-length clips only).
+    pub extract_batch: usize,
+    /// Fine-tune upstream + head after the frozen probe (slow; off by default).
+    pub finetune: Option<FinetuneConfig>,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            task: "speech-commands".into(),
+            upstream_name: "upstream".into(),
+            split: SplitConfig::default(),
+            head: HeadConfig::default(),
+            extract_batch: 8,
+            finetune: None,
+        }
+    }
+}
+
+/// SUPERB-style probe of a frozen `upstream` on `data`: seeded split ([`split_clips`]), pooled
+/// hidden states of every clip extracted once ([`extract_pooled`]), head trained on train and
+/// selected on validation ([`train_probe`]), test accuracy and confusion matrix measured.
+pub fn probe(
+    upstream: &HubertModel,
+    data: &LabelledClips,
+    cfg: &ProbeConfig,
+) -> Result<ProbeReport, EvalError> {
+    cfg.head.validate()?;
+    let split = split_clips(data, &cfg.split)?;
+    let n = data.clips.len();
+    tracing::info!(
+        "probe {}: {} clips, {} classes; split train {} / valid {} / test {} ({})",
+        cfg.upstream_name,
+        n,
+        data.classes.len(),
+        split.train.len(),
+        split.valid.len(),
+        split.test.len(),
+        if split.speaker_disjoint {
+            "speaker-disjoint"
+        } else {
+            "stratified"
+        }
+    );
+    let t0 = Instant::now();
+    let waves: Vec<&[f32]> = data.clips.iter().map(|c| c.samples.as_slice()).collect();
+    let feats = extract_pooled(upstream, &waves, cfg.extract_batch)?;
+    let extract_seconds = t0.elapsed().as_secs_f64();
+    let labels: Vec<usize> = data.clips.iter().map(|c| c.label).collect();
+    let t1 = Instant::now();
+    let out = train_probe(
+        &feats,
+        &labels,
+        data.classes.len(),
+        &split.train,
+        &split.valid,
+        &cfg.head,
+    )?;
+    let train_seconds = t1.elapsed().as_secs_f64();
+    let confusion = ConfusionMatrix::from_pairs(
+        data.classes.clone(),
+        split
+            .test
+            .iter()
+            .map(|&i| (labels[i], out.head.predict(feats.clip(i)))),
+    );
+    let mut train_counts = vec![0usize; data.classes.len()];
+    split
+        .train
+        .iter()
+        .for_each(|&i| train_counts[labels[i]] += 1);
+    let majority = (0..train_counts.len())
+        .max_by_key(|&c| (train_counts[c], std::cmp::Reverse(c)))
+        .unwrap_or(0);
+    let majority_baseline = split
+        .test
+        .iter()
+        .filter(|&&i| labels[i] == majority)
+        .count() as f64
+        / split.test.len() as f64;
+    let finetune_summary = match &cfg.finetune {
+        Some(fc) => Some(finetune(upstream, &out.head, data, &split, fc)?.summary),
+        None => None,
+    };
+    let sizes = split.parts().map(|p| p.len());
+    Ok(ProbeReport {
+        task: cfg.task.clone(),
+        upstream: cfg.upstream_name.clone(),
+        data: data.root.display().to_string(),
+        classes: data.classes.clone(),
+        hidden_size: feats.dim,
+        num_hidden_states: feats.layers,
+        head: cfg.head.clone(),
+        split: SplitSummary {
+            speaker_disjoint: split.speaker_disjoint,
+            clips: sizes,
+            fractions: sizes.map(|s| s as f64 / n as f64),
+            speakers: speakers_per_split(data, &split),
+            test_per_class: confusion.row_sums(),
+            seed: cfg.split.seed,
+        },
+        test_accuracy: confusion.accuracy(),
+        valid_accuracy: out.valid_accuracy,
+        train_accuracy: out.train_accuracy,
+        majority_baseline,
+        best_epoch: out.best_epoch,
+        epochs_run: out.epochs_run,
+        layer_weights: out.head.layer_weights(),
+        confusion,
+        extract_seconds,
+        train_seconds,
+        finetune: finetune_summary,
+    })
+}
