@@ -2,6 +2,8 @@
 //! as an `Args` struct (clap derive) and a `run(args) -> anyhow::Result<()>`.
 
 mod cmd;
+mod plot;
+mod progress;
 
 use clap::{Parser, Subcommand};
 
@@ -23,8 +25,16 @@ enum Command {
     Features(cmd::features::Args),
     /// Fit a k-means codebook (local, federated or central) and write per-client labels.
     Kmeans(cmd::kmeans::Args),
+    /// Federated (simulation) or centralized HuBERT masked-prediction pretraining.
+    Pretrain(cmd::pretrain::Args),
     /// Run the pipeline on the bundled sample and print a summary.
     Demo(cmd::demo::Args),
+    /// Federated knowledge distillation: --mode server | client | mvq.
+    Distill(cmd::distill::Args),
+    /// MVQ-KD quantizer: train on teacher embeddings, encode client audio into codebook indexes.
+    Mvq(cmd::mvq::Args),
+    /// SUPERB-style probe of an upstream on a labelled clip folder (Speech Commands).
+    Probe(cmd::probe::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,7 +46,11 @@ fn main() -> std::process::ExitCode {
         Command::Prepare(a) => cmd::prepare::run(a),
         Command::Features(a) => cmd::features::run(a),
         Command::Kmeans(a) => cmd::kmeans::run(a),
+        Command::Pretrain(a) => cmd::pretrain::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Distill(a) => cmd::distill::run(a),
+        Command::Mvq(a) => cmd::mvq::run(a),
+        Command::Probe(a) => cmd::probe::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,449 @@
+//! `fedhubert distill`: federated knowledge distillation of a frozen teacher into a student, in
+//! three modes on the same engine: `server` (clients pretrain, the server distils after each
+//! aggregation on a server-side set), `client` (every client distils from its own teacher copy)
+//! and `mvq` (clients predict multi-codebook VQ indexes of the teacher's embeddings).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use fedhubert_distill::config::Mode;
+use fedhubert_distill::data::{has_labels, load_audio_dir};
+use fedhubert_distill::student::{DistillStudent, hubert_param_count, init_from_teacher};
+use fedhubert_distill::{
+    DistillClients, DistillRunFile, DistillTrainer, Quantizer, QuantizerReport, ServerDistill,
+    StudentInit, Teacher,
+};
+use fedhubert_fl::{RoundRecord, Strategy, Weights};
+use fedhubert_model::{Device, HubertForPretraining, collect_tensors, load_tensors};
+use fedhubert_train::{HubertClients, from_weights, to_weights};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// server (seed 000), client (seed 001) or mvq (seed 004).
+    #[arg(long)]
+    pub mode: Mode,
+    /// YAML with `federated:`, `pretraining:` (the student; preset defaults to `student`, 384/3) and
+    /// `distillation:` sections; every key can be overridden with --set.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Teacher: a fedhubert checkpoint (model.safetensors of `fedhubert pretrain`) or a HF directory.
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    /// Partition folder (client_K/manifest.csv + km labels).
+    #[arg(long)]
+    pub clients: PathBuf,
+    /// Output folder: round checkpoint, metrics.jsonl, summary.json, student.safetensors, hf/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Server-side audio set (folder with manifest.csv; labels optional): server distillation and
+    /// quantizer training. Must not be one of the clients' folders.
+    #[arg(long)]
+    pub server_set: Option<PathBuf>,
+    /// MVQ: a quantizer from `fedhubert mvq train` (else one is trained on the server-side set).
+    #[arg(long)]
+    pub quantizer: Option<PathBuf>,
+    #[arg(long)]
+    pub num_clients: Option<usize>,
+    #[arg(long)]
+    pub num_rounds: Option<u64>,
+    #[arg(long)]
+    pub strategy: Option<String>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// `section.key=value` overrides, e.g. `--set distillation.alpha=0.5`.
+    #[arg(long = "set")]
+    pub set: Vec<String>,
+    /// Continue from the checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// cpu, or cuda[:N] when built with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Trains a quantizer on teacher layer `layer` of the server-side set.
+pub fn train_quantizer(
+    teacher: &Teacher,
+    set: &Path,
+    rf: &DistillRunFile,
+    layer: usize,
+    seed: u64,
+) -> anyhow::Result<(Quantizer, QuantizerReport)> {
+    let d = &rf.distillation;
+    let data = load_audio_dir(set, &rf.pretraining.label_stem, d.server_max_utterances)?;
+    let (x, dim) = teacher.layer_frames(
+        &data.train,
+        layer,
+        rf.pretraining.max_audio_length.max(250_000),
+        d.mvq.max_frames,
+        seed,
+    )?;
+    let t0 = Instant::now();
+    let (q, rep) = Quantizer::train(&x, dim, &d.mvq, layer, seed)?;
+    println!(
+        "quantizer: teacher layer {layer}, {} frames of dim {dim}, {} codebooks x 256 -> {} bytes/frame ({:.0}x smaller than f32), relative reconstruction error {:.4} (init {:.4}, phase 1 {:.4}), {:.1} s",
+        rep.frames,
+        rep.num_codebooks,
+        rep.bytes_per_frame,
+        rep.compression_ratio,
+        rep.rel_error,
+        rep.rel_error_init,
+        rep.rel_error_phase1,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok((q, rep))
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut set = args.set.clone();
+    let mut push = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            set.push(format!("{k}={v}"));
+        }
+    };
+    push(
+        "federated.num_clients",
+        args.num_clients.map(|v| v.to_string()),
+    );
+    push(
+        "federated.num_rounds",
+        args.num_rounds.map(|v| v.to_string()),
+    );
+    push("federated.strategy", args.strategy.clone());
+    push("federated.seed", args.seed.map(|v| v.to_string()));
+    let mut rf = DistillRunFile::load(args.config.as_deref(), &set)?;
+    if let Some(t) = &args.teacher {
+        rf.distillation.teacher = Some(t.clone());
+    }
+    if let Some(s) = &args.server_set {
+        rf.distillation.server_set = Some(s.clone());
+    }
+    let summary = distill(
+        &rf,
+        args.mode,
+        &args.clients,
+        &args.out,
+        args.quantizer.as_deref(),
+        &crate::cmd::pretrain::device(&args.device)?,
+        args.resume,
+    )?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+/// Runs one distillation mode end to end and writes the outputs; returns the summary.
+pub fn distill(
+    rf: &DistillRunFile,
+    mode: Mode,
+    clients: &Path,
+    out: &Path,
+    quantizer: Option<&Path>,
+    dev: &Device,
+    resume: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let t0 = Instant::now();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let d = rf.distillation.clone();
+    let seed = rf.federated.seed;
+    let teacher_path = d
+        .teacher
+        .clone()
+        .context("distillation.teacher: no teacher given (use --teacher PATH)")?;
+    let teacher = Teacher::load(&teacher_path, dev)
+        .with_context(|| format!("loading the teacher {}", teacher_path.display()))?;
+    let mut dirs = crate::cmd::pretrain::client_dirs(clients)?;
+    if rf.federated.num_clients > 0 {
+        if rf.federated.num_clients > dirs.len() {
+            bail!(
+                "federated.num_clients = {} but {} has only {} client folders",
+                rf.federated.num_clients,
+                clients.display(),
+                dirs.len()
+            );
+        }
+        dirs.truncate(rf.federated.num_clients);
+    }
+    let server_set = d.server_set.clone();
+    if let Some(s) = &server_set
+        && let Some(c) = dirs.iter().find(|c| same_dir(c, s))
+    {
+        bail!(
+            "distillation.server_set {} is client folder {}: the server must not hold client audio; pass a separate folder or fewer clients (--num-clients)",
+            s.display(),
+            c.display()
+        );
+    }
+    let base = rf.run_file();
+    let student_cfg = base.model_config()?;
+    let mut pre = base.pretrain_config()?;
+    if teacher.has_head {
+        let tp = &teacher.model.pretrain;
+        if (pre.num_classes, pre.head, pre.label_rate) != (tp.num_classes, tp.head, tp.label_rate) {
+            println!(
+                "student head follows the teacher's: {} classes, {:?} head, labels at {} Hz",
+                tp.num_classes, tp.head, tp.label_rate
+            );
+        }
+        pre.num_classes = tp.num_classes;
+        pre.head = tp.head;
+        pre.label_rate = tp.label_rate;
+    }
+    let (n_s, n_t) = (student_cfg.num_hidden_layers, teacher.num_layers());
+    let mut plan = d.layer_plan(n_s, n_t)?;
+    let mut student = HubertForPretraining::new(&student_cfg, &pre, seed, dev)?;
+    if d.student_init == StudentInit::Teacher {
+        let layers = d.init_layers.unwrap_or(n_s.min(n_t));
+        let (s, rep) = init_from_teacher(student, &teacher.model, layers)?;
+        println!(
+            "student initialised from the teacher: {} tensors copied, {} skipped (shape differs)",
+            rep.copied.len(),
+            rep.skipped_shape.len()
+        );
+        student = s;
+    }
+    let student_params = hubert_param_count(&student_cfg);
+    println!(
+        "distillation ({mode:?}): teacher {} params ({} layers x {}), student {} encoder params ({} layers x {}), {} clients, {} rounds; layer plan {:?}",
+        teacher.num_params(),
+        n_t,
+        teacher.hidden_size(),
+        student_params,
+        n_s,
+        student_cfg.hidden_size,
+        dirs.len(),
+        rf.federated.num_rounds,
+        plan
+    );
+    let run_cfg = base.run_config()?;
+    let train_cfg = base.train_config()?;
+    let strategy_cfg = base.strategy()?;
+    let mut quantizer_report: Option<QuantizerReport> = None;
+    let bar = crate::progress::bar(run_cfg.num_rounds, "rounds");
+    let on_round = |r: &RoundRecord| {
+        bar.set_position(r.round);
+        let g = |k: &str| r.train.get(k).copied().unwrap_or(f64::NAN);
+        bar.println(format!(
+            "round {:>3}: client loss {:.4} (distill {:.4}, mlm {:.4}, kl {:.4}, feature {:.4}, mvq_ce {:.4}) | clients {} ok, {} failed | up {:.2} MB down {:.2} MB",
+            r.round,
+            g("loss"),
+            g("distill"),
+            g("mlm"),
+            g("kl"),
+            g("feature_mse"),
+            g("mvq_ce"),
+            r.participated.len(),
+            r.failures.len(),
+            r.bytes_up as f64 / 1e6,
+            r.bytes_down as f64 / 1e6
+        ));
+    };
+    let mut server_log = None;
+    let (final_student, aux_params, history) = match mode {
+        Mode::Server => {
+            let set = server_set.context("distillation.server_set: server mode needs a server-side audio set (--server-set DIR)")?;
+            let data = load_audio_dir(&set, &rf.pretraining.label_stem, d.server_max_utterances)?;
+            if d.alpha < 1.0 && !has_labels(&data.train) {
+                bail!(
+                    "distillation.alpha = {} < 1 blends in masked prediction, which needs labels: {} has no {}.npy (run `fedhubert kmeans` on it or set distillation.alpha=1)",
+                    d.alpha,
+                    set.display(),
+                    rf.pretraining.label_stem
+                );
+            }
+            let ds = DistillStudent::new(
+                student.clone(),
+                teacher.hidden_size(),
+                &plan,
+                d.feature_weight > 0.0,
+                d.pred_weight > 0.0,
+                None,
+                seed,
+            );
+            let aux = ds.aux_weights().num_params();
+            let server_train = fedhubert_train::TrainConfig {
+                learning_rate: d.server_learning_rate,
+                ..train_cfg.clone()
+            };
+            let trainer = DistillTrainer::new(
+                ds,
+                teacher.clone(),
+                d.clone(),
+                Mode::Server,
+                plan.clone(),
+                None,
+                server_train,
+                dev,
+            )?;
+            let initial = to_weights(collect_tensors(&student));
+            let mut strategy = ServerDistill::new(
+                strategy_cfg.build()?,
+                trainer,
+                data.train,
+                initial.clone(),
+                d.server_steps,
+                d.server_learning_rate,
+                seed,
+            );
+            let log = strategy.log_handle();
+            let mut pool = HubertClients::new(
+                dirs.clone(),
+                student.clone(),
+                train_cfg.clone(),
+                base.sim_config(),
+                dev.clone(),
+            );
+            let res = fedhubert_fl::run(
+                &mut pool,
+                &mut strategy,
+                initial,
+                &run_cfg,
+                Some(out),
+                resume,
+                on_round,
+            )?;
+            let log = log.lock().map(|l| l.clone()).unwrap_or_default();
+            let mut lines = String::new();
+            for r in &log {
+                lines.push_str(&serde_json::to_string(r)?);
+                lines.push('\n');
+            }
+            fedhubert_fl::atomic_write(&out.join("server_distill.jsonl"), lines.as_bytes())?;
+            server_log = Some(log);
+            (
+                load_tensors(student, from_weights(&res.weights))?,
+                aux,
+                res.history,
+            )
+        }
+        Mode::Client | Mode::Mvq => {
+            let mut q = None;
+            if mode == Mode::Mvq {
+                let quant = match quantizer {
+                    Some(p) => {
+                        let qz = Quantizer::load(p)?;
+                        if qz.layer != plan.mvq {
+                            println!(
+                                "quantizer {} encodes teacher layer {}; distillation.mvq.layer follows it",
+                                p.display(),
+                                qz.layer
+                            );
+                            plan.mvq = qz.layer;
+                        }
+                        if qz.num_codebooks() != d.mvq.num_codebooks {
+                            println!(
+                                "quantizer {} has {} codebooks; the student's head follows it",
+                                p.display(),
+                                qz.num_codebooks()
+                            );
+                        }
+                        qz
+                    }
+                    None => {
+                        let set = server_set.context("distillation.server_set: mvq mode needs --quantizer FILE or a server-side set (--server-set DIR) to train one on")?;
+                        let (qz, rep) = train_quantizer(&teacher, &set, rf, plan.mvq, seed)?;
+                        qz.save(&out.join("quantizer.safetensors"))?;
+                        quantizer_report = Some(rep);
+                        qz
+                    }
+                };
+                q = Some(Arc::new(quant));
+            }
+            let books = q.as_ref().map(|q| q.num_codebooks());
+            let (feat, pred) = if mode == Mode::Mvq {
+                (false, false)
+            } else {
+                (d.feature_weight > 0.0, d.pred_weight > 0.0)
+            };
+            let ds = DistillStudent::new(
+                student,
+                teacher.hidden_size(),
+                &plan,
+                feat,
+                pred,
+                books,
+                seed,
+            );
+            let aux = ds.aux_weights().num_params();
+            let initial: Weights = ds.weights();
+            let mut pool = DistillClients::new(
+                dirs.clone(),
+                ds.clone(),
+                teacher.clone(),
+                d.clone(),
+                mode,
+                plan.clone(),
+                q,
+                train_cfg.clone(),
+                base.sim_config(),
+                dev.clone(),
+            );
+            let mut strategy: Box<dyn Strategy> = strategy_cfg.build()?;
+            let res = fedhubert_fl::run(
+                &mut pool,
+                strategy.as_mut(),
+                initial,
+                &run_cfg,
+                Some(out),
+                resume,
+                on_round,
+            )?;
+            (ds.set_weights(&res.weights)?.student, aux, res.history)
+        }
+    };
+    bar.finish_and_clear();
+    final_student.save_checkpoint(out.join("student.safetensors"))?;
+    final_student.save_hf(out.join("hf"))?;
+    let first = history.first().map(|r| &r.train);
+    let last = history.last().map(|r| &r.train);
+    let summary = serde_json::json!({
+        "mode": mode,
+        "rounds": history.len(),
+        "teacher": teacher_path,
+        "teacher_parameters": teacher.num_params(),
+        "student_encoder_parameters": student_params,
+        "student_parameters_with_head": final_student.num_params_total(),
+        "distillation_head_parameters": aux_params,
+        "layer_plan": {"feature": plan.feature, "pred": plan.pred, "mvq": plan.mvq},
+        "first_round_client_metrics": first,
+        "final_round_client_metrics": last,
+        "final_eval": history.last().map(|r| &r.eval),
+        "server_distillation": server_log.as_ref().map(|l| serde_json::json!({
+            "first_round_first_step": l.first().map(|r| &r.first),
+            "last_round_last_step": l.last().map(|r| &r.last),
+        })),
+        "quantizer": quantizer_report,
+        "bytes_up": history.iter().map(|r| r.bytes_up).sum::<u64>(),
+        "bytes_down": history.iter().map(|r| r.bytes_down).sum::<u64>(),
+        "failures": history.iter().map(|r| r.failures.len()).sum::<usize>(),
+        "wall_time_s": t0.elapsed().as_secs_f64(),
+        "student_checkpoint": out.join("student.safetensors"),
+        "hf_export": out.join("hf"),
+    });
+    fedhubert_fl::atomic_write(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    Ok(summary)
+}
+
+trait NumParams {
+    fn num_params_total(&self) -> usize;
+}
+
+impl NumParams for HubertForPretraining {
+    fn num_params_total(&self) -> usize {
+        fedhubert_model::param_shapes(self)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+}

@@ -1,0 +1,156 @@
+//! Client-side distillation (seed 001) and MVQ-KD clients (seed 004): every client holds the
+//! frozen teacher and trains the student (and its distillation heads) on its own audio; the server
+//! aggregates students only. In MVQ mode the codebook indexes of the teacher's embeddings are
+//! computed inside `fit`, where the audio lives, with the quantizer the server trained.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use burn::tensor::Device;
+use fedhubert_fl::{ClientPool, EvalRes, FitConfig, FitRes, Weights};
+use fedhubert_train::{ClientData, SimConfig, TrainConfig};
+use rand::SeedableRng;
+
+use crate::config::{DistillConfig, LayerPlan, Mode};
+use crate::data::load_audio_dir;
+use crate::quantizer::Quantizer;
+use crate::student::DistillStudent;
+use crate::teacher::Teacher;
+use crate::trainer::DistillTrainer;
+
+pub struct DistillClients {
+    dirs: Vec<PathBuf>,
+    template: DistillStudent,
+    teacher: Teacher,
+    cfg: DistillConfig,
+    mode: Mode,
+    plan: LayerPlan,
+    quantizer: Option<Arc<Quantizer>>,
+    train: TrainConfig,
+    sim: SimConfig,
+    device: Device,
+    cache: HashMap<usize, Arc<ClientData>>,
+}
+
+impl DistillClients {
+    /// `template` fixes the architecture (student + heads); its weights are replaced by the global
+    /// ones at every call. `mode` is [`Mode::Client`] or [`Mode::Mvq`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        dirs: Vec<PathBuf>,
+        template: DistillStudent,
+        teacher: Teacher,
+        cfg: DistillConfig,
+        mode: Mode,
+        plan: LayerPlan,
+        quantizer: Option<Arc<Quantizer>>,
+        train: TrainConfig,
+        sim: SimConfig,
+        device: Device,
+    ) -> Self {
+        Self {
+            dirs,
+            template,
+            teacher,
+            cfg,
+            mode,
+            plan,
+            quantizer,
+            train,
+            sim,
+            device,
+            cache: HashMap::new(),
+        }
+    }
+
+    fn data(&mut self, c: usize) -> Result<Arc<ClientData>, String> {
+        if let Some(d) = self.cache.get(&c) {
+            return Ok(d.clone());
+        }
+        let dir = self.dirs.get(c).ok_or_else(|| format!("no client {c}"))?;
+        let d = Arc::new(load_audio_dir(dir, &self.sim.label_stem, 0).map_err(|e| e.to_string())?);
+        if self.sim.cache_clients {
+            self.cache.insert(c, d.clone());
+        }
+        Ok(d)
+    }
+
+    fn trainer(&self, global: &Weights) -> Result<DistillTrainer, String> {
+        let mut tr = DistillTrainer::new(
+            self.template.clone(),
+            self.teacher.clone(),
+            self.cfg.clone(),
+            self.mode,
+            self.plan.clone(),
+            self.quantizer.clone(),
+            self.train.clone(),
+            &self.device,
+        )
+        .map_err(|e| e.to_string())?;
+        tr.model = tr
+            .model
+            .clone()
+            .set_weights(global)
+            .map_err(|e| e.to_string())?;
+        Ok(tr)
+    }
+}
+
+impl ClientPool for DistillClients {
+    fn num_clients(&self) -> usize {
+        self.dirs.len()
+    }
+
+    fn fit(&mut self, c: usize, global: &Weights, cfg: &FitConfig) -> Result<FitRes, String> {
+        let data = self.data(c)?;
+        let mut tr = self.trainer(global)?;
+        let lr = cfg
+            .extra
+            .get("learning_rate")
+            .copied()
+            .unwrap_or(self.train.learning_rate);
+        let steps = match (cfg.extra.get("local_steps"), cfg.extra.get("local_epochs")) {
+            (Some(&s), _) => s as u64,
+            (None, Some(&e)) => {
+                let per_epoch = fedhubert_train::data::epoch_batches(
+                    &data.train,
+                    &self.train.batch,
+                    &mut rand_chacha::ChaCha8Rng::seed_from_u64(0),
+                )
+                .len();
+                (per_epoch.max(1) as f64 * e).round() as u64
+            }
+            (None, None) => self.sim.local_steps,
+        };
+        let m = tr
+            .train_steps(&data.train, steps, lr, cfg.seed, |_, _| {})
+            .map_err(|e| e.to_string())?;
+        Ok(FitRes {
+            client: c,
+            weights: tr.model.weights(),
+            num_examples: m.utterances,
+            metrics: m.to_map(),
+        })
+    }
+
+    fn evaluate(&mut self, c: usize, global: &Weights, cfg: &FitConfig) -> Result<EvalRes, String> {
+        let data = self.data(c)?;
+        if data.valid.is_empty() {
+            return Ok(EvalRes {
+                client: c,
+                num_examples: 0,
+                metrics: Default::default(),
+            });
+        }
+        let tr = self.trainer(global)?;
+        let m = tr
+            .evaluate(&data.valid, cfg.seed)
+            .map_err(|e| e.to_string())?;
+        Ok(EvalRes {
+            client: c,
+            num_examples: m.utterances,
+            metrics: m.to_map(),
+        })
+    }
+}

@@ -1,0 +1,540 @@
+//! The distillation trainer: frozen teacher forward (plain device), one student pass (autodiff
+//! device), the weighted losses, backward, global-norm clipping and host AdamW over the named
+//! parameters (the same optimizer as the pretraining trainer, on the student and its heads).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor, TensorData};
+use fedhubert_fl::rounds::mix;
+use fedhubert_model::{HostTensor, collect_tensors, load_tensors};
+use fedhubert_train::data::{epoch_batches, make_batch};
+use fedhubert_train::{TrainConfig, Utt};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{DistillConfig, LayerPlan, Mode};
+use crate::losses::{codebook_ce, distilhubert_loss, kl_loss, mse_loss, student_pass};
+use crate::quantizer::Quantizer;
+use crate::student::DistillStudent;
+use crate::teacher::{Teacher, to_student};
+use crate::{DistillError, Result, cfg_err};
+
+/// burn's CPU random generator is process-global: one step at a time keeps dropout tied to seeds.
+static ENGINE_RNG: Mutex<()> = Mutex::new(());
+
+/// Loss components and statistics (means over steps or utterances).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DistillMetrics {
+    /// `alpha * distill + (1 - alpha) * mlm`.
+    pub loss: f64,
+    /// Weighted distillation loss.
+    pub distill: f64,
+    /// Masked-prediction loss (0 when alpha = 1).
+    pub mlm: f64,
+    pub kl: f64,
+    pub feature_mse: f64,
+    pub pred_l1: f64,
+    pub pred_cos: f64,
+    pub mvq_ce: f64,
+    pub mvq_acc: f64,
+    pub acc_masked: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub steps: u64,
+    pub utterances: u64,
+}
+
+impl DistillMetrics {
+    pub fn to_map(&self) -> BTreeMap<String, f64> {
+        let v = serde_json::to_value(self).expect("metrics serialise");
+        v.as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
+            .collect()
+    }
+
+    fn running_mean(&mut self, m: &DistillMetrics, n: f64) {
+        let upd = |a: &mut f64, b: f64| *a += (b - *a) / n;
+        upd(&mut self.loss, m.loss);
+        upd(&mut self.distill, m.distill);
+        upd(&mut self.mlm, m.mlm);
+        upd(&mut self.kl, m.kl);
+        upd(&mut self.feature_mse, m.feature_mse);
+        upd(&mut self.pred_l1, m.pred_l1);
+        upd(&mut self.pred_cos, m.pred_cos);
+        upd(&mut self.mvq_ce, m.mvq_ce);
+        upd(&mut self.mvq_acc, m.mvq_acc);
+        upd(&mut self.acc_masked, m.acc_masked);
+        upd(&mut self.grad_norm, m.grad_norm);
+        self.lr = m.lr;
+        self.steps += m.steps;
+        self.utterances += m.utterances;
+    }
+}
+
+/// Host AdamW state by parameter name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AdamState {
+    pub step: u64,
+    pub m: BTreeMap<String, Vec<f32>>,
+    pub v: BTreeMap<String, Vec<f32>>,
+}
+
+struct GradCollector<'a> {
+    grads: &'a GradientsParams,
+    path: Vec<String>,
+    out: HashMap<String, Vec<f32>>,
+}
+
+impl ModuleVisitor for GradCollector<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            let v = g
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .expect("f32 gradient");
+            self.out.insert(self.path.join("."), v);
+        }
+    }
+}
+
+fn add(d: &mut Option<Tensor<1>>, x: Tensor<1>) {
+    *d = Some(match d.take() {
+        Some(a) => a + x,
+        None => x,
+    });
+}
+
+fn scalar(x: &Tensor<1>) -> f64 {
+    x.clone()
+        .detach()
+        .into_data()
+        .try_into_vec_as::<f64>()
+        .expect("f64 data")[0]
+}
+
+/// Prefix of the student's conv front-end inside [`DistillStudent`].
+pub const STUDENT_FEATURE_EXTRACTOR: &str = "student.hubert.feature_extractor.";
+
+/// Student (+ heads) on an autodiff device, the frozen teacher, the losses' configuration and the
+/// optimizer state.
+pub struct DistillTrainer {
+    pub model: DistillStudent,
+    pub teacher: Teacher,
+    pub cfg: DistillConfig,
+    pub mode: Mode,
+    pub plan: LayerPlan,
+    pub quantizer: Option<Arc<Quantizer>>,
+    pub train: TrainConfig,
+    pub opt: AdamState,
+    device: Device,
+}
+
+impl DistillTrainer {
+    /// Checks that the losses the mode and weights ask for are computable (teacher head, class
+    /// counts, frame rates, quantizer) and moves the student to the autodiff version of `device`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        model: DistillStudent,
+        teacher: Teacher,
+        cfg: DistillConfig,
+        mode: Mode,
+        plan: LayerPlan,
+        quantizer: Option<Arc<Quantizer>>,
+        train: TrainConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        train.validate()?;
+        let s = &model.student;
+        let (sc, tc) = (&s.hubert.config, &teacher.model.hubert.config);
+        if sc.total_stride() != tc.total_stride() {
+            return Err(cfg_err(format!(
+                "pretraining: the student's conv stride {} differs from the teacher's {}; frames would not align",
+                sc.total_stride(),
+                tc.total_stride()
+            )));
+        }
+        match mode {
+            Mode::Mvq => {
+                let q = quantizer.as_ref().ok_or_else(|| {
+                    cfg_err("distillation.mvq: mode mvq needs a trained quantizer")
+                })?;
+                if q.dim() != tc.hidden_size {
+                    return Err(cfg_err(format!(
+                        "distillation.mvq: quantizer dim {} differs from the teacher's hidden size {}",
+                        q.dim(),
+                        tc.hidden_size
+                    )));
+                }
+                if model.mvq_head.is_none() {
+                    return Err(cfg_err("distillation.mvq: the student has no MVQ head"));
+                }
+            }
+            Mode::Client | Mode::Server => {
+                if cfg.kl_weight > 0.0 {
+                    if !teacher.has_head {
+                        return Err(cfg_err(
+                            "distillation.kl_weight: the teacher has no pretraining head (HF export without pretraining_head.safetensors); set kl_weight=0",
+                        ));
+                    }
+                    if teacher.model.pretrain.num_classes != s.pretrain.num_classes {
+                        return Err(cfg_err(format!(
+                            "pretraining.vocab_size: the student predicts {} classes, the teacher {}; output distillation needs the same k-means classes",
+                            s.pretrain.num_classes, teacher.model.pretrain.num_classes
+                        )));
+                    }
+                }
+                if cfg.feature_weight > 0.0
+                    && sc.hidden_size != tc.hidden_size
+                    && model.feat_proj.len() != plan.feature.len()
+                {
+                    return Err(cfg_err(
+                        "distillation.feature_weight: widths differ and the student has no feature projections",
+                    ));
+                }
+                if cfg.pred_weight > 0.0 && model.pred_heads.len() != plan.pred.len() {
+                    return Err(cfg_err(
+                        "distillation.pred_weight: the student has no prediction heads",
+                    ));
+                }
+            }
+        }
+        let ad = device.clone().autodiff();
+        let mut model = model.to_device(&ad).train();
+        if train.freeze_feature_extractor {
+            model.student.pretrain.feature_grad_mult = 0.0;
+        }
+        Ok(Self {
+            model,
+            teacher,
+            cfg,
+            mode,
+            plan,
+            quantizer,
+            train,
+            opt: AdamState::default(),
+            device: ad,
+        })
+    }
+
+    fn mlm_active(&self) -> bool {
+        self.cfg.alpha < 1.0
+    }
+
+    /// Forward of one batch of equal-length crops: the total loss tensor and its components.
+    fn losses(
+        &self,
+        model: &DistillStudent,
+        wavs: &[Vec<f32>],
+        labels: &[Vec<u32>],
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(Tensor<1>, DistillMetrics)> {
+        let device = model.student.hubert.masked_spec_embed.device();
+        let use_kl = self.mode != Mode::Mvq && self.cfg.kl_weight > 0.0;
+        let tout = self.teacher.forward(wavs, use_kl)?;
+        let (b, s) = (wavs.len(), wavs[0].len());
+        let flat: Vec<f32> = wavs.iter().flat_map(|w| w.iter().copied()).collect();
+        let wav = Tensor::<2>::from_data(TensorData::new(flat, [b, s]), &device);
+        let pass = student_pass(&model.student, wav, labels, self.mlm_active(), rng)?;
+        let t = pass.frames;
+        if tout.frames < t {
+            return Err(DistillError::Data(format!(
+                "teacher gives {} frames, student {t}: conv front-ends differ",
+                tout.frames
+            )));
+        }
+        let cut = |x: Tensor<3>| -> Tensor<3> {
+            let x = if x.dims()[1] > t {
+                x.narrow(1, 0, t)
+            } else {
+                x
+            };
+            to_student(x, &device)
+        };
+        let h = model.student.hubert.config.hidden_size;
+        let mut m = DistillMetrics {
+            utterances: b as u64,
+            ..Default::default()
+        };
+        let mut distill: Option<Tensor<1>> = None;
+        match self.mode {
+            Mode::Mvq => {
+                let q = self.quantizer.as_ref().expect("checked in new");
+                let emb = tout.hidden_states[self.plan.mvq + 1].clone();
+                let emb = if emb.dims()[1] > t {
+                    emb.narrow(1, 0, t)
+                } else {
+                    emb
+                };
+                let host: Vec<f32> = emb.into_data().try_into_vec_as::<f32>().expect("f32 data");
+                let codes = q.encode(&host)?;
+                let head = model.mvq_head.as_ref().expect("checked in new");
+                let logits = head.forward(pass.last_hidden_state.clone().reshape([b * t, h]));
+                let (ce, correct, count) = codebook_ce(logits, &codes, q.num_codebooks())?;
+                m.mvq_ce = scalar(&ce);
+                m.mvq_acc = correct as f64 / count.max(1) as f64;
+                add(&mut distill, ce * self.cfg.mvq.loss_scale);
+            }
+            Mode::Client | Mode::Server => {
+                if use_kl {
+                    let tl = tout.logits.expect("teacher logits requested");
+                    let k = tl.dims()[1];
+                    let tl = tl.reshape([b, tout.frames, k]);
+                    let tl = cut(tl).reshape([b * t, k]);
+                    let sl = model
+                        .student
+                        .logits(pass.last_hidden_state.clone().reshape([b * t, h]));
+                    let kl = kl_loss(tl, sl, self.cfg.temperature);
+                    m.kl = scalar(&kl);
+                    add(&mut distill, kl * self.cfg.kl_weight);
+                }
+                if self.cfg.feature_weight > 0.0 {
+                    let mut sum: Option<Tensor<1>> = None;
+                    for (i, &(sl, tl)) in self.plan.feature.iter().enumerate() {
+                        let x = pass.hidden_states[sl + 1].clone();
+                        let x = match model.feat_proj.get(i) {
+                            Some(p) => p.forward(x),
+                            None => x,
+                        };
+                        add(
+                            &mut sum,
+                            mse_loss(x, cut(tout.hidden_states[tl + 1].clone())),
+                        );
+                    }
+                    let mse = sum.expect("non-empty plan") / self.plan.feature.len() as f64;
+                    m.feature_mse = scalar(&mse);
+                    add(&mut distill, mse * self.cfg.feature_weight);
+                }
+                if self.cfg.pred_weight > 0.0 {
+                    let (mut l1s, mut coss): (Option<Tensor<1>>, Option<Tensor<1>>) = (None, None);
+                    for (i, &tl) in self.plan.pred.iter().enumerate() {
+                        let p = model.pred_heads[i].forward(pass.last_hidden_state.clone());
+                        let (l1, cos) =
+                            distilhubert_loss(p, cut(tout.hidden_states[tl + 1].clone()));
+                        add(&mut l1s, l1);
+                        add(&mut coss, cos);
+                    }
+                    let n = self.plan.pred.len() as f64;
+                    let (l1, cos) = (l1s.expect("non-empty") / n, coss.expect("non-empty") / n);
+                    m.pred_l1 = scalar(&l1);
+                    m.pred_cos = scalar(&cos);
+                    add(
+                        &mut distill,
+                        (l1 + cos * self.cfg.pred_cos_weight) * self.cfg.pred_weight,
+                    );
+                }
+            }
+        }
+        let alpha = self.cfg.alpha;
+        let mut total: Option<Tensor<1>> = None;
+        if let Some(d) = distill {
+            m.distill = scalar(&d);
+            if alpha > 0.0 {
+                add(&mut total, d * alpha);
+            }
+        }
+        if let Some(l) = pass.mlm {
+            m.mlm = scalar(&l);
+            m.acc_masked = pass.correct_masked as f64 / pass.count_masked.max(1) as f64;
+            add(&mut total, l * (1.0 - alpha));
+        }
+        let total = total.ok_or_else(|| cfg_err("distillation: every loss weight is 0 (alpha, kl_weight, feature_weight, pred_weight, mvq.loss_scale); nothing to train"))?;
+        m.loss = scalar(&total);
+        if !m.loss.is_finite() {
+            return Err(DistillError::Diverged(format!("loss is {}", m.loss)));
+        }
+        Ok((total, m))
+    }
+
+    /// One optimizer update on `utts` (cropped to the shortest, as pretraining batches).
+    pub fn step(&mut self, utts: &[&Utt], lr: f64, seed: u64) -> Result<DistillMetrics> {
+        let _guard = ENGINE_RNG.lock().unwrap_or_else(|p| p.into_inner());
+        self.device.seed(mix(seed, &[0xD15]));
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let label_rate = self.model.student.pretrain.label_rate;
+        let batch = make_batch(utts, self.train.batch.max_sample_size, label_rate, &mut rng);
+        let (loss, mut m) = self.losses(&self.model, &batch.wavs, &batch.labels, &mut rng)?;
+        let gp = GradientsParams::from_grads(loss.backward(), &self.model);
+        let mut col = GradCollector {
+            grads: &gp,
+            path: vec![],
+            out: HashMap::new(),
+        };
+        self.model.visit(&mut col);
+        let mut grads = col.out;
+        if self.train.freeze_feature_extractor {
+            grads.retain(|k, _| !k.starts_with(STUDENT_FEATURE_EXTRACTOR));
+        }
+        let norm2: f64 = grads
+            .values()
+            .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+            .sum();
+        m.grad_norm = norm2.sqrt();
+        if self.train.clip_norm > 0.0 {
+            let factor = self.train.clip_norm / (m.grad_norm + 1e-6);
+            if factor < 1.0 {
+                grads
+                    .values_mut()
+                    .for_each(|g| g.iter_mut().for_each(|x| *x *= factor as f32));
+            }
+        }
+        let mut params = collect_tensors(&self.model);
+        self.adamw(&mut params, &grads, lr);
+        let model = self.model.clone();
+        self.model = load_tensors(model, params.into_iter().collect())?;
+        m.lr = lr;
+        m.steps = 1;
+        Ok(m)
+    }
+
+    fn adamw(
+        &mut self,
+        params: &mut [(String, HostTensor)],
+        grads: &HashMap<String, Vec<f32>>,
+        lr: f64,
+    ) {
+        self.opt.step += 1;
+        let t = self.opt.step as i32;
+        let (b1, b2) = self.train.adam_betas;
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2_sqrt = (1.0 - b2.powi(t)).sqrt() as f32;
+        let step_size = (lr / bc1) as f32;
+        let (b1, b2, eps) = (b1 as f32, b2 as f32, self.train.adam_eps as f32);
+        let decay = (1.0 - lr * self.train.weight_decay) as f32;
+        for (name, p) in params.iter_mut() {
+            let Some(g) = grads.get(name) else { continue };
+            let m = self
+                .opt
+                .m
+                .entry(name.clone())
+                .or_insert_with(|| vec![0.0; g.len()]);
+            let v = self
+                .opt
+                .v
+                .entry(name.clone())
+                .or_insert_with(|| vec![0.0; g.len()]);
+            for (((w, &gi), mi), vi) in p.data.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
+            {
+                *w *= decay;
+                *mi = b1 * *mi + (1.0 - b1) * gi;
+                *vi = b2 * *vi + (1.0 - b2) * gi * gi;
+                *w -= step_size * *mi / (vi.sqrt() / bc2_sqrt + eps);
+            }
+        }
+    }
+
+    /// `steps` updates at a fixed `lr` over `utts` (length-bucketed batches, reshuffled every
+    /// epoch from `seed`); returns the mean metrics; `on_step` sees each step's.
+    pub fn train_steps(
+        &mut self,
+        utts: &[Utt],
+        steps: u64,
+        lr: f64,
+        seed: u64,
+        mut on_step: impl FnMut(u64, &DistillMetrics),
+    ) -> Result<DistillMetrics> {
+        let bcfg = self.train.batch.clone();
+        let plan = |epoch: u64| {
+            epoch_batches(
+                utts,
+                &bcfg,
+                &mut ChaCha8Rng::seed_from_u64(mix(seed, &[0xE90C, epoch])),
+            )
+        };
+        let mut batches = plan(0);
+        if batches.is_empty() {
+            return Err(DistillError::Data(format!(
+                "no utterance is at least min_sample_size = {} samples long",
+                self.train.batch.min_sample_size
+            )));
+        }
+        let per_epoch = batches.len() as u64;
+        let mut epoch = 0;
+        let mut total = DistillMetrics::default();
+        for k in 0..steps {
+            if k / per_epoch != epoch {
+                epoch = k / per_epoch;
+                batches = plan(epoch);
+            }
+            let batch: Vec<&Utt> = batches[(k % per_epoch) as usize % batches.len()]
+                .iter()
+                .map(|&i| &utts[i])
+                .collect();
+            let m = self.step(&batch, lr, mix(seed, &[0x57E9, k]))?;
+            on_step(k, &m);
+            total.running_mean(&m, (k + 1) as f64);
+        }
+        Ok(total)
+    }
+
+    /// The losses on `utts` without updating (validation mode, one utterance at a time, cropped to
+    /// `max_sample_size`, masks drawn from `seed`); utterance-weighted means.
+    pub fn evaluate(&self, utts: &[Utt], seed: u64) -> Result<DistillMetrics> {
+        let model = self.model.valid();
+        let mut total = DistillMetrics::default();
+        let mut n = 0.0;
+        for (i, u) in utts.iter().enumerate() {
+            if u.wav.len() < self.train.batch.min_sample_size.min(16_000) {
+                continue;
+            }
+            let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, &[0xE7A1, i as u64]));
+            let b = make_batch(
+                &[u],
+                self.train.batch.max_sample_size,
+                model.student.pretrain.label_rate,
+                &mut rng,
+            );
+            let (_, m) = self.losses(&model, &b.wavs, &b.labels, &mut rng)?;
+            n += 1.0;
+            total.running_mean(&DistillMetrics { steps: 0, ..m }, n);
+        }
+        Ok(total)
+    }
+
+    /// Optimizer moments and step as weights (for checkpoints).
+    pub fn opt_state(&self) -> (fedhubert_fl::Weights, fedhubert_fl::Weights, u64) {
+        let to_w = |m: &BTreeMap<String, Vec<f32>>| {
+            fedhubert_fl::Weights::new(
+                m.iter()
+                    .map(|(k, v)| fedhubert_fl::Tensor {
+                        name: k.clone(),
+                        shape: vec![v.len()],
+                        data: v.clone(),
+                    })
+                    .collect(),
+            )
+        };
+        (to_w(&self.opt.m), to_w(&self.opt.v), self.opt.step)
+    }
+
+    pub fn set_opt_state(
+        &mut self,
+        m: &fedhubert_fl::Weights,
+        v: &fedhubert_fl::Weights,
+        step: u64,
+    ) {
+        let flat = |w: &fedhubert_fl::Weights| {
+            w.tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.data.clone()))
+                .collect()
+        };
+        self.opt = AdamState {
+            step,
+            m: flat(m),
+            v: flat(v),
+        };
+    }
+}

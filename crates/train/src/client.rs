@@ -1,0 +1,96 @@
+//! Simulation clients: each client trains the global model on its own folder (manifest + labels)
+//! and returns only weights and metrics.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use burn::tensor::Device;
+use fedhubert_fl::{ClientPool, EvalRes, FitConfig, FitRes, Weights};
+use fedhubert_model::{HubertForPretraining, load_tensors};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{ClientData, load_client_dir};
+use crate::trainer::{LocalTrainer, TrainConfig, evaluate_model, from_weights};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    /// Local optimizer steps per round (overridden by the round config's `local_steps`).
+    pub local_steps: u64,
+    /// Label shard name in each client folder (`km` → km.npy / km.len).
+    pub label_stem: String,
+    /// Keep decoded client audio in memory between rounds (fine for small corpora; turn off for
+    /// many large clients so memory stays bounded by one client).
+    pub cache_clients: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self { local_steps: 10, label_stem: "km".into(), cache_clients: true }
+    }
+}
+
+pub struct HubertClients {
+    dirs: Vec<PathBuf>,
+    template: HubertForPretraining,
+    train: TrainConfig,
+    sim: SimConfig,
+    device: Device,
+    cache: HashMap<usize, Arc<ClientData>>,
+}
+
+impl HubertClients {
+    /// `template` fixes the architecture; its weights are replaced by the global ones each call.
+    pub fn new(dirs: Vec<PathBuf>, template: HubertForPretraining, train: TrainConfig, sim: SimConfig, device: Device) -> Self {
+        Self { dirs, template, train, sim, device, cache: HashMap::new() }
+    }
+
+    fn data(&mut self, c: usize) -> Result<Arc<ClientData>, String> {
+        if let Some(d) = self.cache.get(&c) {
+            return Ok(d.clone());
+        }
+        let dir = self.dirs.get(c).ok_or_else(|| format!("no client {c}"))?;
+        let d = Arc::new(load_client_dir(dir, &self.sim.label_stem).map_err(|e| e.to_string())?);
+        if self.sim.cache_clients {
+            self.cache.insert(c, d.clone());
+        }
+        Ok(d)
+    }
+}
+
+impl ClientPool for HubertClients {
+    fn num_clients(&self) -> usize {
+        self.dirs.len()
+    }
+
+    fn fit(&mut self, c: usize, global: &Weights, cfg: &FitConfig) -> Result<FitRes, String> {
+        let data = self.data(c)?;
+        let mut tr = LocalTrainer::new(self.template.clone(), self.train.clone(), &self.device).map_err(|e| e.to_string())?;
+        tr.set_weights(global).map_err(|e| e.to_string())?;
+        let lr = cfg.extra.get("learning_rate").copied().unwrap_or(self.train.learning_rate);
+        let steps = match (cfg.extra.get("local_steps"), cfg.extra.get("local_epochs")) {
+            (Some(&s), _) => s as u64,
+            (None, Some(&e)) => {
+                let per_epoch = crate::data::epoch_batches(&data.train, &self.train.batch, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0)).len()
+                    / self.train.update_freq;
+                (per_epoch.max(1) as f64 * e).round() as u64
+            }
+            (None, None) => self.sim.local_steps,
+        };
+        let prox = (cfg.proximal_mu > 0.0).then_some((global, cfg.proximal_mu));
+        let m = tr.train(&data.train, 0, steps, Some(lr), cfg.seed, prox, |_, _| {}).map_err(|e| e.to_string())?;
+        Ok(FitRes { client: c, weights: tr.weights(), num_examples: m.utterances, metrics: m.to_map() })
+    }
+
+    fn evaluate(&mut self, c: usize, global: &Weights, cfg: &FitConfig) -> Result<EvalRes, String> {
+        let data = self.data(c)?;
+        if data.valid.is_empty() {
+            return Ok(EvalRes { client: c, num_examples: 0, metrics: Default::default() });
+        }
+        let model = load_tensors(self.template.clone(), from_weights(global)).map_err(|e| e.to_string())?;
+        let m = evaluate_model(&model, &data.valid, &self.train.batch, cfg.seed).map_err(|e| e.to_string())?;
+        Ok(EvalRes { client: c, num_examples: m.utterances, metrics: m.to_map() })
+    }
+}
