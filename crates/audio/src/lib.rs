@@ -17,9 +17,15 @@ pub use manifest::{Entry, Manifest, Split};
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a reader
 /// never sees a half-written file.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), AudioError> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| AudioError::io(dir, e))?;
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".tmp{}", std::process::id()));
     let tmp: PathBuf = dir.join(name);
     let write = || -> std::io::Result<()> {

@@ -69,21 +69,41 @@ impl Manifest {
                 return Err(AudioError::Manifest {
                     path: path.to_path_buf(),
                     line: 1,
-                    why: format!("missing column `{col}` (expected at least id, path, num_samples)"),
+                    why: format!(
+                        "missing column `{col}` (expected at least id, path, num_samples)"
+                    ),
                 });
             }
         }
         let idx = |name: &str| headers.iter().position(|h| h == name);
-        let (i_id, i_path, i_n) = (idx("id").unwrap(), idx("path").unwrap(), idx("num_samples").unwrap());
-        let (i_split, i_sr, i_spk, i_ch, i_tr) =
-            (idx("split"), idx("sample_rate"), idx("speaker"), idx("chapter"), idx("transcript"));
+        let (i_id, i_path, i_n) = (
+            idx("id").unwrap(),
+            idx("path").unwrap(),
+            idx("num_samples").unwrap(),
+        );
+        let (i_split, i_sr, i_spk, i_ch, i_tr) = (
+            idx("split"),
+            idx("sample_rate"),
+            idx("speaker"),
+            idx("chapter"),
+            idx("transcript"),
+        );
         let mut entries = Vec::new();
         for (k, rec) in rdr.records().enumerate() {
             let line = k + 2;
             let rec = rec.map_err(|e| csv_err(path, line, e))?;
             let get = |i: Option<usize>| i.and_then(|i| rec.get(i)).unwrap_or("").to_string();
-            let bad = |why: String| AudioError::Manifest { path: path.to_path_buf(), line, why };
-            let num_samples = get(Some(i_n)).parse::<u64>().map_err(|_| bad(format!("num_samples {:?} is not an integer", get(Some(i_n)))))?;
+            let bad = |why: String| AudioError::Manifest {
+                path: path.to_path_buf(),
+                line,
+                why,
+            };
+            let num_samples = get(Some(i_n)).parse::<u64>().map_err(|_| {
+                bad(format!(
+                    "num_samples {:?} is not an integer",
+                    get(Some(i_n))
+                ))
+            })?;
             let split = match get(i_split).as_str() {
                 "" | "train" => Split::Train,
                 "valid" => Split::Valid,
@@ -91,7 +111,9 @@ impl Manifest {
             };
             let sample_rate = match get(i_sr).as_str() {
                 "" => crate::MODEL_SAMPLE_RATE,
-                s => s.parse::<u32>().map_err(|_| bad(format!("sample_rate {s:?} is not an integer")))?,
+                s => s
+                    .parse::<u32>()
+                    .map_err(|_| bad(format!("sample_rate {s:?} is not an integer")))?,
             };
             entries.push(Entry {
                 id: get(Some(i_id)),
@@ -113,14 +135,20 @@ impl Manifest {
         for e in &self.entries {
             w.serialize(e).map_err(|e| csv_err(path, 0, e))?;
         }
-        let bytes = w.into_inner().map_err(|e| AudioError::io(path, e.into_error()))?;
+        let bytes = w
+            .into_inner()
+            .map_err(|e| AudioError::io(path, e.into_error()))?;
         atomic_write(path, &bytes)
     }
 }
 
 fn csv_err(path: &Path, line: usize, e: csv::Error) -> AudioError {
     let line = e.position().map(|p| p.line() as usize).unwrap_or(line);
-    AudioError::Manifest { path: path.to_path_buf(), line, why: e.to_string() }
+    AudioError::Manifest {
+        path: path.to_path_buf(),
+        line,
+        why: e.to_string(),
+    }
 }
 
 /// The root declared by `partition.json` in the manifest's folder or its parent; a relative root is
@@ -132,17 +160,26 @@ pub fn find_declared_root(manifest: &Path) -> Result<PathBuf, AudioError> {
         if p.is_file() {
             let text = std::fs::read_to_string(&p).map_err(|e| AudioError::io(&p, e))?;
             let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| AudioError::Json { path: p.clone(), why: e.to_string() })?;
-            let root = v.get("root").and_then(|r| r.as_str()).ok_or_else(|| AudioError::Json {
-                path: p.clone(),
-                why: "missing string field `root` (the folder manifest paths are relative to)".into(),
-            })?;
+                serde_json::from_str(&text).map_err(|e| AudioError::Json {
+                    path: p.clone(),
+                    why: e.to_string(),
+                })?;
+            let root = v
+                .get("root")
+                .and_then(|r| r.as_str())
+                .ok_or_else(|| AudioError::Json {
+                    path: p.clone(),
+                    why: "missing string field `root` (the folder manifest paths are relative to)"
+                        .into(),
+                })?;
             return Ok(d.join(root));
         }
     }
     Err(AudioError::Manifest {
         path: manifest.to_path_buf(),
         line: 0,
-        why: format!("no {PARTITION_FILE} declaring the audio root next to it or in its parent folder; pass the root explicitly"),
+        why: format!(
+            "no {PARTITION_FILE} declaring the audio root next to it or in its parent folder; pass the root explicitly"
+        ),
     })
 }

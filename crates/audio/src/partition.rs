@@ -45,7 +45,10 @@ impl PartitionConfig {
             return bad("num_clients must be at least 1".into());
         }
         if !(0.0..1.0).contains(&self.valid_fraction) {
-            return bad(format!("valid_fraction {} must be in [0, 1)", self.valid_fraction));
+            return bad(format!(
+                "valid_fraction {} must be in [0, 1)",
+                self.valid_fraction
+            ));
         }
         if let Method::Dirichlet { alpha } = self.method
             && !(alpha > 0.0 && alpha.is_finite())
@@ -116,7 +119,10 @@ pub fn partition(corpus: &Corpus, cfg: &PartitionConfig) -> Result<Vec<Vec<Entry
         }
         Method::Iid => {
             if n > utts.len() {
-                return Err(AudioError::Partition(format!("{n} clients but only {} utterances", utts.len())));
+                return Err(AudioError::Partition(format!(
+                    "{n} clients but only {} utterances",
+                    utts.len()
+                )));
             }
             let mut order: Vec<usize> = (0..utts.len()).collect();
             order.shuffle(&mut rng);
@@ -126,17 +132,28 @@ pub fn partition(corpus: &Corpus, cfg: &PartitionConfig) -> Result<Vec<Vec<Entry
             }
             out
         }
-        Method::Dirichlet { alpha } => dirichlet(&by_speaker, utts.len(), n, alpha, cfg.min_client_utterances, &mut rng)?,
+        Method::Dirichlet { alpha } => dirichlet(
+            &by_speaker,
+            utts.len(),
+            n,
+            alpha,
+            cfg.min_client_utterances,
+            &mut rng,
+        )?,
     };
     let mut clients = Vec::with_capacity(n);
     for (k, ix) in assignment.into_iter().enumerate() {
         if ix.is_empty() {
-            return Err(AudioError::Partition(format!("client {k} received no utterances")));
+            return Err(AudioError::Partition(format!(
+                "client {k} received no utterances"
+            )));
         }
         let mut entries: Vec<Entry> = ix.iter().map(|&i| utts[i].clone()).collect();
         entries.sort_by(|a, b| a.id.cmp(&b.id));
         let mut order: Vec<usize> = (0..entries.len()).collect();
-        let mut split_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k as u64 + 1));
+        let mut split_rng = ChaCha8Rng::seed_from_u64(
+            cfg.seed ^ 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k as u64 + 1),
+        );
         order.shuffle(&mut split_rng);
         let mut n_valid = (entries.len() as f64 * cfg.valid_fraction).round() as usize;
         if cfg.valid_fraction > 0.0 && entries.len() >= 2 {
@@ -149,7 +166,9 @@ pub fn partition(corpus: &Corpus, cfg: &PartitionConfig) -> Result<Vec<Vec<Entry
         for &j in &order[n_valid..] {
             entries[j].split = Split::Train;
         }
-        entries.sort_by(|a, b| (a.split == Split::Valid, &a.id).cmp(&(b.split == Split::Valid, &b.id)));
+        entries.sort_by(|a, b| {
+            (a.split == Split::Valid, &a.id).cmp(&(b.split == Split::Valid, &b.id))
+        });
         clients.push(entries);
     }
     Ok(clients)
@@ -165,7 +184,8 @@ fn dirichlet(
     min_size: usize,
     rng: &mut ChaCha8Rng,
 ) -> Result<Vec<Vec<usize>>, AudioError> {
-    let gamma = Gamma::new(alpha, 1.0).map_err(|e| AudioError::Partition(format!("dirichlet alpha {alpha}: {e}")))?;
+    let gamma = Gamma::new(alpha, 1.0)
+        .map_err(|e| AudioError::Partition(format!("dirichlet alpha {alpha}: {e}")))?;
     let avg = total as f64 / n as f64;
     for _attempt in 0..100 {
         let mut out: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -188,7 +208,11 @@ fn dirichlet(
             let mut start = 0;
             for (c, pc) in p.iter().enumerate() {
                 cum += pc;
-                let end = if c + 1 == n { ix.len() } else { ((cum * ix.len() as f64) as usize).min(ix.len()) };
+                let end = if c + 1 == n {
+                    ix.len()
+                } else {
+                    ((cum * ix.len() as f64) as usize).min(ix.len())
+                };
                 out[c].extend_from_slice(&ix[start..end.max(start)]);
                 start = end.max(start);
             }
@@ -222,7 +246,10 @@ pub fn write_partition(
     let mut summaries = Vec::new();
     for (k, entries) in clients.iter().enumerate() {
         let dir = client_dir(out, k);
-        let m = Manifest { root: root.clone(), entries: entries.clone() };
+        let m = Manifest {
+            root: root.clone(),
+            entries: entries.clone(),
+        };
         m.save(&dir.join("manifest.csv"))?;
         let mut speakers: Vec<String> = entries.iter().map(|e| e.speaker.clone()).collect();
         speakers.sort();
@@ -238,7 +265,8 @@ pub fn write_partition(
     }
     let mut k = clients.len();
     while client_dir(out, k).join("manifest.csv").is_file() {
-        std::fs::remove_dir_all(client_dir(out, k)).map_err(|e| AudioError::io(client_dir(out, k), e))?;
+        std::fs::remove_dir_all(client_dir(out, k))
+            .map_err(|e| AudioError::io(client_dir(out, k), e))?;
         k += 1;
     }
     let summary = PartitionSummary {
@@ -250,7 +278,10 @@ pub fn write_partition(
         skipped: corpus.skipped.clone(),
     };
     let p = out.join(PARTITION_FILE);
-    let json = serde_json::to_vec_pretty(&summary).map_err(|e| AudioError::Json { path: p.clone(), why: e.to_string() })?;
+    let json = serde_json::to_vec_pretty(&summary).map_err(|e| AudioError::Json {
+        path: p.clone(),
+        why: e.to_string(),
+    })?;
     atomic_write(&p, &json)?;
     Ok(summary)
 }

@@ -43,8 +43,11 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), AudioError> {
 /// `SPEAKER-CHAPTER-UTT` (LibriSpeech) → (speaker, chapter).
 fn librispeech_ids(stem: &str) -> Option<(String, String)> {
     let parts: Vec<&str> = stem.split('-').collect();
-    (parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())))
-        .then(|| (parts[0].to_string(), parts[1].to_string()))
+    (parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())))
+    .then(|| (parts[0].to_string(), parts[1].to_string()))
 }
 
 fn read_transcripts(path: &Path, into: &mut HashMap<String, String>) -> Result<(), AudioError> {
@@ -65,7 +68,10 @@ fn read_transcripts(path: &Path, into: &mut HashMap<String, String>) -> Result<(
 }
 
 fn rel(root: &Path, p: &Path) -> String {
-    p.strip_prefix(root).unwrap_or(p).to_string_lossy().replace('\\', "/")
+    p.strip_prefix(root)
+        .unwrap_or(p)
+        .to_string_lossy()
+        .replace('\\', "/")
 }
 
 /// Scans `root` recursively for `.flac`/`.wav`. LibriSpeech names give speaker and chapter; other
@@ -74,26 +80,45 @@ fn rel(root: &Path, p: &Path) -> String {
 /// `skip_bad` the file is listed in `skipped`.
 pub fn scan_dir(root: &Path, skip_bad: bool) -> Result<Corpus, AudioError> {
     if !root.is_dir() {
-        return Err(AudioError::io(root, std::io::Error::new(std::io::ErrorKind::NotFound, "not a folder")));
+        return Err(AudioError::io(
+            root,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "not a folder"),
+        ));
     }
     let mut files = Vec::new();
     walk(root, &mut files)?;
     let mut transcripts = HashMap::new();
-    for f in files.iter().filter(|f| f.to_string_lossy().ends_with(".trans.txt")) {
+    for f in files
+        .iter()
+        .filter(|f| f.to_string_lossy().ends_with(".trans.txt"))
+    {
         read_transcripts(f, &mut transcripts)?;
     }
     let audio: Vec<&PathBuf> = files.iter().filter(|f| is_audio_file(f)).collect();
     if audio.is_empty() {
-        return Err(AudioError::NoAudio { dir: root.to_path_buf() });
+        return Err(AudioError::NoAudio {
+            dir: root.to_path_buf(),
+        });
     }
     let decoded: Vec<Result<Entry, AudioError>> = audio
         .par_iter()
         .map(|p| {
             let a = load_audio(p)?;
-            let stem = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+            let stem = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
             let (speaker, chapter) = librispeech_ids(&stem).unwrap_or_else(|| {
-                let parent = p.parent().filter(|d| *d != root).and_then(|d| d.file_name());
-                (parent.map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "unknown".into()), String::new())
+                let parent = p
+                    .parent()
+                    .filter(|d| *d != root)
+                    .and_then(|d| d.file_name());
+                (
+                    parent
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_else(|| "unknown".into()),
+                    String::new(),
+                )
             });
             Ok(Entry {
                 transcript: transcripts.get(&stem).cloned().unwrap_or_default(),
@@ -110,7 +135,11 @@ pub fn scan_dir(root: &Path, skip_bad: bool) -> Result<Corpus, AudioError> {
     collect(root.to_path_buf(), decoded, skip_bad)
 }
 
-fn collect(root: PathBuf, results: Vec<Result<Entry, AudioError>>, skip_bad: bool) -> Result<Corpus, AudioError> {
+fn collect(
+    root: PathBuf,
+    results: Vec<Result<Entry, AudioError>>,
+    skip_bad: bool,
+) -> Result<Corpus, AudioError> {
     let mut utterances = Vec::new();
     let mut skipped = Vec::new();
     for r in results {
@@ -125,7 +154,10 @@ fn collect(root: PathBuf, results: Vec<Result<Entry, AudioError>>, skip_bad: boo
                     | AudioError::Resample { path, .. } => rel(&root, path),
                     _ => String::new(),
                 };
-                skipped.push(Skipped { path, reason: e.to_string() });
+                skipped.push(Skipped {
+                    path,
+                    reason: e.to_string(),
+                });
             }
             Err(e) => return Err(e),
         }
@@ -133,18 +165,29 @@ fn collect(root: PathBuf, results: Vec<Result<Entry, AudioError>>, skip_bad: boo
     let mut seen = HashMap::new();
     for e in &utterances {
         if let Some(prev) = seen.insert(e.id.clone(), e.path.clone()) {
-            return Err(AudioError::Partition(format!("utterance id {} appears twice ({} and {})", e.id, prev, e.path)));
+            return Err(AudioError::Partition(format!(
+                "utterance id {} appears twice ({} and {})",
+                e.id, prev, e.path
+            )));
         }
     }
     if utterances.is_empty() {
         return Err(AudioError::NoAudio { dir: root });
     }
-    Ok(Corpus { root, utterances, skipped })
+    Ok(Corpus {
+        root,
+        utterances,
+        skipped,
+    })
 }
 
 /// Reads an existing manifest CSV as a corpus (splits are reassigned by the partitioner). Files are
 /// checked to exist; their sample counts are taken from the manifest.
-pub fn scan_manifest(path: &Path, root: Option<PathBuf>, skip_bad: bool) -> Result<Corpus, AudioError> {
+pub fn scan_manifest(
+    path: &Path,
+    root: Option<PathBuf>,
+    skip_bad: bool,
+) -> Result<Corpus, AudioError> {
     let m = match root {
         Some(r) => Manifest::load_with_root(path, r)?,
         None => Manifest::load(path)?,
@@ -155,7 +198,13 @@ pub fn scan_manifest(path: &Path, root: Option<PathBuf>, skip_bad: bool) -> Resu
         .map(|e| {
             let p = m.abs_path(e);
             if !p.is_file() {
-                return Err(AudioError::io(p, std::io::Error::new(std::io::ErrorKind::NotFound, "listed in the manifest but missing")));
+                return Err(AudioError::io(
+                    p,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "listed in the manifest but missing",
+                    ),
+                ));
             }
             if e.num_samples == 0 {
                 return Err(AudioError::Empty { path: p });

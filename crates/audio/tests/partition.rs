@@ -8,11 +8,21 @@ use fedhubert_audio::scan::{Corpus, scan_dir};
 use fedhubert_audio::{Entry, Manifest, Split};
 
 fn sample() -> Corpus {
-    scan_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/librispeech-sample"), false).unwrap()
+    scan_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/librispeech-sample"),
+        false,
+    )
+    .unwrap()
 }
 
 fn cfg(method: Method, n: usize, seed: u64) -> PartitionConfig {
-    PartitionConfig { method, num_clients: n, seed, valid_fraction: 0.2, min_client_utterances: 2 }
+    PartitionConfig {
+        method,
+        num_clients: n,
+        seed,
+        valid_fraction: 0.2,
+        min_client_utterances: 2,
+    }
 }
 
 /// A synthetic corpus: `spk` speakers with `per` utterances each (no audio needed for partitioning).
@@ -32,7 +42,11 @@ fn synthetic(spk: usize, per: usize) -> Corpus {
             });
         }
     }
-    Corpus { root: PathBuf::from("/nonexistent"), utterances, skipped: vec![] }
+    Corpus {
+        root: PathBuf::from("/nonexistent"),
+        utterances,
+        skipped: vec![],
+    }
 }
 
 #[test]
@@ -49,16 +63,39 @@ fn speaker_partition_is_deterministic_disjoint_and_balanced() {
             }
         }
     }
-    assert_eq!(a.iter().map(Vec::len).sum::<usize>(), c.utterances.len(), "no utterance lost or duplicated");
-    let secs: Vec<f64> = a.iter().map(|cl| cl.iter().map(|e| e.duration_s()).sum()).collect();
-    let (lo, hi) = secs.iter().fold((f64::MAX, 0f64), |(l, h), &s| (l.min(s), h.max(s)));
-    let biggest_speaker = owner.keys().map(|s| c.utterances.iter().filter(|u| u.speaker == *s).map(|u| u.duration_s()).sum::<f64>()).fold(0f64, f64::max);
-    assert!(hi - lo <= biggest_speaker, "durations {secs:?} spread more than one speaker ({biggest_speaker} s)");
+    assert_eq!(
+        a.iter().map(Vec::len).sum::<usize>(),
+        c.utterances.len(),
+        "no utterance lost or duplicated"
+    );
+    let secs: Vec<f64> = a
+        .iter()
+        .map(|cl| cl.iter().map(|e| e.duration_s()).sum())
+        .collect();
+    let (lo, hi) = secs
+        .iter()
+        .fold((f64::MAX, 0f64), |(l, h), &s| (l.min(s), h.max(s)));
+    let biggest_speaker = owner
+        .keys()
+        .map(|s| {
+            c.utterances
+                .iter()
+                .filter(|u| u.speaker == *s)
+                .map(|u| u.duration_s())
+                .sum::<f64>()
+        })
+        .fold(0f64, f64::max);
+    assert!(
+        hi - lo <= biggest_speaker,
+        "durations {secs:?} spread more than one speaker ({biggest_speaker} s)"
+    );
 }
 
 #[test]
 fn more_clients_than_speakers_is_a_clear_error() {
-    let e = partition(&synthetic(3, 5), &cfg(Method::Speaker, 4, 0)).unwrap_err().to_string();
+    let e = partition(&synthetic(3, 5), &cfg(Method::Speaker, 4, 0))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("4 clients") && e.contains("3 speakers"), "{e}");
 }
 
@@ -82,18 +119,25 @@ fn dirichlet_skew_grows_as_alpha_shrinks() {
         p.iter()
             .map(|cl| {
                 let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-                cl.iter().for_each(|e| *counts.entry(&e.speaker).or_default() += 1);
+                cl.iter()
+                    .for_each(|e| *counts.entry(&e.speaker).or_default() += 1);
                 *counts.values().max().unwrap() as f64 / cl.len() as f64
             })
             .sum::<f64>()
             / 10.0
     };
     let (low, high) = (skew(0.1), skew(100.0));
-    assert!(low > 2.0 * high, "alpha 0.1 skew {low} vs alpha 100 skew {high}");
+    assert!(
+        low > 2.0 * high,
+        "alpha 0.1 skew {low} vs alpha 100 skew {high}"
+    );
     // With alpha large, speaker mixtures approach uniform: ~1/30 of each client per speaker.
     assert!(high < 0.15, "{high}");
     let same = partition(&c, &cfg(Method::Dirichlet { alpha: 0.5 }, 10, 3)).unwrap();
-    assert_eq!(same, partition(&c, &cfg(Method::Dirichlet { alpha: 0.5 }, 10, 3)).unwrap());
+    assert_eq!(
+        same,
+        partition(&c, &cfg(Method::Dirichlet { alpha: 0.5 }, 10, 3)).unwrap()
+    );
     let e = partition(&c, &cfg(Method::Dirichlet { alpha: -1.0 }, 10, 3)).unwrap_err();
     assert!(e.to_string().contains("alpha"), "{e}");
 }
@@ -103,7 +147,11 @@ fn train_valid_split_is_80_20_disjoint_and_seeded() {
     let c = synthetic(10, 10);
     let p = partition(&c, &cfg(Method::Speaker, 5, 11)).unwrap();
     for cl in &p {
-        let valid: BTreeSet<&str> = cl.iter().filter(|e| e.split == Split::Valid).map(|e| e.id.as_str()).collect();
+        let valid: BTreeSet<&str> = cl
+            .iter()
+            .filter(|e| e.split == Split::Valid)
+            .map(|e| e.id.as_str())
+            .collect();
         let train = cl.iter().filter(|e| e.split == Split::Train).count();
         assert_eq!((train, valid.len()), (16, 4));
     }
@@ -119,19 +167,32 @@ fn writes_manifests_and_partition_json_that_reload() {
     let out = tempfile::tempdir().unwrap();
     let s = write_partition(out.path(), &c, &p, &conf).unwrap();
     assert_eq!(s.clients.len(), 10);
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(out.path().join("partition.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("partition.json")).unwrap()).unwrap();
     assert_eq!(json["method"], "speaker");
     assert_eq!(json["clients"].as_array().unwrap().len(), 10);
     let m = Manifest::load(&out.path().join("client_3/manifest.csv")).unwrap();
     assert_eq!(m.entries, p[3]);
-    assert!(m.abs_path(&m.entries[0]).is_file(), "paths resolve against the declared root");
+    assert!(
+        m.abs_path(&m.entries[0]).is_file(),
+        "paths resolve against the declared root"
+    );
     let header = std::fs::read_to_string(out.path().join("client_3/manifest.csv")).unwrap();
-    assert!(header.starts_with("id,path,split,num_samples,sample_rate,speaker,chapter,transcript"), "{header}");
+    assert!(
+        header.starts_with("id,path,split,num_samples,sample_rate,speaker,chapter,transcript"),
+        "{header}"
+    );
     // Re-partitioning into fewer clients leaves no stale client folder behind.
     let conf5 = cfg(Method::Speaker, 5, 0);
     write_partition(out.path(), &c, &partition(&c, &conf5).unwrap(), &conf5).unwrap();
     assert!(!out.path().join("client_5").exists());
-    assert!(std::fs::read_dir(out.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")));
+    assert!(
+        std::fs::read_dir(out.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains(".tmp"))
+    );
 }
 
 #[test]

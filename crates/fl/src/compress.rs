@@ -36,17 +36,28 @@ pub fn encode(weights: &Weights, global: &Weights, c: Compression) -> Result<Vec
     let mut out = Vec::new();
     for (t, g) in weights.tensors.iter().zip(&global.tensors) {
         match c {
-            Compression::None => t.data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            Compression::F16 => t
+            Compression::None => t
                 .data
                 .iter()
-                .zip(&g.data)
-                .for_each(|(v, b)| out.extend_from_slice(&half::f16::from_f32(v - b).to_le_bytes())),
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            Compression::F16 => t.data.iter().zip(&g.data).for_each(|(v, b)| {
+                out.extend_from_slice(&half::f16::from_f32(v - b).to_le_bytes())
+            }),
             Compression::Int8 => {
-                let maxabs = t.data.iter().zip(&g.data).map(|(v, b)| (v - b).abs()).fold(0f32, f32::max);
+                let maxabs = t
+                    .data
+                    .iter()
+                    .zip(&g.data)
+                    .map(|(v, b)| (v - b).abs())
+                    .fold(0f32, f32::max);
                 let scale = if maxabs > 0.0 { maxabs / 127.0 } else { 1.0 };
                 out.extend_from_slice(&scale.to_le_bytes());
-                out.extend(t.data.iter().zip(&g.data).map(|(v, b)| ((v - b) / scale).round().clamp(-127.0, 127.0) as i8 as u8));
+                out.extend(
+                    t.data
+                        .iter()
+                        .zip(&g.data)
+                        .map(|(v, b)| ((v - b) / scale).round().clamp(-127.0, 127.0) as i8 as u8),
+                );
             }
         }
     }
@@ -87,7 +98,10 @@ pub fn decode(payload: &[u8], global: &Weights, c: Compression) -> Result<Weight
         }
     }
     if pos != payload.len() {
-        return Err(FlError::Layout(format!("client payload has {} trailing bytes", payload.len() - pos)));
+        return Err(FlError::Layout(format!(
+            "client payload has {} trailing bytes",
+            payload.len() - pos
+        )));
     }
     Ok(w)
 }

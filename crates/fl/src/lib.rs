@@ -21,7 +21,10 @@ pub use weights::{Tensor, Weights};
 #[derive(Debug, thiserror::Error)]
 pub enum FlError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {why}")]
     Format { path: PathBuf, why: String },
     #[error("weights layout mismatch: {0}")]
@@ -35,15 +38,30 @@ pub enum FlError {
     #[error(
         "round {round}: only {got} clients replied in {attempts} attempts, min_fit_clients is {needed} ({why}); the checkpoint of the last completed round is kept: fix the cause and rerun with --resume"
     )]
-    RoundFailed { round: u64, attempts: u32, got: usize, needed: usize, why: String },
+    RoundFailed {
+        round: u64,
+        attempts: u32,
+        got: usize,
+        needed: usize,
+        why: String,
+    },
 }
 
 /// Temp file in the same folder, fsync, rename: readers never see half a file.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), FlError> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let io = |e| FlError::Io { path: path.to_path_buf(), source: e };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let io = |e| FlError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
     std::fs::create_dir_all(dir).map_err(io)?;
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".tmp{}", std::process::id()));
     let tmp = dir.join(name);
     let mut f = std::fs::File::create(&tmp).map_err(io)?;

@@ -43,7 +43,12 @@ pub struct EvalRes {
 pub trait ClientPool {
     fn num_clients(&self) -> usize;
     fn fit(&mut self, client: usize, global: &Weights, cfg: &FitConfig) -> Result<FitRes, String>;
-    fn evaluate(&mut self, client: usize, global: &Weights, cfg: &FitConfig) -> Result<EvalRes, String>;
+    fn evaluate(
+        &mut self,
+        client: usize,
+        global: &Weights,
+        cfg: &FitConfig,
+    ) -> Result<EvalRes, String>;
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,13 +101,22 @@ impl RunConfig {
             return bad("no clients".into());
         }
         if !(self.fraction_fit > 0.0 && self.fraction_fit <= 1.0) {
-            return bad(format!("fraction_fit {} must be in (0, 1]", self.fraction_fit));
+            return bad(format!(
+                "fraction_fit {} must be in (0, 1]",
+                self.fraction_fit
+            ));
         }
         if !(0.0..=1.0).contains(&self.fraction_evaluate) {
-            return bad(format!("fraction_evaluate {} must be in [0, 1]", self.fraction_evaluate));
+            return bad(format!(
+                "fraction_evaluate {} must be in [0, 1]",
+                self.fraction_evaluate
+            ));
         }
         if self.min_fit_clients == 0 || self.min_fit_clients > num_clients {
-            return bad(format!("min_fit_clients {} must be in 1..={num_clients} (the number of clients)", self.min_fit_clients));
+            return bad(format!(
+                "min_fit_clients {} must be in 1..={num_clients} (the number of clients)",
+                self.min_fit_clients
+            ));
         }
         if self.num_rounds == 0 {
             return bad("num_rounds must be at least 1".into());
@@ -112,7 +126,14 @@ impl RunConfig {
 }
 
 /// Flower's rule: `max(int(n * fraction), min)` clients, sampled without replacement.
-pub fn sample_clients(n: usize, fraction: f64, min: usize, seed: u64, round: u64, attempt: u32) -> Vec<usize> {
+pub fn sample_clients(
+    n: usize,
+    fraction: f64,
+    min: usize,
+    seed: u64,
+    round: u64,
+    attempt: u32,
+) -> Vec<usize> {
     let k = ((n as f64 * fraction) as usize).max(min).min(n);
     let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, &[0x5A4D, round, attempt as u64]));
     let mut all: Vec<usize> = (0..n).collect();
@@ -191,7 +212,8 @@ pub fn run(
     let mut synced: BTreeSet<usize> = BTreeSet::new();
     let mut start = 1;
     if resume {
-        let dir = out_dir.ok_or_else(|| FlError::Config("--resume needs an output folder".into()))?;
+        let dir =
+            out_dir.ok_or_else(|| FlError::Config("--resume needs an output folder".into()))?;
         let ck = load_checkpoint(&dir.join(CKPT))?;
         global.check_layout(&ck.global, "checkpoint global weights")?;
         if ck.strategy != serde_json::to_string(strategy.config()).unwrap_or_default() {
@@ -203,7 +225,10 @@ pub fn run(
             )));
         }
         if ck.seed != cfg.seed {
-            return Err(FlError::Config(format!("checkpoint seed {} differs from --seed {}", ck.seed, cfg.seed)));
+            return Err(FlError::Config(format!(
+                "checkpoint seed {} differs from --seed {}",
+                ck.seed, cfg.seed
+            )));
         }
         global = ck.global;
         strategy.load_state(ck.state)?;
@@ -212,14 +237,23 @@ pub fn run(
         start = ck.round + 1;
         tracing::info!("resuming after round {} from {}", ck.round, dir.display());
     }
-    let trainable_bytes = global.filter(|n| !is_frozen(n, &cfg.frozen_prefixes)).nbytes() as u64;
+    let trainable_bytes = global
+        .filter(|n| !is_frozen(n, &cfg.frozen_prefixes))
+        .nbytes() as u64;
     let frozen_bytes = global.nbytes() as u64 - trainable_bytes;
     for round in start..=cfg.num_rounds {
         let t0 = Instant::now();
         let mut failures = Vec::new();
         let mut attempt = 0u32;
         let (new_global, record) = loop {
-            let sampled = sample_clients(n, cfg.fraction_fit, cfg.min_fit_clients, cfg.seed, round, attempt);
+            let sampled = sample_clients(
+                n,
+                cfg.fraction_fit,
+                cfg.min_fit_clients,
+                cfg.seed,
+                round,
+                attempt,
+            );
             let current = global.filter(|n| !is_frozen(n, &cfg.frozen_prefixes));
             strategy.begin_round(round, &current)?;
             let mut participated = Vec::new();
@@ -238,7 +272,13 @@ pub fn run(
                 let reply = catch_unwind(AssertUnwindSafe(|| pool.fit(c, &global, &fit_cfg)))
                     .unwrap_or_else(|p| Err(format!("client panicked: {}", panic_text(&p))));
                 let elapsed = tc.elapsed().as_secs_f64();
-                let mut fail = |why: String| attempt_failures.push(Failure { client: c, attempt, why });
+                let mut fail = |why: String| {
+                    attempt_failures.push(Failure {
+                        client: c,
+                        attempt,
+                        why,
+                    })
+                };
                 let res = match reply {
                     Err(e) => {
                         fail(e);
@@ -250,7 +290,9 @@ pub fn run(
                 if let Some(limit) = cfg.round_timeout_s
                     && elapsed > limit
                 {
-                    fail(format!("missed the round deadline ({elapsed:.2} s > {limit:.2} s)"));
+                    fail(format!(
+                        "missed the round deadline ({elapsed:.2} s > {limit:.2} s)"
+                    ));
                     client_bytes.insert(c, (down, 0));
                     continue;
                 }
@@ -265,7 +307,12 @@ pub fn run(
                 let received = decode(&payload, &current, cfg.compression)?;
                 client_bytes.insert(c, (down, payload.len() as u64));
                 metrics.push((res.num_examples, res.metrics.clone()));
-                let r = FitRes { client: c, weights: received, num_examples: res.num_examples, metrics: res.metrics };
+                let r = FitRes {
+                    client: c,
+                    weights: received,
+                    num_examples: res.num_examples,
+                    metrics: res.metrics,
+                };
                 if let Err(e) = strategy.accumulate(r) {
                     fail(e.to_string());
                     continue;
@@ -273,7 +320,8 @@ pub fn run(
                 synced.insert(c);
                 participated.push(c);
             }
-            let enough = participated.len() >= cfg.min_fit_clients && (cfg.accept_failures || attempt_failures.is_empty());
+            let enough = participated.len() >= cfg.min_fit_clients
+                && (cfg.accept_failures || attempt_failures.is_empty());
             failures.extend(attempt_failures);
             if enough {
                 let new_trainable = strategy.end_round()?;
@@ -301,7 +349,11 @@ pub fn run(
                 participated.len(),
                 sampled.len(),
                 cfg.min_fit_clients,
-                failures.iter().map(|f| format!("client {}: {}", f.client, f.why)).collect::<Vec<_>>().join("; ")
+                failures
+                    .iter()
+                    .map(|f| format!("client {}: {}", f.client, f.why))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             );
             if attempt >= cfg.max_round_retries {
                 return Err(FlError::RoundFailed {
@@ -309,19 +361,39 @@ pub fn run(
                     attempts: attempt + 1,
                     got: participated.len(),
                     needed: cfg.min_fit_clients,
-                    why: failures.iter().map(|f| format!("client {}: {}", f.client, f.why)).collect::<Vec<_>>().join("; "),
+                    why: failures
+                        .iter()
+                        .map(|f| format!("client {}: {}", f.client, f.why))
+                        .collect::<Vec<_>>()
+                        .join("; "),
                 });
             }
             attempt += 1;
         };
         global = new_global;
         let mut record = record;
-        if cfg.fraction_evaluate > 0.0 && ((cfg.eval_every > 0 && round % cfg.eval_every == 0) || round == cfg.num_rounds) {
-            let chosen = sample_clients(n, cfg.fraction_evaluate, cfg.min_evaluate_clients.min(n), cfg.seed ^ 0xE7A1, round, 0);
+        if cfg.fraction_evaluate > 0.0
+            && ((cfg.eval_every > 0 && round % cfg.eval_every == 0) || round == cfg.num_rounds)
+        {
+            let chosen = sample_clients(
+                n,
+                cfg.fraction_evaluate,
+                cfg.min_evaluate_clients.min(n),
+                cfg.seed ^ 0xE7A1,
+                round,
+                0,
+            );
             let mut evals = Vec::new();
             for c in chosen {
-                let ecfg = FitConfig { round, seed: mix(cfg.seed, &[0xE7A1, round, c as u64]), proximal_mu: 0.0, extra: cfg.client_extra.clone() };
-                match catch_unwind(AssertUnwindSafe(|| pool.evaluate(c, &global, &ecfg))).unwrap_or_else(|p| Err(panic_text(&p))) {
+                let ecfg = FitConfig {
+                    round,
+                    seed: mix(cfg.seed, &[0xE7A1, round, c as u64]),
+                    proximal_mu: 0.0,
+                    extra: cfg.client_extra.clone(),
+                };
+                match catch_unwind(AssertUnwindSafe(|| pool.evaluate(c, &global, &ecfg)))
+                    .unwrap_or_else(|p| Err(panic_text(&p)))
+                {
                     Ok(r) if r.num_examples > 0 => evals.push(r),
                     Ok(_) => {}
                     Err(e) => tracing::warn!("round {round}: evaluation on client {c} failed: {e}"),
@@ -346,17 +418,26 @@ pub fn run(
         }
         on_round(history.last().unwrap());
     }
-    Ok(RunResult { weights: global, history })
+    Ok(RunResult {
+        weights: global,
+        history,
+    })
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into())
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
 }
 
 pub fn write_jsonl(path: &Path, history: &[RoundRecord]) -> Result<(), FlError> {
     let mut s = String::new();
     for r in history {
-        s.push_str(&serde_json::to_string(r).map_err(|e| FlError::Format { path: path.to_path_buf(), why: e.to_string() })?);
+        s.push_str(&serde_json::to_string(r).map_err(|e| FlError::Format {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })?);
         s.push('\n');
     }
     crate::atomic_write(path, s.as_bytes())
@@ -383,30 +464,65 @@ pub fn save_checkpoint(path: &Path, ck: &Checkpoint) -> Result<(), FlError> {
         groups.push((format!("state.{k}/"), w));
     }
     let gref: Vec<(&str, &Weights)> = groups.iter().map(|(p, w)| (p.as_str(), *w)).collect();
-    let fmt = |e: serde_json::Error| FlError::Format { path: path.to_path_buf(), why: e.to_string() };
+    let fmt = |e: serde_json::Error| FlError::Format {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    };
     let mut meta = BTreeMap::new();
     meta.insert("format".into(), "fedhubert-round-checkpoint-v1".into());
     meta.insert("round".into(), ck.round.to_string());
     meta.insert("seed".into(), ck.seed.to_string());
     meta.insert("strategy".into(), ck.strategy.clone());
-    meta.insert("history".into(), serde_json::to_string(&ck.history).map_err(fmt)?);
-    meta.insert("synced".into(), serde_json::to_string(&ck.synced).map_err(fmt)?);
+    meta.insert(
+        "history".into(),
+        serde_json::to_string(&ck.history).map_err(fmt)?,
+    );
+    meta.insert(
+        "synced".into(),
+        serde_json::to_string(&ck.synced).map_err(fmt)?,
+    );
     meta.insert("order".into(), order_metadata(&gref));
     save_safetensors(path, &gref, meta)
 }
 
 pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, FlError> {
     let (mut groups, meta) = load_safetensors(path)?;
-    let bad = |why: String| FlError::Format { path: path.to_path_buf(), why };
+    let bad = |why: String| FlError::Format {
+        path: path.to_path_buf(),
+        why,
+    };
     if meta.get("format").map(String::as_str) != Some("fedhubert-round-checkpoint-v1") {
-        return Err(bad("not a fedhubert round checkpoint (metadata `format` missing)".into()));
+        return Err(bad(
+            "not a fedhubert round checkpoint (metadata `format` missing)".into(),
+        ));
     }
-    let field = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("metadata `{k}` missing")));
-    let round = field("round")?.parse().map_err(|_| bad("bad round".into()))?;
+    let field = |k: &str| {
+        meta.get(k)
+            .cloned()
+            .ok_or_else(|| bad(format!("metadata `{k}` missing")))
+    };
+    let round = field("round")?
+        .parse()
+        .map_err(|_| bad("bad round".into()))?;
     let seed = field("seed")?.parse().map_err(|_| bad("bad seed".into()))?;
-    let history = serde_json::from_str(&field("history")?).map_err(|e| bad(format!("history: {e}")))?;
-    let synced = serde_json::from_str(&field("synced")?).map_err(|e| bad(format!("synced: {e}")))?;
-    let global = groups.remove("global").ok_or_else(|| bad("no global weights".into()))?;
-    let state = groups.into_iter().filter_map(|(k, w)| k.strip_prefix("state.").map(|s| (s.to_string(), w))).collect();
-    Ok(Checkpoint { round, seed, strategy: field("strategy")?, global, state, history, synced })
+    let history =
+        serde_json::from_str(&field("history")?).map_err(|e| bad(format!("history: {e}")))?;
+    let synced =
+        serde_json::from_str(&field("synced")?).map_err(|e| bad(format!("synced: {e}")))?;
+    let global = groups
+        .remove("global")
+        .ok_or_else(|| bad("no global weights".into()))?;
+    let state = groups
+        .into_iter()
+        .filter_map(|(k, w)| k.strip_prefix("state.").map(|s| (s.to_string(), w)))
+        .collect();
+    Ok(Checkpoint {
+        round,
+        seed,
+        strategy: field("strategy")?,
+        global,
+        state,
+        history,
+        synced,
+    })
 }

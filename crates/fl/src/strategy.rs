@@ -59,7 +59,9 @@ pub enum StrategyConfig {
         tau: f32,
     },
     /// FedAvg on the server; clients add `proximal_mu/2 * ||w - w_global||^2` to their loss.
-    FedProx { proximal_mu: f32 },
+    FedProx {
+        proximal_mu: f32,
+    },
     FedMedian,
     FedTrimmedAvg {
         #[serde(default = "trim_beta")]
@@ -113,7 +115,18 @@ impl StrategyConfig {
     pub fn validate(&self) -> Result<(), FlError> {
         let bad = |s: &str| Err(FlError::Config(s.to_string()));
         match *self {
-            StrategyConfig::FedAdam { beta_1, beta_2, tau, eta } | StrategyConfig::FedYogi { beta_1, beta_2, tau, eta } => {
+            StrategyConfig::FedAdam {
+                beta_1,
+                beta_2,
+                tau,
+                eta,
+            }
+            | StrategyConfig::FedYogi {
+                beta_1,
+                beta_2,
+                tau,
+                eta,
+            } => {
                 if !(0.0..1.0).contains(&beta_1) || !(0.0..1.0).contains(&beta_2) {
                     return bad("beta_1 and beta_2 must be in [0, 1)");
                 }
@@ -121,8 +134,12 @@ impl StrategyConfig {
                     return bad("eta and tau must be positive");
                 }
             }
-            StrategyConfig::FedTrimmedAvg { beta } if !(0.0..0.5).contains(&beta) => return bad("fedtrimmedavg beta must be in [0, 0.5)"),
-            StrategyConfig::FedProx { proximal_mu } if proximal_mu < 0.0 => return bad("proximal_mu must be >= 0"),
+            StrategyConfig::FedTrimmedAvg { beta } if !(0.0..0.5).contains(&beta) => {
+                return bad("fedtrimmedavg beta must be in [0, 0.5)");
+            }
+            StrategyConfig::FedProx { proximal_mu } if proximal_mu < 0.0 => {
+                return bad("proximal_mu must be >= 0");
+            }
             _ => {}
         }
         Ok(())
@@ -162,7 +179,10 @@ pub trait Strategy: Send {
 enum Acc {
     /// Running sum of `w * num_examples` in f32, then divided by the total: numpy's order of
     /// operations in Flower's `aggregate`, so results agree with Flower bit for bit.
-    Mean { sum: Weights, total: u64 },
+    Mean {
+        sum: Weights,
+        total: u64,
+    },
     Buffer(Vec<FitRes>),
 }
 
@@ -178,11 +198,24 @@ pub struct Composite {
 
 impl Composite {
     pub fn new(cfg: StrategyConfig) -> Self {
-        Self { cfg, round: 0, current: None, acc: None, n: 0, m: None, v: None }
+        Self {
+            cfg,
+            round: 0,
+            current: None,
+            acc: None,
+            n: 0,
+            m: None,
+            v: None,
+        }
     }
 
     fn buffered(&self) -> bool {
-        matches!(self.cfg, StrategyConfig::FedMedian | StrategyConfig::FedTrimmedAvg { .. } | StrategyConfig::Krum { .. })
+        matches!(
+            self.cfg,
+            StrategyConfig::FedMedian
+                | StrategyConfig::FedTrimmedAvg { .. }
+                | StrategyConfig::Krum { .. }
+        )
     }
 }
 
@@ -220,7 +253,11 @@ fn median(results: &[FitRes]) -> Weights {
             }
             col.sort_by(f32::total_cmp);
             let n = col.len();
-            *v = if n % 2 == 1 { col[n / 2] } else { (col[n / 2 - 1] + col[n / 2]) / 2.0 };
+            *v = if n % 2 == 1 {
+                col[n / 2]
+            } else {
+                (col[n / 2 - 1] + col[n / 2]) / 2.0
+            };
         }
     }
     out
@@ -268,7 +305,11 @@ fn krum(results: &[FitRes], f: usize, keep: usize) -> Weights {
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
     if keep > 0 {
-        let best: Vec<&FitRes> = order.iter().take(keep.min(n)).map(|&i| &results[i]).collect();
+        let best: Vec<&FitRes> = order
+            .iter()
+            .take(keep.min(n))
+            .map(|&i| &results[i])
+            .collect();
         weighted_mean(&best)
     } else {
         results[order[0]].weights.clone()
@@ -287,16 +328,25 @@ impl Strategy for Composite {
         self.acc = Some(if self.buffered() {
             Acc::Buffer(Vec::new())
         } else {
-            Acc::Mean { sum: current.zeros_like(), total: 0 }
+            Acc::Mean {
+                sum: current.zeros_like(),
+                total: 0,
+            }
         });
         Ok(())
     }
 
     fn accumulate(&mut self, res: FitRes) -> Result<(), FlError> {
-        let current = self.current.as_ref().ok_or_else(|| FlError::Config("accumulate before begin_round".into()))?;
+        let current = self
+            .current
+            .as_ref()
+            .ok_or_else(|| FlError::Config("accumulate before begin_round".into()))?;
         current.check_layout(&res.weights, &format!("client {} reply", res.client))?;
         if res.weights.iter_data().any(|v| !v.is_finite()) {
-            return Err(FlError::Client { client: res.client, why: "reply contains NaN or infinite weights".into() });
+            return Err(FlError::Client {
+                client: res.client,
+                why: "reply contains NaN or infinite weights".into(),
+            });
         }
         match self.acc.as_mut() {
             Some(Acc::Mean { sum, total }) => {
@@ -315,7 +365,10 @@ impl Strategy for Composite {
     }
 
     fn end_round(&mut self) -> Result<Weights, FlError> {
-        let current = self.current.take().ok_or_else(|| FlError::Config("end_round before begin_round".into()))?;
+        let current = self
+            .current
+            .take()
+            .ok_or_else(|| FlError::Config("end_round before begin_round".into()))?;
         let aggregated = match self.acc.take() {
             Some(Acc::Mean { mut sum, total }) => {
                 if total == 0 {
@@ -331,9 +384,10 @@ impl Strategy for Composite {
                 match self.cfg {
                     StrategyConfig::FedMedian => median(&b),
                     StrategyConfig::FedTrimmedAvg { beta } => trimmed_mean(&b, beta),
-                    StrategyConfig::Krum { num_malicious_clients, num_clients_to_keep } => {
-                        krum(&b, num_malicious_clients, num_clients_to_keep)
-                    }
+                    StrategyConfig::Krum {
+                        num_malicious_clients,
+                        num_clients_to_keep,
+                    } => krum(&b, num_malicious_clients, num_clients_to_keep),
                     _ => unreachable!("only robust rules buffer"),
                 }
             }
@@ -369,25 +423,47 @@ impl Composite {
     fn server_step(&mut self, current: Weights, aggregated: Weights) -> Result<Weights, FlError> {
         let mut new = current.clone();
         match self.cfg {
-            StrategyConfig::FedAvgM { server_learning_rate, server_momentum } => {
+            StrategyConfig::FedAvgM {
+                server_learning_rate,
+                server_momentum,
+            } => {
                 if server_learning_rate == 1.0 && server_momentum == 0.0 {
                     return Ok(aggregated);
                 }
                 let m = self.m.get_or_insert_with(|| current.zeros_like());
-                for ((x, a), v) in new.iter_data_mut().zip(aggregated.iter_data()).zip(m.iter_data_mut()) {
+                for ((x, a), v) in new
+                    .iter_data_mut()
+                    .zip(aggregated.iter_data())
+                    .zip(m.iter_data_mut())
+                {
                     let g = *x - *a;
-                    *v = if server_momentum > 0.0 { server_momentum * *v + g } else { g };
+                    *v = if server_momentum > 0.0 {
+                        server_momentum * *v + g
+                    } else {
+                        g
+                    };
                     *x -= server_learning_rate * *v;
                 }
                 Ok(new)
             }
-            StrategyConfig::FedAdam { eta, beta_1, beta_2, tau } => {
+            StrategyConfig::FedAdam {
+                eta,
+                beta_1,
+                beta_2,
+                tau,
+            } => {
                 let m = self.m.get_or_insert_with(|| current.zeros_like());
                 let v = self.v.get_or_insert_with(|| current.zeros_like());
                 // Flower's bias-corrected step size (Kingma & Ba's alpha_t), with t = round + 1.
                 let t = self.round as f64 + 1.0;
-                let eta_norm = (eta as f64 * (1.0 - (beta_2 as f64).powf(t)).sqrt() / (1.0 - (beta_1 as f64).powf(t))) as f32;
-                for (((x, a), mi), vi) in new.iter_data_mut().zip(aggregated.iter_data()).zip(m.iter_data_mut()).zip(v.iter_data_mut()) {
+                let eta_norm = (eta as f64 * (1.0 - (beta_2 as f64).powf(t)).sqrt()
+                    / (1.0 - (beta_1 as f64).powf(t))) as f32;
+                for (((x, a), mi), vi) in new
+                    .iter_data_mut()
+                    .zip(aggregated.iter_data())
+                    .zip(m.iter_data_mut())
+                    .zip(v.iter_data_mut())
+                {
                     let d = *a - *x;
                     *mi = beta_1 * *mi + (1.0 - beta_1) * d;
                     *vi = beta_2 * *vi + (1.0 - beta_2) * d * d;
@@ -395,10 +471,20 @@ impl Composite {
                 }
                 Ok(new)
             }
-            StrategyConfig::FedYogi { eta, beta_1, beta_2, tau } => {
+            StrategyConfig::FedYogi {
+                eta,
+                beta_1,
+                beta_2,
+                tau,
+            } => {
                 let m = self.m.get_or_insert_with(|| current.zeros_like());
                 let v = self.v.get_or_insert_with(|| current.zeros_like());
-                for (((x, a), mi), vi) in new.iter_data_mut().zip(aggregated.iter_data()).zip(m.iter_data_mut()).zip(v.iter_data_mut()) {
+                for (((x, a), mi), vi) in new
+                    .iter_data_mut()
+                    .zip(aggregated.iter_data())
+                    .zip(m.iter_data_mut())
+                    .zip(v.iter_data_mut())
+                {
                     let d = *a - *x;
                     let d2 = d * d;
                     *mi = beta_1 * *mi + (1.0 - beta_1) * d;
@@ -409,7 +495,11 @@ impl Composite {
             }
             StrategyConfig::FedAdagrad { eta, tau } => {
                 let v = self.v.get_or_insert_with(|| current.zeros_like());
-                for ((x, a), vi) in new.iter_data_mut().zip(aggregated.iter_data()).zip(v.iter_data_mut()) {
+                for ((x, a), vi) in new
+                    .iter_data_mut()
+                    .zip(aggregated.iter_data())
+                    .zip(v.iter_data_mut())
+                {
                     let d = *a - *x;
                     *vi += d * d;
                     *x += eta * d / (vi.sqrt() + tau);
@@ -433,7 +523,9 @@ fn sign(x: f32) -> f32 {
 }
 
 /// Weighted average of client metrics by number of examples (Flower's default metric aggregation).
-pub fn weighted_metrics<'a>(items: impl IntoIterator<Item = (u64, &'a BTreeMap<String, f64>)>) -> BTreeMap<String, f64> {
+pub fn weighted_metrics<'a>(
+    items: impl IntoIterator<Item = (u64, &'a BTreeMap<String, f64>)>,
+) -> BTreeMap<String, f64> {
     let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for (n, m) in items {
         for (k, v) in m {
@@ -442,5 +534,8 @@ pub fn weighted_metrics<'a>(items: impl IntoIterator<Item = (u64, &'a BTreeMap<S
             e.1 += n as f64;
         }
     }
-    sums.into_iter().filter(|(_, (_, w))| *w > 0.0).map(|(k, (s, w))| (k, s / w)).collect()
+    sums.into_iter()
+        .filter(|(_, (_, w))| *w > 0.0)
+        .map(|(k, (s, w))| (k, s / w))
+        .collect()
 }

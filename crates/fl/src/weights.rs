@@ -39,7 +39,11 @@ impl Weights {
             tensors: self
                 .tensors
                 .iter()
-                .map(|t| Tensor { name: t.name.clone(), shape: t.shape.clone(), data: vec![0.0; t.data.len()] })
+                .map(|t| Tensor {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    data: vec![0.0; t.data.len()],
+                })
                 .collect(),
         }
     }
@@ -66,16 +70,33 @@ impl Weights {
 
     /// Keeps the tensors whose name passes `keep` (e.g. everything but a frozen conv front-end).
     pub fn filter(&self, keep: impl Fn(&str) -> bool) -> Weights {
-        Weights { tensors: self.tensors.iter().filter(|t| keep(&t.name)).cloned().collect() }
+        Weights {
+            tensors: self
+                .tensors
+                .iter()
+                .filter(|t| keep(&t.name))
+                .cloned()
+                .collect(),
+        }
     }
 
     /// Overwrites the tensors of `self` that `part` names.
     pub fn update_from(&mut self, part: &Weights) -> Result<(), FlError> {
-        let idx: BTreeMap<String, usize> = self.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let idx: BTreeMap<String, usize> = self
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         for t in &part.tensors {
-            let i = *idx.get(&t.name).ok_or_else(|| FlError::Layout(format!("unknown tensor {}", t.name)))?;
+            let i = *idx
+                .get(&t.name)
+                .ok_or_else(|| FlError::Layout(format!("unknown tensor {}", t.name)))?;
             if self.tensors[i].shape != t.shape {
-                return Err(FlError::Layout(format!("tensor {} {:?}, expected {:?}", t.name, t.shape, self.tensors[i].shape)));
+                return Err(FlError::Layout(format!(
+                    "tensor {} {:?}, expected {:?}",
+                    t.name, t.shape, self.tensors[i].shape
+                )));
             }
             self.tensors[i].data.clone_from(&t.data);
         }
@@ -92,14 +113,23 @@ impl Weights {
 
     /// Squared L2 distance (f64 accumulation).
     pub fn dist2(&self, other: &Weights) -> f64 {
-        self.iter_data().zip(other.iter_data()).map(|(a, b)| ((a - b) as f64).powi(2)).sum()
+        self.iter_data()
+            .zip(other.iter_data())
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum()
     }
 
     /// Serialises as safetensors bytes with `prefix` on every name.
     pub fn to_views(&self, prefix: &str) -> Vec<(String, Vec<u8>, Vec<usize>)> {
         self.tensors
             .iter()
-            .map(|t| (format!("{prefix}{}", t.name), t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
+            .map(|t| {
+                (
+                    format!("{prefix}{}", t.name),
+                    t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    t.shape.clone(),
+                )
+            })
             .collect()
     }
 }
@@ -116,21 +146,43 @@ pub fn save_safetensors(
     }
     let views: Vec<(String, TensorView<'_>)> = owned
         .iter()
-        .map(|(n, b, s)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("byte length matches shape")))
+        .map(|(n, b, s)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).expect("byte length matches shape"),
+            )
+        })
         .collect();
     let meta: std::collections::HashMap<String, String> = metadata.into_iter().collect();
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| FlError::Format { path: path.to_path_buf(), why: e.to_string() })?;
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| FlError::Format {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
     crate::atomic_write(path, &bytes)
 }
 
 /// Reads every f32 tensor of a safetensors file, grouped by the prefix before the first '/'.
 /// Tensor order within a group follows the file's names in sorted order unless `order` is given.
-pub fn load_safetensors(path: &Path) -> Result<(BTreeMap<String, Weights>, BTreeMap<String, String>), FlError> {
-    let bytes = std::fs::read(path).map_err(|e| FlError::Io { path: path.to_path_buf(), source: e })?;
-    let bad = |why: String| FlError::Format { path: path.to_path_buf(), why };
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+pub fn load_safetensors(
+    path: &Path,
+) -> Result<(BTreeMap<String, Weights>, BTreeMap<String, String>), FlError> {
+    let bytes = std::fs::read(path).map_err(|e| FlError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let bad = |why: String| FlError::Format {
+        path: path.to_path_buf(),
+        why,
+    };
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-    let metadata: BTreeMap<String, String> = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+    let metadata: BTreeMap<String, String> = meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let order: Vec<String> = metadata
         .get("order")
         .map(|o| o.split(',').map(str::to_string).collect())
@@ -145,9 +197,21 @@ pub fn load_safetensors(path: &Path) -> Result<(BTreeMap<String, Weights>, BTree
         if t.dtype() != Dtype::F32 {
             return Err(bad(format!("{full}: dtype {:?}, expected F32", t.dtype())));
         }
-        let data = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let data = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         let (group, name) = full.split_once('/').unwrap_or(("", full));
-        groups.entry(group.to_string()).or_default().tensors.push(Tensor { name: name.to_string(), shape: t.shape().to_vec(), data });
+        groups
+            .entry(group.to_string())
+            .or_default()
+            .tensors
+            .push(Tensor {
+                name: name.to_string(),
+                shape: t.shape().to_vec(),
+                data,
+            });
     }
     Ok((groups, metadata))
 }

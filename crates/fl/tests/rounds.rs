@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 
 use fedhubert_fl::rounds::{load_checkpoint, sample_clients};
-use fedhubert_fl::{ClientPool, Compression, EvalRes, FitConfig, FitRes, FlError, RunConfig, StrategyConfig, Tensor, Weights, run};
+use fedhubert_fl::{
+    ClientPool, Compression, EvalRes, FitConfig, FitRes, FlError, RunConfig, StrategyConfig,
+    Tensor, Weights, run,
+};
 use rand::{Rng, SeedableRng};
 
 /// Client c pulls the weights towards its own target c (a non-IID toy problem) with seeded noise,
@@ -17,8 +20,16 @@ struct Toy {
 
 fn model(dim: usize) -> Weights {
     Weights::new(vec![
-        Tensor { name: "feature_extractor.w".into(), shape: vec![dim], data: vec![0.0; dim] },
-        Tensor { name: "encoder.w".into(), shape: vec![2, dim], data: vec![0.5; 2 * dim] },
+        Tensor {
+            name: "feature_extractor.w".into(),
+            shape: vec![dim],
+            data: vec![0.0; dim],
+        },
+        Tensor {
+            name: "encoder.w".into(),
+            shape: vec![2, dim],
+            data: vec![0.5; 2 * dim],
+        },
     ])
 }
 
@@ -43,30 +54,70 @@ impl ClientPool for Toy {
             *x += lr * (c as f32 - *x) + 0.01 * rng.random::<f32>() - cfg.proximal_mu * 0.0;
         }
         let mut m = BTreeMap::new();
-        m.insert("loss".into(), g.iter_data().map(|x| (x - c as f32).powi(2) as f64).sum::<f64>());
-        Ok(FitRes { client: c, weights: w, num_examples: (c + 1) as u64, metrics: m })
+        m.insert(
+            "loss".into(),
+            g.iter_data()
+                .map(|x| (x - c as f32).powi(2) as f64)
+                .sum::<f64>(),
+        );
+        Ok(FitRes {
+            client: c,
+            weights: w,
+            num_examples: (c + 1) as u64,
+            metrics: m,
+        })
     }
     fn evaluate(&mut self, c: usize, g: &Weights, _cfg: &FitConfig) -> Result<EvalRes, String> {
         let mut m = BTreeMap::new();
-        m.insert("loss".into(), g.iter_data().map(|x| (x - c as f32).powi(2) as f64).sum::<f64>());
-        Ok(EvalRes { client: c, num_examples: 1, metrics: m })
+        m.insert(
+            "loss".into(),
+            g.iter_data()
+                .map(|x| (x - c as f32).powi(2) as f64)
+                .sum::<f64>(),
+        );
+        Ok(EvalRes {
+            client: c,
+            num_examples: 1,
+            metrics: m,
+        })
     }
 }
 
 fn toy(n: usize) -> Toy {
-    Toy { n, fail: vec![], slow: vec![], panic: vec![] }
+    Toy {
+        n,
+        fail: vec![],
+        slow: vec![],
+        panic: vec![],
+    }
 }
 
 fn cfg(rounds: u64) -> RunConfig {
-    RunConfig { num_rounds: rounds, fraction_fit: 0.5, min_fit_clients: 2, seed: 42, ..Default::default() }
+    RunConfig {
+        num_rounds: rounds,
+        fraction_fit: 0.5,
+        min_fit_clients: 2,
+        seed: 42,
+        ..Default::default()
+    }
 }
 
 #[test]
 fn sampling_follows_flower_rule_and_is_seeded() {
     assert_eq!(sample_clients(10, 0.3, 2, 1, 1, 0).len(), 3);
-    assert_eq!(sample_clients(10, 0.05, 2, 1, 1, 0).len(), 2, "at least min_fit_clients");
-    assert_eq!(sample_clients(10, 0.3, 2, 1, 1, 0), sample_clients(10, 0.3, 2, 1, 1, 0));
-    assert_ne!(sample_clients(100, 0.1, 2, 1, 1, 0), sample_clients(100, 0.1, 2, 1, 2, 0));
+    assert_eq!(
+        sample_clients(10, 0.05, 2, 1, 1, 0).len(),
+        2,
+        "at least min_fit_clients"
+    );
+    assert_eq!(
+        sample_clients(10, 0.3, 2, 1, 1, 0),
+        sample_clients(10, 0.3, 2, 1, 1, 0)
+    );
+    assert_ne!(
+        sample_clients(100, 0.1, 2, 1, 1, 0),
+        sample_clients(100, 0.1, 2, 1, 2, 0)
+    );
 }
 
 #[test]
@@ -74,34 +125,94 @@ fn resume_after_round_k_is_bit_exact() {
     let strategy = StrategyConfig::from_name("fedadam").unwrap();
     let full_dir = tempfile::tempdir().unwrap();
     let mut s = strategy.build().unwrap();
-    let full = run(&mut toy(6), s.as_mut(), model(8), &cfg(5), Some(full_dir.path()), false, |_| {}).unwrap();
+    let full = run(
+        &mut toy(6),
+        s.as_mut(),
+        model(8),
+        &cfg(5),
+        Some(full_dir.path()),
+        false,
+        |_| {},
+    )
+    .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let mut s = strategy.build().unwrap();
-    run(&mut toy(6), s.as_mut(), model(8), &cfg(2), Some(dir.path()), false, |_| {}).unwrap();
-    assert_eq!(load_checkpoint(&dir.path().join("checkpoint.safetensors")).unwrap().round, 2);
+    run(
+        &mut toy(6),
+        s.as_mut(),
+        model(8),
+        &cfg(2),
+        Some(dir.path()),
+        false,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(
+        load_checkpoint(&dir.path().join("checkpoint.safetensors"))
+            .unwrap()
+            .round,
+        2
+    );
     // A fresh process: new strategy object (empty moments), resumed from the checkpoint.
     let mut s = strategy.build().unwrap();
-    let resumed = run(&mut toy(6), s.as_mut(), model(8), &cfg(5), Some(dir.path()), true, |_| {}).unwrap();
+    let resumed = run(
+        &mut toy(6),
+        s.as_mut(),
+        model(8),
+        &cfg(5),
+        Some(dir.path()),
+        true,
+        |_| {},
+    )
+    .unwrap();
     let bits = |w: &Weights| w.iter_data().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&full.weights), bits(&resumed.weights), "resumed run must end with identical weights");
+    assert_eq!(
+        bits(&full.weights),
+        bits(&resumed.weights),
+        "resumed run must end with identical weights"
+    );
     assert_eq!(resumed.history.len(), 5);
     for (a, b) in full.history.iter().zip(&resumed.history) {
-        assert_eq!((a.round, &a.participated, &a.train, a.bytes_up), (b.round, &b.participated, &b.train, b.bytes_up));
+        assert_eq!(
+            (a.round, &a.participated, &a.train, a.bytes_up),
+            (b.round, &b.participated, &b.train, b.bytes_up)
+        );
     }
     let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 5);
 
     // Resuming under another strategy is refused with a clear message.
     let mut other = StrategyConfig::FedAvg.build().unwrap();
-    let e = run(&mut toy(6), other.as_mut(), model(8), &cfg(6), Some(dir.path()), true, |_| {}).err().unwrap();
+    let e = run(
+        &mut toy(6),
+        other.as_mut(),
+        model(8),
+        &cfg(6),
+        Some(dir.path()),
+        true,
+        |_| {},
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("strategy"), "{e}");
 }
 
 #[test]
 fn failures_and_stragglers_are_counted_and_excluded() {
-    let mut pool = Toy { n: 6, fail: vec![1], slow: vec![2], panic: vec![3] };
-    let c = RunConfig { num_rounds: 1, fraction_fit: 1.0, min_fit_clients: 2, round_timeout_s: Some(0.2), ..Default::default() };
+    let mut pool = Toy {
+        n: 6,
+        fail: vec![1],
+        slow: vec![2],
+        panic: vec![3],
+    };
+    let c = RunConfig {
+        num_rounds: 1,
+        fraction_fit: 1.0,
+        min_fit_clients: 2,
+        round_timeout_s: Some(0.2),
+        ..Default::default()
+    };
     let mut s = StrategyConfig::FedAvg.build().unwrap();
     let r = run(&mut pool, s.as_mut(), model(4), &c, None, false, |_| {}).unwrap();
     let rec = &r.history[0];
@@ -113,7 +224,10 @@ fn failures_and_stragglers_are_counted_and_excluded() {
     assert!(rec.failures[2].why.contains("crashed"));
     // FedAvg of clients 0, 4, 5 only (examples 1, 5, 6): the encoder weights move towards 4.4ish.
     let mean = r.weights.tensors[1].data[0];
-    let expect = (1.0 * (0.5 + 0.5 * (0.0 - 0.5)) + 5.0 * (0.5 + 0.5 * (4.0 - 0.5)) + 6.0 * (0.5 + 0.5 * (5.0 - 0.5))) / 12.0;
+    let expect = (1.0 * (0.5 + 0.5 * (0.0 - 0.5))
+        + 5.0 * (0.5 + 0.5 * (4.0 - 0.5))
+        + 6.0 * (0.5 + 0.5 * (5.0 - 0.5)))
+        / 12.0;
     assert!((mean - expect).abs() < 0.02, "{mean} vs {expect}");
     assert_eq!(rec.client_bytes[&1].1, 0, "a failed client sent nothing");
 }
@@ -122,17 +236,80 @@ fn failures_and_stragglers_are_counted_and_excluded() {
 fn too_few_replies_retries_then_stops_keeping_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = StrategyConfig::FedAvg.build().unwrap();
-    let c = RunConfig { num_rounds: 1, fraction_fit: 1.0, min_fit_clients: 3, ..Default::default() };
-    run(&mut toy(4), s.as_mut(), model(4), &c, Some(dir.path()), false, |_| {}).unwrap();
-    let mut pool = Toy { n: 4, fail: vec![0, 1], slow: vec![], panic: vec![] };
-    let c2 = RunConfig { num_rounds: 2, max_round_retries: 1, ..c };
-    let e = run(&mut pool, s.as_mut(), model(4), &c2, Some(dir.path()), true, |_| {}).err().unwrap();
-    assert!(matches!(e, FlError::RoundFailed { round: 2, attempts: 2, got: 2, needed: 3, .. }), "{e}");
+    let c = RunConfig {
+        num_rounds: 1,
+        fraction_fit: 1.0,
+        min_fit_clients: 3,
+        ..Default::default()
+    };
+    run(
+        &mut toy(4),
+        s.as_mut(),
+        model(4),
+        &c,
+        Some(dir.path()),
+        false,
+        |_| {},
+    )
+    .unwrap();
+    let mut pool = Toy {
+        n: 4,
+        fail: vec![0, 1],
+        slow: vec![],
+        panic: vec![],
+    };
+    let c2 = RunConfig {
+        num_rounds: 2,
+        max_round_retries: 1,
+        ..c
+    };
+    let e = run(
+        &mut pool,
+        s.as_mut(),
+        model(4),
+        &c2,
+        Some(dir.path()),
+        true,
+        |_| {},
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(
+            e,
+            FlError::RoundFailed {
+                round: 2,
+                attempts: 2,
+                got: 2,
+                needed: 3,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("--resume"));
-    assert_eq!(load_checkpoint(&dir.path().join("checkpoint.safetensors")).unwrap().round, 1, "last good round kept");
+    assert_eq!(
+        load_checkpoint(&dir.path().join("checkpoint.safetensors"))
+            .unwrap()
+            .round,
+        1,
+        "last good round kept"
+    );
     // With failures not accepted, any failure triggers a retry even above min_fit_clients.
-    let mut pool = Toy { n: 4, fail: vec![0], slow: vec![], panic: vec![] };
-    let c3 = RunConfig { num_rounds: 1, fraction_fit: 1.0, min_fit_clients: 1, accept_failures: false, max_round_retries: 0, ..Default::default() };
+    let mut pool = Toy {
+        n: 4,
+        fail: vec![0],
+        slow: vec![],
+        panic: vec![],
+    };
+    let c3 = RunConfig {
+        num_rounds: 1,
+        fraction_fit: 1.0,
+        min_fit_clients: 1,
+        accept_failures: false,
+        max_round_retries: 0,
+        ..Default::default()
+    };
     assert!(run(&mut pool, s.as_mut(), model(4), &c3, None, false, |_| {}).is_err());
 }
 
@@ -140,7 +317,15 @@ fn too_few_replies_retries_then_stops_keeping_the_checkpoint() {
 fn traffic_compression_and_frozen_front_end() {
     let dim = 1000;
     let go = |comp: Compression, frozen: Vec<String>| {
-        let c = RunConfig { num_rounds: 2, fraction_fit: 1.0, min_fit_clients: 1, compression: comp, frozen_prefixes: frozen, eval_every: 0, ..Default::default() };
+        let c = RunConfig {
+            num_rounds: 2,
+            fraction_fit: 1.0,
+            min_fit_clients: 1,
+            compression: comp,
+            frozen_prefixes: frozen,
+            eval_every: 0,
+            ..Default::default()
+        };
         let mut s = StrategyConfig::FedAvg.build().unwrap();
         run(&mut toy(3), s.as_mut(), model(dim), &c, None, false, |_| {}).unwrap()
     };
@@ -152,23 +337,67 @@ fn traffic_compression_and_frozen_front_end() {
     assert_eq!(f16.history[0].bytes_up, r1.bytes_up / 2);
     let i8 = go(Compression::Int8, vec![]);
     assert_eq!(i8.history[0].bytes_up, 3 * (3 * dim as u64 + 2 * 4));
-    let err = |a: &Weights, b: &Weights| a.iter_data().zip(b.iter_data()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    assert!(err(&full.weights, &f16.weights) < 1e-2, "{}", err(&full.weights, &f16.weights));
-    assert!(err(&full.weights, &i8.weights) < 5e-2, "{}", err(&full.weights, &i8.weights));
+    let err = |a: &Weights, b: &Weights| {
+        a.iter_data()
+            .zip(b.iter_data())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(
+        err(&full.weights, &f16.weights) < 1e-2,
+        "{}",
+        err(&full.weights, &f16.weights)
+    );
+    assert!(
+        err(&full.weights, &i8.weights) < 5e-2,
+        "{}",
+        err(&full.weights, &i8.weights)
+    );
     let frozen = go(Compression::None, vec!["feature_extractor.".into()]);
-    assert_eq!(frozen.history[0].bytes_up, 3 * 2 * dim as u64 * 4, "frozen tensors are not sent back");
-    assert_eq!(frozen.history[0].bytes_down, 3 * 3 * dim as u64 * 4, "first contact syncs the frozen part once");
+    assert_eq!(
+        frozen.history[0].bytes_up,
+        3 * 2 * dim as u64 * 4,
+        "frozen tensors are not sent back"
+    );
+    assert_eq!(
+        frozen.history[0].bytes_down,
+        3 * 3 * dim as u64 * 4,
+        "first contact syncs the frozen part once"
+    );
     assert_eq!(frozen.history[1].bytes_down, 3 * 2 * dim as u64 * 4);
-    assert!(frozen.weights.tensors[0].data.iter().all(|&x| x == 0.0), "frozen tensors are not aggregated");
+    assert!(
+        frozen.weights.tensors[0].data.iter().all(|&x| x == 0.0),
+        "frozen tensors are not aggregated"
+    );
 }
 
 #[test]
 fn hundred_clients_loss_falls_and_eval_is_weighted() {
-    let c = RunConfig { num_rounds: 5, fraction_fit: 0.1, min_fit_clients: 2, fraction_evaluate: 0.2, eval_every: 2, ..Default::default() };
+    let c = RunConfig {
+        num_rounds: 5,
+        fraction_fit: 0.1,
+        min_fit_clients: 2,
+        fraction_evaluate: 0.2,
+        eval_every: 2,
+        ..Default::default()
+    };
     let mut s = StrategyConfig::FedAvg.build().unwrap();
-    let r = run(&mut toy(100), s.as_mut(), model(16), &c, None, false, |_| {}).unwrap();
+    let r = run(
+        &mut toy(100),
+        s.as_mut(),
+        model(16),
+        &c,
+        None,
+        false,
+        |_| {},
+    )
+    .unwrap();
     assert!(r.history.iter().all(|h| h.participated.len() == 10));
-    assert!(r.history[0].eval.is_empty() && !r.history[1].eval.is_empty() && !r.history[4].eval.is_empty());
+    assert!(
+        r.history[0].eval.is_empty()
+            && !r.history[1].eval.is_empty()
+            && !r.history[4].eval.is_empty()
+    );
     assert!(r.history[4].eval["loss"] < r.history[1].eval["loss"] * 1.5);
     assert!(r.history[4].train["loss"] < r.history[0].train["loss"]);
 }

@@ -28,7 +28,11 @@ pub struct SimConfig {
 
 impl Default for SimConfig {
     fn default() -> Self {
-        Self { local_steps: 10, label_stem: "km".into(), cache_clients: true }
+        Self {
+            local_steps: 10,
+            label_stem: "km".into(),
+            cache_clients: true,
+        }
     }
 }
 
@@ -43,8 +47,21 @@ pub struct HubertClients {
 
 impl HubertClients {
     /// `template` fixes the architecture; its weights are replaced by the global ones each call.
-    pub fn new(dirs: Vec<PathBuf>, template: HubertForPretraining, train: TrainConfig, sim: SimConfig, device: Device) -> Self {
-        Self { dirs, template, train, sim, device, cache: HashMap::new() }
+    pub fn new(
+        dirs: Vec<PathBuf>,
+        template: HubertForPretraining,
+        train: TrainConfig,
+        sim: SimConfig,
+        device: Device,
+    ) -> Self {
+        Self {
+            dirs,
+            template,
+            train,
+            sim,
+            device,
+            cache: HashMap::new(),
+        }
     }
 
     fn data(&mut self, c: usize) -> Result<Arc<ClientData>, String> {
@@ -67,30 +84,57 @@ impl ClientPool for HubertClients {
 
     fn fit(&mut self, c: usize, global: &Weights, cfg: &FitConfig) -> Result<FitRes, String> {
         let data = self.data(c)?;
-        let mut tr = LocalTrainer::new(self.template.clone(), self.train.clone(), &self.device).map_err(|e| e.to_string())?;
+        let mut tr = LocalTrainer::new(self.template.clone(), self.train.clone(), &self.device)
+            .map_err(|e| e.to_string())?;
         tr.set_weights(global).map_err(|e| e.to_string())?;
-        let lr = cfg.extra.get("learning_rate").copied().unwrap_or(self.train.learning_rate);
+        let lr = cfg
+            .extra
+            .get("learning_rate")
+            .copied()
+            .unwrap_or(self.train.learning_rate);
         let steps = match (cfg.extra.get("local_steps"), cfg.extra.get("local_epochs")) {
             (Some(&s), _) => s as u64,
             (None, Some(&e)) => {
-                let per_epoch = crate::data::epoch_batches(&data.train, &self.train.batch, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0)).len()
+                let per_epoch = crate::data::epoch_batches(
+                    &data.train,
+                    &self.train.batch,
+                    &mut rand_chacha::ChaCha8Rng::seed_from_u64(0),
+                )
+                .len()
                     / self.train.update_freq;
                 (per_epoch.max(1) as f64 * e).round() as u64
             }
             (None, None) => self.sim.local_steps,
         };
         let prox = (cfg.proximal_mu > 0.0).then_some((global, cfg.proximal_mu));
-        let m = tr.train(&data.train, 0, steps, Some(lr), cfg.seed, prox, |_, _| {}).map_err(|e| e.to_string())?;
-        Ok(FitRes { client: c, weights: tr.weights(), num_examples: m.utterances, metrics: m.to_map() })
+        let m = tr
+            .train(&data.train, 0, steps, Some(lr), cfg.seed, prox, |_, _| {})
+            .map_err(|e| e.to_string())?;
+        Ok(FitRes {
+            client: c,
+            weights: tr.weights(),
+            num_examples: m.utterances,
+            metrics: m.to_map(),
+        })
     }
 
     fn evaluate(&mut self, c: usize, global: &Weights, cfg: &FitConfig) -> Result<EvalRes, String> {
         let data = self.data(c)?;
         if data.valid.is_empty() {
-            return Ok(EvalRes { client: c, num_examples: 0, metrics: Default::default() });
+            return Ok(EvalRes {
+                client: c,
+                num_examples: 0,
+                metrics: Default::default(),
+            });
         }
-        let model = load_tensors(self.template.clone(), from_weights(global)).map_err(|e| e.to_string())?;
-        let m = evaluate_model(&model, &data.valid, &self.train.batch, cfg.seed).map_err(|e| e.to_string())?;
-        Ok(EvalRes { client: c, num_examples: m.utterances, metrics: m.to_map() })
+        let model =
+            load_tensors(self.template.clone(), from_weights(global)).map_err(|e| e.to_string())?;
+        let m = evaluate_model(&model, &data.valid, &self.train.batch, cfg.seed)
+            .map_err(|e| e.to_string())?;
+        Ok(EvalRes {
+            client: c,
+            num_examples: m.utterances,
+            metrics: m.to_map(),
+        })
     }
 }

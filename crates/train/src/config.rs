@@ -8,10 +8,10 @@ use fedhubert_fl::{Compression, RunConfig, StrategyConfig};
 use fedhubert_model::{HeadKind, HubertConfig, PretrainConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::TrainError;
 use crate::client::SimConfig;
 use crate::data::BatchConfig;
 use crate::trainer::{FEATURE_EXTRACTOR, TrainConfig};
-use crate::TrainError;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -166,7 +166,8 @@ impl RunFile {
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, TrainError> {
         let mut tree: serde_yaml::Value = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| cfg_err(format!("{}: {e}", p.display())))?;
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| cfg_err(format!("{}: {e}", p.display())))?;
                 serde_yaml::from_str(&text).map_err(|e| cfg_err(format!("{}: {e}", p.display())))?
             }
             None => serde_yaml::Value::Mapping(Default::default()),
@@ -175,10 +176,19 @@ impl RunFile {
             tree = serde_yaml::Value::Mapping(Default::default());
         }
         for o in overrides {
-            let (key, value) = o.split_once('=').ok_or_else(|| cfg_err(format!("override {o:?}: expected section.key=value")))?;
-            let (section, field) = key.split_once('.').ok_or_else(|| cfg_err(format!("override {o:?}: expected section.key=value (e.g. federated.num_rounds=20)")))?;
-            let v: serde_yaml::Value = serde_yaml::from_str(value).map_err(|e| cfg_err(format!("override {o:?}: {e}")))?;
-            let map = tree.as_mapping_mut().ok_or_else(|| cfg_err("config root must be a mapping"))?;
+            let (key, value) = o
+                .split_once('=')
+                .ok_or_else(|| cfg_err(format!("override {o:?}: expected section.key=value")))?;
+            let (section, field) = key.split_once('.').ok_or_else(|| {
+                cfg_err(format!(
+                    "override {o:?}: expected section.key=value (e.g. federated.num_rounds=20)"
+                ))
+            })?;
+            let v: serde_yaml::Value =
+                serde_yaml::from_str(value).map_err(|e| cfg_err(format!("override {o:?}: {e}")))?;
+            let map = tree
+                .as_mapping_mut()
+                .ok_or_else(|| cfg_err("config root must be a mapping"))?;
             let sec = map
                 .entry(serde_yaml::Value::String(section.to_string()))
                 .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
@@ -186,8 +196,11 @@ impl RunFile {
                 .ok_or_else(|| cfg_err(format!("config section {section} must be a mapping")))?
                 .insert(serde_yaml::Value::String(field.to_string()), v);
         }
-        let where_ = path.map(|p| p.display().to_string()).unwrap_or_else(|| "config".into());
-        let rf: RunFile = serde_yaml::from_value(tree).map_err(|e| cfg_err(format!("{where_}: {e}")))?;
+        let where_ = path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "config".into());
+        let rf: RunFile =
+            serde_yaml::from_value(tree).map_err(|e| cfg_err(format!("{where_}: {e}")))?;
         rf.model_config()?;
         rf.strategy()?;
         rf.train_config()?.validate()?;
@@ -201,7 +214,11 @@ impl RunFile {
             "student" => HubertConfig::student(),
             "base" => HubertConfig::base(),
             "large" => HubertConfig::large(),
-            other => return Err(cfg_err(format!("pretraining.preset {other:?}: expected tiny, student, base or large"))),
+            other => {
+                return Err(cfg_err(format!(
+                    "pretraining.preset {other:?}: expected tiny, student, base or large"
+                )));
+            }
         };
         if let Some(v) = p.hidden_size {
             c.hidden_size = v;
@@ -225,7 +242,8 @@ impl RunFile {
         }
         c.mask_time_prob = p.mask_prob;
         c.mask_time_length = p.mask_length;
-        c.validate().map_err(|e| cfg_err(format!("pretraining: {e}")))?;
+        c.validate()
+            .map_err(|e| cfg_err(format!("pretraining: {e}")))?;
         Ok(c)
     }
 
@@ -234,19 +252,30 @@ impl RunFile {
         let head = match p.head.as_str() {
             "cosine" => HeadKind::Cosine,
             "linear" => HeadKind::Linear,
-            o => return Err(cfg_err(format!("pretraining.head {o:?}: expected cosine or linear"))),
+            o => {
+                return Err(cfg_err(format!(
+                    "pretraining.head {o:?}: expected cosine or linear"
+                )));
+            }
         };
         let hidden = self.model_config()?.hidden_size;
         let c = PretrainConfig {
             num_classes: p.vocab_size,
-            final_dim: p.final_dim.unwrap_or(if hidden >= 768 { 256 } else { hidden.min(256) }),
+            final_dim: p
+                .final_dim
+                .unwrap_or(if hidden >= 768 { 256 } else { hidden.min(256) }),
             head,
             logit_temp: p.logit_temp,
             label_rate: p.label_rate,
-            feature_grad_mult: if p.freeze_feature_extractor { 0.0 } else { p.feature_grad_mult },
+            feature_grad_mult: if p.freeze_feature_extractor {
+                0.0
+            } else {
+                p.feature_grad_mult
+            },
             ..Default::default()
         };
-        c.validate().map_err(|e| cfg_err(format!("pretraining: {e}")))?;
+        c.validate()
+            .map_err(|e| cfg_err(format!("pretraining: {e}")))?;
         Ok(c)
     }
 
@@ -281,9 +310,21 @@ impl RunFile {
 
     pub fn strategy(&self) -> Result<StrategyConfig, TrainError> {
         let f = &self.federated;
-        let mut s = StrategyConfig::from_name(&f.strategy).map_err(|e| cfg_err(format!("federated.strategy: {e}")))?;
+        let mut s = StrategyConfig::from_name(&f.strategy)
+            .map_err(|e| cfg_err(format!("federated.strategy: {e}")))?;
         match &mut s {
-            StrategyConfig::FedAdam { eta, beta_1, beta_2, tau } | StrategyConfig::FedYogi { eta, beta_1, beta_2, tau } => {
+            StrategyConfig::FedAdam {
+                eta,
+                beta_1,
+                beta_2,
+                tau,
+            }
+            | StrategyConfig::FedYogi {
+                eta,
+                beta_1,
+                beta_2,
+                tau,
+            } => {
                 *eta = f.eta.unwrap_or(*eta);
                 *beta_1 = f.beta1.unwrap_or(*beta_1);
                 *beta_2 = f.beta2.unwrap_or(*beta_2);
@@ -293,19 +334,28 @@ impl RunFile {
                 *eta = f.eta.unwrap_or(*eta);
                 *tau = f.tau.unwrap_or(*tau);
             }
-            StrategyConfig::FedAvgM { server_learning_rate, server_momentum } => {
+            StrategyConfig::FedAvgM {
+                server_learning_rate,
+                server_momentum,
+            } => {
                 *server_learning_rate = f.server_learning_rate.unwrap_or(*server_learning_rate);
                 *server_momentum = f.server_momentum.unwrap_or(*server_momentum);
             }
-            StrategyConfig::FedProx { proximal_mu } => *proximal_mu = f.proximal_mu.unwrap_or(*proximal_mu),
+            StrategyConfig::FedProx { proximal_mu } => {
+                *proximal_mu = f.proximal_mu.unwrap_or(*proximal_mu)
+            }
             StrategyConfig::FedTrimmedAvg { beta } => *beta = f.trim_beta.unwrap_or(*beta),
-            StrategyConfig::Krum { num_malicious_clients, num_clients_to_keep } => {
+            StrategyConfig::Krum {
+                num_malicious_clients,
+                num_clients_to_keep,
+            } => {
                 *num_malicious_clients = f.num_malicious_clients.unwrap_or(*num_malicious_clients);
                 *num_clients_to_keep = f.num_clients_to_keep.unwrap_or(*num_clients_to_keep);
             }
             StrategyConfig::FedAvg | StrategyConfig::FedMedian => {}
         }
-        s.validate().map_err(|e| cfg_err(format!("federated: {e}")))?;
+        s.validate()
+            .map_err(|e| cfg_err(format!("federated: {e}")))?;
         Ok(s)
     }
 
@@ -314,7 +364,10 @@ impl RunFile {
     pub fn run_config(&self) -> Result<RunConfig, TrainError> {
         let f = &self.federated;
         let p = &self.pretraining;
-        let compression: Compression = f.compression.parse().map_err(|e| cfg_err(format!("federated.compression: {e}")))?;
+        let compression: Compression = f
+            .compression
+            .parse()
+            .map_err(|e| cfg_err(format!("federated.compression: {e}")))?;
         let mut extra = std::collections::BTreeMap::new();
         extra.insert("learning_rate".into(), p.learning_rate);
         if p.local_steps > 0 {
@@ -334,7 +387,11 @@ impl RunFile {
             accept_failures: f.accept_failures,
             max_round_retries: f.max_round_retries,
             compression,
-            frozen_prefixes: if p.freeze_feature_extractor { vec![FEATURE_EXTRACTOR.to_string()] } else { vec![] },
+            frozen_prefixes: if p.freeze_feature_extractor {
+                vec![FEATURE_EXTRACTOR.to_string()]
+            } else {
+                vec![]
+            },
             client_extra: extra,
         })
     }

@@ -27,7 +27,10 @@ pub struct ClientData {
 
 impl ClientData {
     pub fn train_seconds(&self) -> f64 {
-        self.train.iter().map(|u| u.wav.len() as f64 / 16_000.0).sum()
+        self.train
+            .iter()
+            .map(|u| u.wav.len() as f64 / 16_000.0)
+            .sum()
     }
 }
 
@@ -51,14 +54,21 @@ pub fn load_client_dir(dir: &Path, label_stem: &str) -> Result<ClientData, Train
     for e in &manifest.entries {
         reader.next_into(&mut labels)?;
         let audio = load_audio(&manifest.abs_path(e))?;
-        let utt = Utt { id: e.id.clone(), wav: audio.samples, labels: labels.iter().map(|&l| l as u32).collect() };
+        let utt = Utt {
+            id: e.id.clone(),
+            wav: audio.samples,
+            labels: labels.iter().map(|&l| l as u32).collect(),
+        };
         match e.split {
             Split::Train => data.train.push(utt),
             Split::Valid => data.valid.push(utt),
         }
     }
     if data.train.is_empty() {
-        return Err(TrainError::Data(format!("{}: no training utterances", mpath.display())));
+        return Err(TrainError::Data(format!(
+            "{}: no training utterances",
+            mpath.display()
+        )));
     }
     Ok(data)
 }
@@ -79,7 +89,12 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { batch_size: 8, max_tokens: 1_400_000, max_sample_size: 250_000, min_sample_size: 32_000 }
+        Self {
+            batch_size: 8,
+            max_tokens: 1_400_000,
+            max_sample_size: 250_000,
+            min_sample_size: 32_000,
+        }
     }
 }
 
@@ -92,7 +107,9 @@ pub struct Batch {
 /// Groups utterance indices into batches for one epoch: shuffled, stable-sorted by length so a
 /// batch wastes little audio when cropped to its shortest member, then the batch order shuffled.
 pub fn epoch_batches<R: Rng>(utts: &[Utt], cfg: &BatchConfig, rng: &mut R) -> Vec<Vec<usize>> {
-    let mut idx: Vec<usize> = (0..utts.len()).filter(|&i| utts[i].wav.len() >= cfg.min_sample_size).collect();
+    let mut idx: Vec<usize> = (0..utts.len())
+        .filter(|&i| utts[i].wav.len() >= cfg.min_sample_size)
+        .collect();
     idx.shuffle(rng);
     idx.sort_by_key(|&i| utts[i].wav.len());
     let mut batches = Vec::new();
@@ -100,7 +117,9 @@ pub fn epoch_batches<R: Rng>(utts: &[Utt], cfg: &BatchConfig, rng: &mut R) -> Ve
     for i in idx {
         let crop = |j: usize| utts[j].wav.len().min(cfg.max_sample_size);
         let shortest = cur.iter().map(|&j| crop(j)).chain([crop(i)]).min().unwrap();
-        if !cur.is_empty() && ((cur.len() + 1) * shortest > cfg.max_tokens || cur.len() >= cfg.batch_size) {
+        if !cur.is_empty()
+            && ((cur.len() + 1) * shortest > cfg.max_tokens || cur.len() >= cfg.batch_size)
+        {
             batches.push(std::mem::take(&mut cur));
         }
         cur.push(i);
@@ -114,12 +133,26 @@ pub fn epoch_batches<R: Rng>(utts: &[Utt], cfg: &BatchConfig, rng: &mut R) -> Ve
 
 /// Crops every utterance of a batch to the shortest one (capped at `max_sample_size`) at a random
 /// offset, with the matching label window (fairseq `HubertDataset.collater`, `pad_audio=False`).
-pub fn make_batch<R: Rng>(utts: &[&Utt], max_sample_size: usize, label_rate: f64, rng: &mut R) -> Batch {
-    let len = utts.iter().map(|u| u.wav.len()).min().unwrap_or(0).min(max_sample_size);
+pub fn make_batch<R: Rng>(
+    utts: &[&Utt],
+    max_sample_size: usize,
+    label_rate: f64,
+    rng: &mut R,
+) -> Batch {
+    let len = utts
+        .iter()
+        .map(|u| u.wav.len())
+        .min()
+        .unwrap_or(0)
+        .min(max_sample_size);
     let mut wavs = Vec::with_capacity(utts.len());
     let mut labels = Vec::with_capacity(utts.len());
     for u in utts {
-        let start = if u.wav.len() > len { rng.random_range(0..=u.wav.len() - len) } else { 0 };
+        let start = if u.wav.len() > len {
+            rng.random_range(0..=u.wav.len() - len)
+        } else {
+            0
+        };
         wavs.push(u.wav[start..start + len].to_vec());
         let f0 = (start as f64 * label_rate / 16_000.0).round() as usize;
         let nf = (len as f64 * label_rate / 16_000.0).round() as usize;

@@ -13,7 +13,9 @@ pub mod trainer;
 pub use client::{HubertClients, SimConfig};
 pub use config::RunFile;
 pub use data::{BatchConfig, ClientData, Utt, load_client_dir};
-pub use trainer::{FEATURE_EXTRACTOR, LocalTrainer, Metrics, TrainConfig, evaluate_model, from_weights, to_weights};
+pub use trainer::{
+    FEATURE_EXTRACTOR, LocalTrainer, Metrics, TrainConfig, evaluate_model, from_weights, to_weights,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

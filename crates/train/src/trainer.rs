@@ -15,7 +15,9 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use fedhubert_fl::rounds::mix;
 use fedhubert_fl::{Tensor as FlTensor, Weights};
-use fedhubert_model::{HostTensor, HubertForPretraining, PretrainBatch, collect_tensors, load_tensors};
+use fedhubert_model::{
+    HostTensor, HubertForPretraining, PretrainBatch, collect_tensors, load_tensors,
+};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -71,10 +73,16 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |k: &str, why: String| Err(TrainError::Config(format!("{k}: {why}")));
         if !(self.learning_rate > 0.0) {
-            return bad("learning_rate", format!("must be > 0, got {}", self.learning_rate));
+            return bad(
+                "learning_rate",
+                format!("must be > 0, got {}", self.learning_rate),
+            );
         }
         if !(0.0..1.0).contains(&self.adam_betas.0) || !(0.0..1.0).contains(&self.adam_betas.1) {
-            return bad("adam_betas", format!("must be in [0, 1), got {:?}", self.adam_betas));
+            return bad(
+                "adam_betas",
+                format!("must be in [0, 1), got {:?}", self.adam_betas),
+            );
         }
         if self.update_freq == 0 {
             return bad("update_freq", "must be >= 1".into());
@@ -83,7 +91,13 @@ impl TrainConfig {
             return bad("batch_size", "must be >= 1".into());
         }
         if self.batch.min_sample_size > self.batch.max_sample_size {
-            return bad("min_sample_size", format!("{} exceeds max_sample_size {}", self.batch.min_sample_size, self.batch.max_sample_size));
+            return bad(
+                "min_sample_size",
+                format!(
+                    "{} exceeds max_sample_size {}",
+                    self.batch.min_sample_size, self.batch.max_sample_size
+                ),
+            );
         }
         Ok(())
     }
@@ -127,7 +141,11 @@ pub struct Metrics {
 impl Metrics {
     pub fn to_map(&self) -> BTreeMap<String, f64> {
         let v = serde_json::to_value(self).expect("metrics serialise");
-        v.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0))).collect()
+        v.as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
+            .collect()
     }
 }
 
@@ -146,18 +164,42 @@ impl ModuleVisitor for GradCollector<'_> {
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.get::<D>(param.id) {
-            let v = g.into_data().convert::<f32>().to_vec::<f32>().expect("f32 gradient");
+            let v = g
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("f32 gradient");
             self.out.insert(self.path.join("."), v);
         }
     }
 }
 
 pub fn to_weights(named: Vec<(String, HostTensor)>) -> Weights {
-    Weights::new(named.into_iter().map(|(name, t)| FlTensor { name, shape: t.shape, data: t.data }).collect())
+    Weights::new(
+        named
+            .into_iter()
+            .map(|(name, t)| FlTensor {
+                name,
+                shape: t.shape,
+                data: t.data,
+            })
+            .collect(),
+    )
 }
 
 pub fn from_weights(w: &Weights) -> HashMap<String, HostTensor> {
-    w.tensors.iter().map(|t| (t.name.clone(), HostTensor { shape: t.shape.clone(), data: t.data.clone() })).collect()
+    w.tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                HostTensor {
+                    shape: t.shape.clone(),
+                    data: t.data.clone(),
+                },
+            )
+        })
+        .collect()
 }
 
 /// A model on an autodiff device plus its optimizer state.
@@ -170,14 +212,23 @@ pub struct LocalTrainer {
 
 impl LocalTrainer {
     /// Wraps `model` (moved to the autodiff version of `device`).
-    pub fn new(model: HubertForPretraining, cfg: TrainConfig, device: &Device) -> Result<Self, TrainError> {
+    pub fn new(
+        model: HubertForPretraining,
+        cfg: TrainConfig,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
         cfg.validate()?;
         let ad = device.clone().autodiff();
         let mut model = model.to_device(&ad).train();
         if cfg.freeze_feature_extractor {
             model.pretrain.feature_grad_mult = 0.0;
         }
-        Ok(Self { model, opt: AdamState::default(), cfg, device: ad })
+        Ok(Self {
+            model,
+            opt: AdamState::default(),
+            cfg,
+            device: ad,
+        })
     }
 
     pub fn weights(&self) -> Weights {
@@ -198,24 +249,50 @@ impl LocalTrainer {
 
     /// One optimizer update on `micro` batches (update_freq), returning metrics of that step.
     /// `prox`: FedProx's global weights and mu, adding `mu * (w - w_global)` to each gradient.
-    pub fn step(&mut self, micro: &[Vec<&Utt>], lr: f64, seed: u64, prox: Option<(&Weights, f32)>) -> Result<Metrics, TrainError> {
+    pub fn step(
+        &mut self,
+        micro: &[Vec<&Utt>],
+        lr: f64,
+        seed: u64,
+        prox: Option<(&Weights, f32)>,
+    ) -> Result<Metrics, TrainError> {
         let _guard = ENGINE_RNG.lock().unwrap_or_else(|p| p.into_inner());
         self.device.seed(mix(seed, &[0xD80F]));
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let label_rate = self.model.pretrain.label_rate;
         let mut grads: HashMap<String, Vec<f32>> = HashMap::new();
-        let mut m = Metrics { lr, steps: 1, ..Default::default() };
+        let mut m = Metrics {
+            lr,
+            steps: 1,
+            ..Default::default()
+        };
         let (mut cm, mut nm, mut cu, mut nu) = (0usize, 0usize, 0usize, 0usize);
         for utts in micro {
             let batch = make_batch(utts, self.cfg.batch.max_sample_size, label_rate, &mut rng);
-            let pb = PretrainBatch { waveform: self.batch_tensor(&batch.wavs, &self.device), sample_lengths: None, labels: batch.labels };
+            let pb = PretrainBatch {
+                waveform: self.batch_tensor(&batch.wavs, &self.device),
+                sample_lengths: None,
+                labels: batch.labels,
+            };
             let out = self.model.forward_pretrain(&pb, &mut rng)?;
-            let loss_val = out.loss.clone().into_data().convert::<f64>().to_vec::<f64>().expect("loss")[0];
+            let loss_val = out
+                .loss
+                .clone()
+                .into_data()
+                .convert::<f64>()
+                .to_vec::<f64>()
+                .expect("loss")[0];
             if !loss_val.is_finite() {
-                return Err(TrainError::Diverged(format!("loss is {loss_val} at lr {lr}")));
+                return Err(TrainError::Diverged(format!(
+                    "loss is {loss_val} at lr {lr}"
+                )));
             }
             let gp = GradientsParams::from_grads(out.loss.backward(), &self.model);
-            let mut col = GradCollector { grads: &gp, path: vec![], out: HashMap::new() };
+            let mut col = GradCollector {
+                grads: &gp,
+                path: vec![],
+                out: HashMap::new(),
+            };
             self.model.visit(&mut col);
             for (k, g) in col.out {
                 match grads.get_mut(&k) {
@@ -227,7 +304,12 @@ impl LocalTrainer {
             }
             m.loss += loss_val / micro.len() as f64;
             m.loss_masked += out.loss_masked / micro.len() as f64;
-            (cm, nm, cu, nu) = (cm + out.correct_masked, nm + out.count_masked, cu + out.correct_unmasked, nu + out.count_unmasked);
+            (cm, nm, cu, nu) = (
+                cm + out.correct_masked,
+                nm + out.count_masked,
+                cu + out.correct_unmasked,
+                nu + out.count_unmasked,
+            );
             m.utterances += utts.len() as u64;
             m.seconds_of_audio += utts.len() as f64 * pb.waveform.dims()[1] as f64 / 16_000.0;
         }
@@ -246,17 +328,25 @@ impl LocalTrainer {
         if self.cfg.clip_norm > 0.0 {
             let factor = self.cfg.clip_norm / (m.grad_norm + 1e-6);
             if factor < 1.0 {
-                grads.values_mut().for_each(|g| g.iter_mut().for_each(|x| *x *= factor as f32));
+                grads
+                    .values_mut()
+                    .for_each(|g| g.iter_mut().for_each(|x| *x *= factor as f32));
             }
         }
         let mut params = collect_tensors(&self.model);
         if let Some((global, mu)) = prox
             && mu > 0.0
         {
-            let gmap: HashMap<&str, &Vec<f32>> = global.tensors.iter().map(|t| (t.name.as_str(), &t.data)).collect();
+            let gmap: HashMap<&str, &Vec<f32>> = global
+                .tensors
+                .iter()
+                .map(|t| (t.name.as_str(), &t.data))
+                .collect();
             for (name, p) in &params {
                 if let (Some(g), Some(w0)) = (grads.get_mut(name), gmap.get(name.as_str())) {
-                    g.iter_mut().zip(p.data.iter().zip(w0.iter())).for_each(|(g, (w, w0))| *g += mu * (w - w0));
+                    g.iter_mut()
+                        .zip(p.data.iter().zip(w0.iter()))
+                        .for_each(|(g, (w, w0))| *g += mu * (w - w0));
                 }
             }
         }
@@ -266,7 +356,12 @@ impl LocalTrainer {
         Ok(m)
     }
 
-    fn adamw(&mut self, params: &mut [(String, HostTensor)], grads: &HashMap<String, Vec<f32>>, lr: f64) {
+    fn adamw(
+        &mut self,
+        params: &mut [(String, HostTensor)],
+        grads: &HashMap<String, Vec<f32>>,
+        lr: f64,
+    ) {
         self.opt.step += 1;
         let t = self.opt.step as i32;
         let (b1, b2) = self.cfg.adam_betas;
@@ -278,9 +373,18 @@ impl LocalTrainer {
         let decay = (1.0 - lr * self.cfg.weight_decay) as f32;
         for (name, p) in params.iter_mut() {
             let Some(g) = grads.get(name) else { continue };
-            let m = self.opt.m.entry(name.clone()).or_insert_with(|| vec![0.0; g.len()]);
-            let v = self.opt.v.entry(name.clone()).or_insert_with(|| vec![0.0; g.len()]);
-            for (((w, &gi), mi), vi) in p.data.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let m = self
+                .opt
+                .m
+                .entry(name.clone())
+                .or_insert_with(|| vec![0.0; g.len()]);
+            let v = self
+                .opt
+                .v
+                .entry(name.clone())
+                .or_insert_with(|| vec![0.0; g.len()]);
+            for (((w, &gi), mi), vi) in p.data.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
+            {
                 *w *= decay;
                 *mi = b1 * *mi + (1.0 - b1) * gi;
                 *vi = b2 * *vi + (1.0 - b2) * gi * gi;
@@ -303,7 +407,13 @@ impl LocalTrainer {
         mut on_step: impl FnMut(u64, &Metrics),
     ) -> Result<Metrics, TrainError> {
         let bcfg = self.cfg.batch.clone();
-        let plan = |epoch: u64| epoch_batches(utts, &bcfg, &mut ChaCha8Rng::seed_from_u64(mix(seed, &[0xE90C, epoch])));
+        let plan = |epoch: u64| {
+            epoch_batches(
+                utts,
+                &bcfg,
+                &mut ChaCha8Rng::seed_from_u64(mix(seed, &[0xE90C, epoch])),
+            )
+        };
         let first = plan(0);
         if first.is_empty() {
             return Err(TrainError::Data(format!(
@@ -322,7 +432,12 @@ impl LocalTrainer {
             let batches = &cache.as_ref().unwrap().1;
             let j = (k % per_epoch) as usize * self.cfg.update_freq;
             let micro: Vec<Vec<&Utt>> = (0..self.cfg.update_freq)
-                .map(|u| batches[(j + u) % batches.len()].iter().map(|&i| &utts[i]).collect())
+                .map(|u| {
+                    batches[(j + u) % batches.len()]
+                        .iter()
+                        .map(|&i| &utts[i])
+                        .collect()
+                })
                 .collect();
             let lr_k = lr.unwrap_or_else(|| self.cfg.lr_at(k));
             let m = self.step(&micro, lr_k, mix(seed, &[0x57E9, k]), prox)?;
@@ -350,16 +465,46 @@ impl LocalTrainer {
     /// Saves model, optimizer moments and step atomically to one safetensors file.
     pub fn save(&self, path: &Path, extra: BTreeMap<String, String>) -> Result<(), TrainError> {
         let model = self.weights();
-        let m = Weights::new(self.opt.m.iter().map(|(k, v)| FlTensor { name: k.clone(), shape: vec![v.len()], data: v.clone() }).collect());
-        let v = Weights::new(self.opt.v.iter().map(|(k, v)| FlTensor { name: k.clone(), shape: vec![v.len()], data: v.clone() }).collect());
+        let m = Weights::new(
+            self.opt
+                .m
+                .iter()
+                .map(|(k, v)| FlTensor {
+                    name: k.clone(),
+                    shape: vec![v.len()],
+                    data: v.clone(),
+                })
+                .collect(),
+        );
+        let v = Weights::new(
+            self.opt
+                .v
+                .iter()
+                .map(|(k, v)| FlTensor {
+                    name: k.clone(),
+                    shape: vec![v.len()],
+                    data: v.clone(),
+                })
+                .collect(),
+        );
         let groups = [("model/", &model), ("adam_m/", &m), ("adam_v/", &v)];
         let mut meta = extra;
         meta.insert("format".into(), "fedhubert-trainer-v1".into());
         meta.insert("adam_step".into(), self.opt.step.to_string());
         meta.insert("hubert_config".into(), self.model.hubert.config.to_json()?);
-        meta.insert("pretrain_config".into(), serde_json::to_string(&self.model.pretrain).map_err(|e| TrainError::Config(e.to_string()))?);
-        meta.insert("train_config".into(), serde_json::to_string(&self.cfg).map_err(|e| TrainError::Config(e.to_string()))?);
-        meta.insert("order".into(), fedhubert_fl::weights::order_metadata(&groups));
+        meta.insert(
+            "pretrain_config".into(),
+            serde_json::to_string(&self.model.pretrain)
+                .map_err(|e| TrainError::Config(e.to_string()))?,
+        );
+        meta.insert(
+            "train_config".into(),
+            serde_json::to_string(&self.cfg).map_err(|e| TrainError::Config(e.to_string()))?,
+        );
+        meta.insert(
+            "order".into(),
+            fedhubert_fl::weights::order_metadata(&groups),
+        );
         fedhubert_fl::weights::save_safetensors(path, &groups, meta)?;
         Ok(())
     }
@@ -368,22 +513,36 @@ impl LocalTrainer {
     pub fn load(&mut self, path: &Path) -> Result<BTreeMap<String, String>, TrainError> {
         let (mut groups, meta) = fedhubert_fl::weights::load_safetensors(path)?;
         if meta.get("format").map(String::as_str) != Some("fedhubert-trainer-v1") {
-            return Err(TrainError::Data(format!("{}: not a fedhubert trainer checkpoint", path.display())));
+            return Err(TrainError::Data(format!(
+                "{}: not a fedhubert trainer checkpoint",
+                path.display()
+            )));
         }
-        let model = groups.remove("model").ok_or_else(|| TrainError::Data(format!("{}: no model tensors", path.display())))?;
+        let model = groups
+            .remove("model")
+            .ok_or_else(|| TrainError::Data(format!("{}: no model tensors", path.display())))?;
         self.set_weights(&model)?;
         let flat = |w: Option<Weights>| -> BTreeMap<String, Vec<f32>> {
-            w.map(|w| w.tensors.into_iter().map(|t| (t.name, t.data)).collect()).unwrap_or_default()
+            w.map(|w| w.tensors.into_iter().map(|t| (t.name, t.data)).collect())
+                .unwrap_or_default()
         };
         self.opt.m = flat(groups.remove("adam_m"));
         self.opt.v = flat(groups.remove("adam_v"));
-        self.opt.step = meta.get("adam_step").and_then(|s| s.parse().ok()).unwrap_or(0);
+        self.opt.step = meta
+            .get("adam_step")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         Ok(meta)
     }
 }
 
 /// See [`LocalTrainer::evaluate`]; works on any copy of the model.
-pub fn evaluate_model(model: &HubertForPretraining, utts: &[Utt], batch: &BatchConfig, seed: u64) -> Result<Metrics, TrainError> {
+pub fn evaluate_model(
+    model: &HubertForPretraining,
+    utts: &[Utt],
+    batch: &BatchConfig,
+    seed: u64,
+) -> Result<Metrics, TrainError> {
     let model = model.valid();
     let device = model.hubert.masked_spec_embed.device();
     let label_rate = model.pretrain.label_rate;
@@ -397,14 +556,34 @@ pub fn evaluate_model(model: &HubertForPretraining, utts: &[Utt], batch: &BatchC
         let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, &[0xE7A1, i as u64]));
         let b = make_batch(&[u], batch.max_sample_size, label_rate, &mut rng);
         let len = b.wavs[0].len();
-        let wav = Tensor::<2>::from_data(TensorData::new(b.wavs.into_iter().flatten().collect::<Vec<f32>>(), [1, len]), &device);
-        let out = model.forward_pretrain(&PretrainBatch { waveform: wav, sample_lengths: None, labels: b.labels }, &mut rng)?;
-        let loss = out.loss.into_data().convert::<f64>().to_vec::<f64>().expect("loss")[0];
+        let wav = Tensor::<2>::from_data(
+            TensorData::new(b.wavs.into_iter().flatten().collect::<Vec<f32>>(), [1, len]),
+            &device,
+        );
+        let out = model.forward_pretrain(
+            &PretrainBatch {
+                waveform: wav,
+                sample_lengths: None,
+                labels: b.labels,
+            },
+            &mut rng,
+        )?;
+        let loss = out
+            .loss
+            .into_data()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .expect("loss")[0];
         let w = out.count_masked as f64;
         m.loss += loss * w;
         m.loss_masked += out.loss_masked * w;
         weight += w;
-        (cm, nm, cu, nu) = (cm + out.correct_masked, nm + out.count_masked, cu + out.correct_unmasked, nu + out.count_unmasked);
+        (cm, nm, cu, nu) = (
+            cm + out.correct_masked,
+            nm + out.count_masked,
+            cu + out.correct_unmasked,
+            nu + out.count_unmasked,
+        );
         m.utterances += 1;
         m.seconds_of_audio += len as f64 / 16_000.0;
     }

@@ -4,11 +4,17 @@ mod common;
 
 use fedhubert_fl::{RunConfig, StrategyConfig, Weights, run};
 use fedhubert_model::{HubertConfig, HubertForPretraining, PretrainConfig, cpu_device};
-use fedhubert_train::{BatchConfig, HubertClients, LocalTrainer, SimConfig, TrainConfig, load_client_dir, to_weights};
+use fedhubert_train::{
+    BatchConfig, HubertClients, LocalTrainer, SimConfig, TrainConfig, load_client_dir, to_weights,
+};
 
 fn tiny() -> (HubertConfig, PretrainConfig) {
     let cfg = HubertConfig::tiny();
-    let pre = PretrainConfig { num_classes: 20, final_dim: 32, ..Default::default() };
+    let pre = PretrainConfig {
+        num_classes: 20,
+        final_dim: 32,
+        ..Default::default()
+    };
     (cfg, pre)
 }
 
@@ -17,7 +23,12 @@ fn train_cfg() -> TrainConfig {
         learning_rate: 2e-3,
         warmup_steps: 10,
         max_steps: 120,
-        batch: BatchConfig { batch_size: 4, max_tokens: 200_000, max_sample_size: 32_000, min_sample_size: 16_000 },
+        batch: BatchConfig {
+            batch_size: 4,
+            max_tokens: 200_000,
+            max_sample_size: 32_000,
+            min_sample_size: 16_000,
+        },
         ..Default::default()
     }
 }
@@ -29,7 +40,12 @@ fn masked_loss_falls_and_masked_accuracy_rises_on_real_data() {
     let data = load_client_dir(&dirs[0], "km").unwrap();
     let (cfg, pre) = tiny();
     let dev = cpu_device();
-    let mut tr = LocalTrainer::new(HubertForPretraining::new(&cfg, &pre, 0, &dev).unwrap(), train_cfg(), &dev).unwrap();
+    let mut tr = LocalTrainer::new(
+        HubertForPretraining::new(&cfg, &pre, 0, &dev).unwrap(),
+        train_cfg(),
+        &dev,
+    )
+    .unwrap();
     let before = tr.evaluate(&data.valid, 0).unwrap();
     let mut losses = Vec::new();
     let mut accs = Vec::new();
@@ -42,19 +58,50 @@ fn masked_loss_falls_and_masked_accuracy_rises_on_real_data() {
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (l0, l1) = (mean(&losses[..15]), mean(&losses[losses.len() - 15..]));
     let (a0, a1) = (mean(&accs[..15]), mean(&accs[accs.len() - 15..]));
-    println!("train loss {l0:.4} -> {l1:.4}, masked acc {a0:.3} -> {a1:.3}; valid loss {:.4} -> {:.4}, valid acc {:.3} -> {:.3}", before.loss, after.loss, before.acc_masked, after.acc_masked);
+    println!(
+        "train loss {l0:.4} -> {l1:.4}, masked acc {a0:.3} -> {a1:.3}; valid loss {:.4} -> {:.4}, valid acc {:.3} -> {:.3}",
+        before.loss, after.loss, before.acc_masked, after.acc_masked
+    );
     assert!(l1 < l0 - 0.1, "training loss did not fall: {l0} -> {l1}");
     assert!(a1 > a0 + 0.01, "masked accuracy did not rise: {a0} -> {a1}");
-    assert!(after.acc_masked > before.acc_masked, "validation masked accuracy did not rise");
-    assert!(after.loss < before.loss, "validation loss did not fall: {} -> {}", before.loss, after.loss);
+    assert!(
+        after.acc_masked > before.acc_masked,
+        "validation masked accuracy did not rise"
+    );
+    assert!(
+        after.loss < before.loss,
+        "validation loss did not fall: {} -> {}",
+        before.loss,
+        after.loss
+    );
 }
 
-fn pool(dirs: &[std::path::PathBuf], cfg: &HubertConfig, pre: &PretrainConfig, freeze: bool) -> (HubertClients, Weights) {
+fn pool(
+    dirs: &[std::path::PathBuf],
+    cfg: &HubertConfig,
+    pre: &PretrainConfig,
+    freeze: bool,
+) -> (HubertClients, Weights) {
     let dev = cpu_device();
     let template = HubertForPretraining::new(cfg, pre, 3, &dev).unwrap();
     let w = to_weights(fedhubert_model::collect_tensors(&template));
-    let tc = TrainConfig { freeze_feature_extractor: freeze, ..train_cfg() };
-    (HubertClients::new(dirs.to_vec(), template, tc, SimConfig { local_steps: 2, ..Default::default() }, dev), w)
+    let tc = TrainConfig {
+        freeze_feature_extractor: freeze,
+        ..train_cfg()
+    };
+    (
+        HubertClients::new(
+            dirs.to_vec(),
+            template,
+            tc,
+            SimConfig {
+                local_steps: 2,
+                ..Default::default()
+            },
+            dev,
+        ),
+        w,
+    )
 }
 
 #[test]
@@ -65,21 +112,58 @@ fn federated_resume_is_bit_exact_with_dropout_and_fedadam() {
     cfg.hidden_dropout = 0.1;
     cfg.attention_dropout = 0.1;
     let strategy = StrategyConfig::from_name("fedadam").unwrap();
-    let rc = |rounds| RunConfig { num_rounds: rounds, fraction_fit: 0.67, min_fit_clients: 2, seed: 5, ..Default::default() };
+    let rc = |rounds| RunConfig {
+        num_rounds: rounds,
+        fraction_fit: 0.67,
+        min_fit_clients: 2,
+        seed: 5,
+        ..Default::default()
+    };
 
     let full_dir = tempfile::tempdir().unwrap();
     let (mut p, w0) = pool(&dirs, &cfg, &pre, false);
-    let full = run(&mut p, strategy.build().unwrap().as_mut(), w0.clone(), &rc(3), Some(full_dir.path()), false, |_| {}).unwrap();
+    let full = run(
+        &mut p,
+        strategy.build().unwrap().as_mut(),
+        w0.clone(),
+        &rc(3),
+        Some(full_dir.path()),
+        false,
+        |_| {},
+    )
+    .unwrap();
 
     let part = tempfile::tempdir().unwrap();
     let (mut p, _) = pool(&dirs, &cfg, &pre, false);
-    run(&mut p, strategy.build().unwrap().as_mut(), w0.clone(), &rc(1), Some(part.path()), false, |_| {}).unwrap();
+    run(
+        &mut p,
+        strategy.build().unwrap().as_mut(),
+        w0.clone(),
+        &rc(1),
+        Some(part.path()),
+        false,
+        |_| {},
+    )
+    .unwrap();
     let (mut p, _) = pool(&dirs, &cfg, &pre, false);
-    let resumed = run(&mut p, strategy.build().unwrap().as_mut(), w0.clone(), &rc(3), Some(part.path()), true, |_| {}).unwrap();
+    let resumed = run(
+        &mut p,
+        strategy.build().unwrap().as_mut(),
+        w0.clone(),
+        &rc(3),
+        Some(part.path()),
+        true,
+        |_| {},
+    )
+    .unwrap();
 
     let bits = |w: &Weights| w.iter_data().map(|x| x.to_bits()).collect::<Vec<u32>>();
     assert_ne!(bits(&full.weights), bits(&w0), "training changed nothing");
-    assert_eq!(bits(&full.weights), bits(&resumed.weights), "resumed run differs from the uninterrupted one");
+    assert_eq!(
+        bits(&full.weights),
+        bits(&resumed.weights),
+        "resumed run differs from the uninterrupted one"
+    );
     assert_eq!(full.history[2].train, resumed.history[2].train);
 }
 
@@ -90,16 +174,51 @@ fn frozen_front_end_is_untouched_and_not_sent() {
     let (cfg, pre) = tiny();
     let (mut p, w0) = pool(&dirs, &cfg, &pre, true);
     let prefix = fedhubert_train::FEATURE_EXTRACTOR.to_string();
-    let rc = RunConfig { num_rounds: 1, min_fit_clients: 2, frozen_prefixes: vec![prefix.clone()], ..Default::default() };
+    let rc = RunConfig {
+        num_rounds: 1,
+        min_fit_clients: 2,
+        frozen_prefixes: vec![prefix.clone()],
+        ..Default::default()
+    };
     let (mut p2, _) = pool(&dirs, &cfg, &pre, false);
-    let r = run(&mut p, StrategyConfig::FedAvg.build().unwrap().as_mut(), w0.clone(), &rc, None, false, |_| {}).unwrap();
-    let r_full = run(&mut p2, StrategyConfig::FedAvg.build().unwrap().as_mut(), w0.clone(), &RunConfig { frozen_prefixes: vec![], ..rc.clone() }, None, false, |_| {}).unwrap();
+    let r = run(
+        &mut p,
+        StrategyConfig::FedAvg.build().unwrap().as_mut(),
+        w0.clone(),
+        &rc,
+        None,
+        false,
+        |_| {},
+    )
+    .unwrap();
+    let r_full = run(
+        &mut p2,
+        StrategyConfig::FedAvg.build().unwrap().as_mut(),
+        w0.clone(),
+        &RunConfig {
+            frozen_prefixes: vec![],
+            ..rc.clone()
+        },
+        None,
+        false,
+        |_| {},
+    )
+    .unwrap();
     for (a, b) in r.weights.tensors.iter().zip(&w0.tensors) {
         if a.name.starts_with(&prefix) {
             assert_eq!(a.data, b.data, "{} changed while frozen", a.name);
         }
     }
-    assert!(r.weights.tensors.iter().zip(&w0.tensors).any(|(a, b)| !a.name.starts_with(&prefix) && a.data != b.data));
+    assert!(
+        r.weights
+            .tensors
+            .iter()
+            .zip(&w0.tensors)
+            .any(|(a, b)| !a.name.starts_with(&prefix) && a.data != b.data)
+    );
     assert!(r.history[0].bytes_up < r_full.history[0].bytes_up);
-    println!("uplink bytes frozen {} vs full {}", r.history[0].bytes_up, r_full.history[0].bytes_up);
+    println!(
+        "uplink bytes frozen {} vs full {}",
+        r.history[0].bytes_up, r_full.history[0].bytes_up
+    );
 }

@@ -34,7 +34,12 @@ pub struct Args {
 
 /// The bundled sample, found next to the binary's source tree or the working directory.
 pub fn bundled(rel: &str) -> anyhow::Result<PathBuf> {
-    let candidates = [PathBuf::from(rel), Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)];
+    let candidates = [
+        PathBuf::from(rel),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(rel),
+    ];
     candidates
         .iter()
         .find(|p| p.exists())
@@ -50,12 +55,23 @@ struct Stages {
 
 impl Stages {
     /// Runs `f` unless the stage finished before; records its time and one-line result.
-    fn run(&mut self, name: &str, f: impl FnOnce() -> anyhow::Result<serde_json::Value>) -> anyhow::Result<serde_json::Value> {
+    fn run(
+        &mut self,
+        name: &str,
+        f: impl FnOnce() -> anyhow::Result<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
         let marker = self.out.join(format!("{name}.done.json"));
         if !self.fresh && marker.is_file() {
             let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&marker)?)?;
-            println!("== stage {name}: already done (delete {} to redo)", marker.display());
-            self.rows.push((name.to_string(), v["time_s"].as_f64().unwrap_or(0.0), "cached".into()));
+            println!(
+                "== stage {name}: already done (delete {} to redo)",
+                marker.display()
+            );
+            self.rows.push((
+                name.to_string(),
+                v["time_s"].as_f64().unwrap_or(0.0),
+                "cached".into(),
+            ));
             return Ok(v["result"].clone());
         }
         println!("== stage {name}");
@@ -78,7 +94,9 @@ struct Wrap<A: clap::Args> {
 /// Builds a subcommand's arguments exactly as a user would type them.
 fn parse<A: clap::Args>(argv: &[String]) -> anyhow::Result<A> {
     let full = std::iter::once("fedhubert".to_string()).chain(argv.iter().cloned());
-    Ok(Wrap::<A>::try_parse_from(full).map_err(|e| anyhow::anyhow!("{e}"))?.a)
+    Ok(Wrap::<A>::try_parse_from(full)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .a)
 }
 
 fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
@@ -93,7 +111,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let out = args.out.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let parts = out.join("partition");
-    let mut st = Stages { out: out.clone(), fresh: args.fresh, rows: vec![] };
+    let mut st = Stages {
+        out: out.clone(),
+        fresh: args.fresh,
+        rows: vec![],
+    };
     let t_all = Instant::now();
 
     let prep = st.run("prepare", || {
@@ -133,7 +155,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "--seed".into(),
             args.seed.to_string(),
         ])?)?;
-        let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("kmeans/summary.json"))?)?;
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("kmeans/summary.json"))?)?;
         Ok(summary)
     })?;
 
@@ -142,16 +165,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Some(c) => c.clone(),
             None => bundled("configs/tiny.yaml")?,
         };
-        let mut set = vec![format!("pretraining.vocab_size={k}"), format!("federated.seed={}", args.seed)];
+        let mut set = vec![
+            format!("pretraining.vocab_size={k}"),
+            format!("federated.seed={}", args.seed),
+        ];
         if args.quick {
-            set.extend(["federated.num_rounds=2".to_string(), "pretraining.local_steps=3".to_string()]);
+            set.extend([
+                "federated.num_rounds=2".to_string(),
+                "pretraining.local_steps=3".to_string(),
+            ]);
         }
         let rf = fedhubert_train::RunFile::load(Some(&config), &set)?;
         let dev = super::pretrain::device("cpu")?;
         super::pretrain::federated(&parts, &out.join("pretrain"), &rf, &dev, false)
     })?;
 
-    println!("\n== fedhubert demo summary ({:.1} s)", t_all.elapsed().as_secs_f64());
+    println!(
+        "\n== fedhubert demo summary ({:.1} s)",
+        t_all.elapsed().as_secs_f64()
+    );
     println!(
         "data: {} utterances, {:.2} h, {} clients",
         prep["utterances"],
@@ -180,5 +212,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn fmt(v: &serde_json::Value) -> String {
-    v.as_f64().map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into())
+    v.as_f64()
+        .map(|x| format!("{x:.4}"))
+        .unwrap_or_else(|| "-".into())
 }

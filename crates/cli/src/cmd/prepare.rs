@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::ValueEnum;
-use fedhubert_audio::partition::{Method, PartitionConfig, PartitionSummary, partition, write_partition};
+use fedhubert_audio::partition::{
+    Method, PartitionConfig, PartitionSummary, partition, write_partition,
+};
 use fedhubert_audio::scan::{scan_dir, scan_manifest};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -75,7 +77,10 @@ pub fn prepare(args: &Args) -> anyhow::Result<PartitionSummary> {
     } else if args.data.is_dir() {
         scan_dir(&args.data, args.skip_bad)?
     } else {
-        bail!("--data {}: no such file or folder (expected a corpus folder or a manifest CSV)", args.data.display());
+        bail!(
+            "--data {}: no such file or folder (expected a corpus folder or a manifest CSV)",
+            args.data.display()
+        );
     };
     for s in &corpus.skipped {
         tracing::warn!("skipped {}: {}", s.path, s.reason);
@@ -96,7 +101,10 @@ pub fn print_summary(s: &PartitionSummary, out: &Path) {
         s.clients.len(),
         out.display()
     );
-    println!("{:>7} {:>8} {:>6} {:>6} {:>8}", "client", "speakers", "train", "valid", "minutes");
+    println!(
+        "{:>7} {:>8} {:>6} {:>6} {:>8}",
+        "client", "speakers", "train", "valid", "minutes"
+    );
     for c in &s.clients {
         println!(
             "{:>7} {:>8} {:>6} {:>6} {:>8.2}",

@@ -52,10 +52,22 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
         "cpu" => Ok(fedhubert_model::cpu_device()),
         #[cfg(feature = "cuda")]
         s if s.starts_with("cuda") => {
-            let idx = s.strip_prefix("cuda:").map(|i| i.parse()).transpose().context("--device cuda:N")?.unwrap_or(0);
+            let idx = s
+                .strip_prefix("cuda:")
+                .map(|i| i.parse())
+                .transpose()
+                .context("--device cuda:N")?
+                .unwrap_or(0);
             Ok(fedhubert_model::cuda_device(idx))
         }
-        other => bail!("--device {other}: expected cpu{}", if cfg!(feature = "cuda") { " or cuda[:N]" } else { " (this build has no `cuda` feature)" }),
+        other => bail!(
+            "--device {other}: expected cpu{}",
+            if cfg!(feature = "cuda") {
+                " or cuda[:N]"
+            } else {
+                " (this build has no `cuda` feature)"
+            }
+        ),
     }
 }
 
@@ -69,19 +81,34 @@ pub fn client_dirs(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
         dirs.push(d);
     }
     if dirs.is_empty() {
-        bail!("{}: no client_0/manifest.csv; run `fedhubert prepare --out {}` first", root.display(), root.display());
+        bail!(
+            "{}: no client_0/manifest.csv; run `fedhubert prepare --out {}` first",
+            root.display(),
+            root.display()
+        );
     }
     Ok(dirs)
 }
 
 fn resources() {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find(|l| l.starts_with("MemAvailable")).and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<u64>().ok()))
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
         .map(|kb| format!("{:.1} GiB available", kb as f64 / 1048576.0))
         .unwrap_or_else(|| "memory unknown".into());
-    let gpu = if Path::new("/dev/nvidia0").exists() { "NVIDIA GPU present" } else { "no GPU" };
+    let gpu = if Path::new("/dev/nvidia0").exists() {
+        "NVIDIA GPU present"
+    } else {
+        "no GPU"
+    };
     println!("resources: {cores} CPU cores, {mem}, {gpu}");
 }
 
@@ -104,12 +131,15 @@ pub fn build_run_file(args: &Args) -> anyhow::Result<RunFile> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.simulation && !args.centralized {
-        bail!("choose --simulation (federated, all clients in this process) or --centralized (pooled baseline)");
+        bail!(
+            "choose --simulation (federated, all clients in this process) or --centralized (pooled baseline)"
+        );
     }
     let rf = build_run_file(&args)?;
     resources();
     let dev = device(&args.device)?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     if args.centralized {
         return centralized(&args, &rf, &dev);
     }
@@ -119,11 +149,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Runs the federated simulation and exports the final model; returns the summary it writes.
-pub fn federated(clients: &Path, out: &Path, rf: &RunFile, dev: &Device, resume: bool) -> anyhow::Result<serde_json::Value> {
+pub fn federated(
+    clients: &Path,
+    out: &Path,
+    rf: &RunFile,
+    dev: &Device,
+    resume: bool,
+) -> anyhow::Result<serde_json::Value> {
     let mut dirs = client_dirs(clients)?;
     if rf.federated.num_clients > 0 {
         if rf.federated.num_clients > dirs.len() {
-            bail!("federated.num_clients = {} but {} has only {} client folders", rf.federated.num_clients, clients.display(), dirs.len());
+            bail!(
+                "federated.num_clients = {} but {} has only {} client folders",
+                rf.federated.num_clients,
+                clients.display(),
+                dirs.len()
+            );
         }
         dirs.truncate(rf.federated.num_clients);
     }
@@ -144,12 +185,25 @@ pub fn federated(clients: &Path, out: &Path, rf: &RunFile, dev: &Device, resume:
         n_params as f64 * 4.0 / 1e6,
         rayon::current_num_threads()
     );
-    let mut pool = HubertClients::new(dirs, template.clone(), rf.train_config()?, rf.sim_config(), dev.clone());
+    let mut pool = HubertClients::new(
+        dirs,
+        template.clone(),
+        rf.train_config()?,
+        rf.sim_config(),
+        dev.clone(),
+    );
     let t0 = Instant::now();
     let bar = crate::progress::bar(run_cfg.num_rounds, "rounds");
-    let res = fedhubert_fl::run(&mut pool, strategy.as_mut(), initial, &run_cfg, Some(out), resume, |r: &RoundRecord| {
-        bar.set_position(r.round);
-        bar.println(format!(
+    let res = fedhubert_fl::run(
+        &mut pool,
+        strategy.as_mut(),
+        initial,
+        &run_cfg,
+        Some(out),
+        resume,
+        |r: &RoundRecord| {
+            bar.set_position(r.round);
+            bar.println(format!(
             "round {:>3}: train loss {:.4} acc_masked {:.3} | eval loss {} | clients {} ok, {} failed | up {:.2} MB down {:.2} MB | {:.1} s",
             r.round,
             r.train.get("loss").copied().unwrap_or(f64::NAN),
@@ -161,9 +215,11 @@ pub fn federated(clients: &Path, out: &Path, rf: &RunFile, dev: &Device, resume:
             r.bytes_down as f64 / 1e6,
             r.round_time_s
         ));
-    })?;
+        },
+    )?;
     bar.finish_and_clear();
-    let model = fedhubert_model::load_tensors(template, fedhubert_train::from_weights(&res.weights))?;
+    let model =
+        fedhubert_model::load_tensors(template, fedhubert_train::from_weights(&res.weights))?;
     model.save_checkpoint(out.join("model.safetensors"))?;
     model.save_hf(out.join("hf"))?;
     let last = res.history.last();
@@ -182,7 +238,10 @@ pub fn federated(clients: &Path, out: &Path, rf: &RunFile, dev: &Device, resume:
         "wall_time_s": t0.elapsed().as_secs_f64(),
         "hf_export": out.join("hf"),
     });
-    fedhubert_fl::atomic_write(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    fedhubert_fl::atomic_write(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
     crate::plot::curves(&res.history, &out.join("curves.svg"))?;
     Ok(summary)
 }
@@ -199,7 +258,12 @@ fn centralized(args: &Args, rf: &RunFile, dev: &Device) -> anyhow::Result<()> {
     let mut tcfg = rf.train_config()?;
     tcfg.max_steps = args.steps;
     tcfg.warmup_steps = (args.steps / 10).max(1);
-    let model = HubertForPretraining::new(&rf.model_config()?, &rf.pretrain_config()?, rf.federated.seed, dev)?;
+    let model = HubertForPretraining::new(
+        &rf.model_config()?,
+        &rf.pretrain_config()?,
+        rf.federated.seed,
+        dev,
+    )?;
     let mut tr = LocalTrainer::new(model, tcfg, dev)?;
     let ckpt = args.out.join("trainer.safetensors");
     let mut start = 0;
@@ -209,7 +273,11 @@ fn centralized(args: &Args, rf: &RunFile, dev: &Device) -> anyhow::Result<()> {
         println!("resuming at step {start} from {}", ckpt.display());
     }
     let metrics_path = args.out.join("metrics.jsonl");
-    let mut lines = if args.resume { std::fs::read_to_string(&metrics_path).unwrap_or_default() } else { String::new() };
+    let mut lines = if args.resume {
+        std::fs::read_to_string(&metrics_path).unwrap_or_default()
+    } else {
+        String::new()
+    };
     let bar = crate::progress::bar(args.steps, "steps");
     bar.set_position(start);
     let seed = rf.federated.seed;
@@ -224,7 +292,10 @@ fn centralized(args: &Args, rf: &RunFile, dev: &Device) -> anyhow::Result<()> {
         k += n;
         let ev = tr.evaluate(&valid, seed)?;
         let line = serde_json::json!({"step": k, "train": m, "valid": ev});
-        bar.println(format!("step {k}: train loss {:.4} acc_masked {:.3} | valid loss {:.4} acc_masked {:.3}", m.loss, m.acc_masked, ev.loss, ev.acc_masked));
+        bar.println(format!(
+            "step {k}: train loss {:.4} acc_masked {:.3} | valid loss {:.4} acc_masked {:.3}",
+            m.loss, m.acc_masked, ev.loss, ev.acc_masked
+        ));
         lines.push_str(&line.to_string());
         lines.push('\n');
         let mut meta = std::collections::BTreeMap::new();
@@ -234,6 +305,11 @@ fn centralized(args: &Args, rf: &RunFile, dev: &Device) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     tr.model.save_hf(args.out.join("hf"))?;
-    println!("centralized pretraining done: {} steps, checkpoint {}, HF export {}", args.steps, ckpt.display(), args.out.join("hf").display());
+    println!(
+        "centralized pretraining done: {} steps, checkpoint {}, HF export {}",
+        args.steps,
+        ckpt.display(),
+        args.out.join("hf").display()
+    );
     Ok(())
 }
