@@ -203,7 +203,7 @@ pub fn federated(
         resume,
         |r: &RoundRecord| {
             bar.set_position(r.round);
-            bar.println(format!(
+            bar.suspend(|| println!(
             "round {:>3}: train loss {:.4} acc_masked {:.3} | eval loss {} | clients {} ok, {} failed | up {:.2} MB down {:.2} MB | {:.1} s",
             r.round,
             r.train.get("loss").copied().unwrap_or(f64::NAN),
@@ -292,10 +292,12 @@ fn centralized(args: &Args, rf: &RunFile, dev: &Device) -> anyhow::Result<()> {
         k += n;
         let ev = tr.evaluate(&valid, seed)?;
         let line = serde_json::json!({"step": k, "train": m, "valid": ev});
-        bar.println(format!(
-            "step {k}: train loss {:.4} acc_masked {:.3} | valid loss {:.4} acc_masked {:.3}",
-            m.loss, m.acc_masked, ev.loss, ev.acc_masked
-        ));
+        bar.suspend(|| {
+            println!(
+                "step {k}: train loss {:.4} acc_masked {:.3} | valid loss {:.4} acc_masked {:.3}",
+                m.loss, m.acc_masked, ev.loss, ev.acc_masked
+            )
+        });
         lines.push_str(&line.to_string());
         lines.push('\n');
         let mut meta = std::collections::BTreeMap::new();
