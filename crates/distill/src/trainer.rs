@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use fedhubert_fl::rounds::mix;
@@ -83,30 +83,6 @@ pub struct AdamState {
     pub step: u64,
     pub m: BTreeMap<String, Vec<f32>>,
     pub v: BTreeMap<String, Vec<f32>>,
-}
-
-struct GradCollector<'a> {
-    grads: &'a GradientsParams,
-    path: Vec<String>,
-    out: HashMap<String, Vec<f32>>,
-}
-
-impl ModuleVisitor for GradCollector<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(g) = self.grads.get::<D>(param.id) {
-            let v = g
-                .into_data()
-                .try_into_vec_as::<f32>()
-                .expect("f32 gradient");
-            self.out.insert(self.path.join("."), v);
-        }
-    }
 }
 
 fn add(d: &mut Option<Tensor<1>>, x: Tensor<1>) {
@@ -367,13 +343,8 @@ impl DistillTrainer {
         let batch = make_batch(utts, self.train.batch.max_sample_size, label_rate, &mut rng);
         let (loss, mut m) = self.losses(&self.model, &batch.wavs, &batch.labels, &mut rng)?;
         let gp = GradientsParams::from_grads(loss.backward(), &self.model);
-        let mut col = GradCollector {
-            grads: &gp,
-            path: vec![],
-            out: HashMap::new(),
-        };
-        self.model.visit(&mut col);
-        let mut grads = col.out;
+        let col_out = fedhubert_model::collect_grads(&self.model, &gp);
+        let mut grads = col_out;
         if self.train.freeze_feature_extractor {
             grads.retain(|k, _| !k.starts_with(STUDENT_FEATURE_EXTRACTOR));
         }

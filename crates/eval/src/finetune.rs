@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::activation::{log_softmax, relu, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
@@ -161,31 +161,6 @@ impl FtModel {
     }
 }
 
-struct GradCollector<'a> {
-    grads: &'a GradientsParams,
-    path: Vec<String>,
-    out: HashMap<String, Vec<f32>>,
-}
-
-impl ModuleVisitor for GradCollector<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(g) = self.grads.get::<D>(param.id) {
-            let v = g
-                .into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .expect("f32 gradient");
-            self.out.insert(self.path.join("."), v);
-        }
-    }
-}
-
 /// Result of [`finetune`]: the fine-tuned upstream (inference mode, on the input's device), the
 /// fine-tuned head and the measured numbers.
 pub struct FinetuneOutcome {
@@ -312,19 +287,14 @@ pub fn finetune(
             sum += lv * batch.len() as f64;
             count += batch.len();
             let gp = GradientsParams::from_grads(loss.backward(), &model);
-            let mut col = GradCollector {
-                grads: &gp,
-                path: vec![],
-                out: HashMap::new(),
-            };
-            model.visit(&mut col);
+            let col_out = fedhubert_model::collect_grads(&model, &gp);
             t += 1;
             let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
             let bc1 = 1.0 - b1.powi(t);
             let bc2 = (1.0 - b2.powi(t)).sqrt();
             let mut params = collect_tensors(&model);
             for (name, p) in params.iter_mut() {
-                let Some(g) = col.out.get(name) else { continue };
+                let Some(g) = col_out.get(name) else { continue };
                 let lr = (if name.starts_with("head.") {
                     cfg.head_lr
                 } else {

@@ -66,3 +66,43 @@ pub fn clip_grad_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_no
     }
     norm
 }
+
+struct GradCollector<'a> {
+    grads: &'a GradientsParams,
+    path: Vec<String>,
+    out: std::collections::HashMap<String, Vec<f32>>,
+}
+
+impl ModuleVisitor for GradCollector<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            let v = g
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .expect("f32 gradient");
+            self.out.insert(self.path.join("."), v);
+        }
+    }
+}
+
+/// The gradients of `module`'s parameters found in `grads`, copied to the host by parameter name
+/// (the dotted module path, e.g. `hubert.encoder.layers.0.attention.q_proj.weight`).
+pub fn collect_grads<M: Module>(
+    module: &M,
+    grads: &GradientsParams,
+) -> std::collections::HashMap<String, Vec<f32>> {
+    let mut v = GradCollector {
+        grads,
+        path: Vec::new(),
+        out: Default::default(),
+    };
+    module.visit(&mut v);
+    v.out
+}

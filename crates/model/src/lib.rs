@@ -42,7 +42,7 @@ pub mod pretraining;
 pub use burn::tensor::Device;
 pub use config::{FeatExtractNorm, HubertConfig};
 pub use error::ModelError;
-pub use grad::{clip_grad_norm, grad_norm};
+pub use grad::{clip_grad_norm, collect_grads, grad_norm};
 pub use hf::{
     HostTensor, collect_tensors, load_checkpoint, load_tensors, param_shapes,
     preprocessor_config_json, read_safetensors, save_checkpoint, write_safetensors,

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use fedhubert_fl::rounds::mix;
@@ -149,31 +149,6 @@ impl Metrics {
     }
 }
 
-struct GradCollector<'a> {
-    grads: &'a GradientsParams,
-    path: Vec<String>,
-    out: HashMap<String, Vec<f32>>,
-}
-
-impl ModuleVisitor for GradCollector<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(g) = self.grads.get::<D>(param.id) {
-            let v = g
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .expect("f32 gradient");
-            self.out.insert(self.path.join("."), v);
-        }
-    }
-}
-
 pub fn to_weights(named: Vec<(String, HostTensor)>) -> Weights {
     Weights::new(
         named
@@ -288,13 +263,8 @@ impl LocalTrainer {
                 )));
             }
             let gp = GradientsParams::from_grads(out.loss.backward(), &self.model);
-            let mut col = GradCollector {
-                grads: &gp,
-                path: vec![],
-                out: HashMap::new(),
-            };
-            self.model.visit(&mut col);
-            for (k, g) in col.out {
+            let col_out = fedhubert_model::collect_grads(&self.model, &gp);
+            for (k, g) in col_out {
                 match grads.get_mut(&k) {
                     Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
                     None => {
