@@ -39,6 +39,10 @@ enum Command {
     Mvq(cmd::mvq::Args),
     /// SUPERB-style probe of an upstream on a labelled clip folder (Speech Commands).
     Probe(cmd::probe::Args),
+    /// Export a checkpoint as a HuggingFace `HubertModel` directory (from_pretrained, s3prl).
+    Export(cmd::export::Args),
+    /// Every hidden state of one audio file, to check a checkpoint against transformers.
+    Embed(cmd::embed::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,6 +63,8 @@ fn main() -> std::process::ExitCode {
         Command::Distill(a) => cmd::distill::run(a),
         Command::Mvq(a) => cmd::mvq::run(a),
         Command::Probe(a) => cmd::probe::run(a),
+        Command::Export(a) => cmd::export::run(a),
+        Command::Embed(a) => cmd::embed::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

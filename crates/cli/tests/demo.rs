@@ -27,6 +27,19 @@ fn quick_demo_runs_and_resumes() {
         "kmeans/codebook.safetensors",
         "pretrain/hf/model.safetensors",
         "pretrain/metrics.jsonl",
+        "pretrain/curves.png",
+        "distill/hf/model.safetensors",
+        "distill/curves.png",
+        "probe/teacher/probe.json",
+        "probe/student/confusion.png",
+        "probe/random/probe.json",
+        "report/report.md",
+        "report/summary.json",
+        "report/pretrain_curves.png",
+        "report/distill_curves.png",
+        "report/probe_teacher_confusion.png",
+        "report/hf/teacher/config.json",
+        "report/hf/student/model.safetensors",
     ] {
         assert!(out.path().join(f).is_file(), "missing {f}");
     }
@@ -38,8 +51,43 @@ fn quick_demo_runs_and_resumes() {
         summary["final_train_loss"].as_f64().unwrap()
             < summary["first_round_train_loss"].as_f64().unwrap()
     );
+    // The client folders train; the extra speaker group is the server's distillation set only.
+    assert!(
+        out.path()
+            .join("partition/client_10/manifest.csv")
+            .is_file()
+    );
+    let pre_metrics = std::fs::read_to_string(out.path().join("pretrain/metrics.jsonl")).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(pre_metrics.lines().last().unwrap()).unwrap();
+    let who: Vec<u64> = last["participated"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(who.len(), 10, "{who:?}");
+    assert!(
+        who.iter().all(|&c| c < 10),
+        "server set trained as a client: {who:?}"
+    );
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("report/summary.json")).unwrap(),
+    )
+    .unwrap();
+    for m in ["teacher", "student", "random"] {
+        let acc = report["probe"][m]["cv_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{m}: {acc}");
+    }
+    let md = std::fs::read_to_string(out.path().join("report/report.md")).unwrap();
+    assert!(
+        md.contains("| random |") && md.contains("server-side distillation"),
+        "{md}"
+    );
+    assert!(text.contains("speech commands"), "{text}");
     let second = run();
     let text = String::from_utf8_lossy(&second.stdout);
     assert!(second.status.success());
-    assert_eq!(text.matches("already done").count(), 4, "{text}");
+    // prepare, features, kmeans, pretrain, distill and the three probes.
+    assert_eq!(text.matches("already done").count(), 8, "{text}");
 }

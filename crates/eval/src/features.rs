@@ -107,3 +107,37 @@ pub fn extract_pooled(
         data,
     })
 }
+
+/// Every hidden state of one utterance, as `transformers`' `HubertModel(input_values,
+/// output_hidden_states=True)` returns them: `hidden_states` (`num_hidden_layers + 1` tensors
+/// `[1, T, H]`), then `last_hidden_state`. `wave` is used as given (normalise it first for
+/// `do_normalize` upstreams).
+pub fn hidden_states(
+    model: &HubertModel,
+    wave: &[f32],
+) -> Result<
+    (
+        Vec<fedhubert_model::HostTensor>,
+        fedhubert_model::HostTensor,
+    ),
+    EvalError,
+> {
+    let device = model.masked_spec_embed.device();
+    let wav = Tensor::<2>::from_data(TensorData::new(wave.to_vec(), [1, wave.len()]), &device);
+    let out = model.forward(wav, None, None)?;
+    let host = |t: Tensor<3>| -> Result<fedhubert_model::HostTensor, EvalError> {
+        let shape = t.dims().to_vec();
+        let data = t
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| EvalError::Config(format!("cannot read a hidden state: {e:?}")))?;
+        Ok(fedhubert_model::HostTensor { shape, data })
+    };
+    let hs = out
+        .hidden_states
+        .into_iter()
+        .map(host)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((hs, host(out.last_hidden_state)?))
+}

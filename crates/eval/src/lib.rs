@@ -36,13 +36,13 @@ mod run;
 
 pub use data::{Clip, LabelledClips, LoadConfig, load_labelled_dir, speaker_of};
 pub use error::EvalError;
-pub use features::{PooledFeatures, extract_pooled};
+pub use features::{PooledFeatures, extract_pooled, hidden_states, normalize_wave};
 pub use finetune::{FinetuneConfig, FinetuneOutcome, finetune};
 pub use head::{HeadConfig, HeadKind, ProbeHead, TrainOutcome, evaluate_head, train_probe};
 pub use report::{
-    CELL_PX, ConfusionMatrix, FinetuneSummary, ProbeReport, SplitSummary, confusion_png,
-    confusion_png_size, write_report,
+    CELL_PX, ConfusionMatrix, CrossValidation, FinetuneSummary, ProbeReport, SplitSummary,
+    confusion_png, confusion_png_size, write_report,
 };
 pub use run::{ProbeConfig, probe};
-pub use split::{DataSplit, SplitConfig, split_clips};
+pub use split::{DataSplit, SplitConfig, kfold_splits, split_clips};
 pub use upstream::{UpstreamSpec, arch_config, load_upstream};

@@ -174,6 +174,21 @@ pub struct ProbeReport {
     pub extract_seconds: f64,
     pub train_seconds: f64,
     pub finetune: Option<FinetuneSummary>,
+    /// k-fold cross-validation of the frozen probe, when asked for.
+    #[serde(default)]
+    pub cross_validation: Option<CrossValidation>,
+}
+
+/// Cross-validated accuracy: every clip tested once, by a head that never saw its speaker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CrossValidation {
+    pub folds: usize,
+    /// Accuracy over all clips (pooled over the folds).
+    pub accuracy: f64,
+    pub fold_accuracies: Vec<f64>,
+    /// Sample standard deviation of the fold accuracies.
+    pub fold_std: f64,
+    pub confusion: ConfusionMatrix,
 }
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.

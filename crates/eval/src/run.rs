@@ -5,8 +5,8 @@ use std::time::Instant;
 use fedhubert_model::HubertModel;
 use serde::{Deserialize, Serialize};
 
-use crate::report::{ConfusionMatrix, ProbeReport, SplitSummary};
-use crate::split::speakers_per_split;
+use crate::report::{ConfusionMatrix, CrossValidation, ProbeReport, SplitSummary};
+use crate::split::{kfold_splits, speakers_per_split};
 use crate::{
     EvalError, FinetuneConfig, HeadConfig, LabelledClips, SplitConfig, extract_pooled, finetune,
     split_clips, train_probe,
@@ -25,6 +25,9 @@ pub struct ProbeConfig {
     pub extract_batch: usize,
     /// Fine-tune upstream + head after the frozen probe (slow; off by default).
     pub finetune: Option<FinetuneConfig>,
+    /// Also run k-fold cross-validation of the frozen probe (0 = off; else >= 3).
+    #[serde(default)]
+    pub folds: usize,
 }
 
 impl Default for ProbeConfig {
@@ -36,13 +39,15 @@ impl Default for ProbeConfig {
             head: HeadConfig::default(),
             extract_batch: 8,
             finetune: None,
+            folds: 0,
         }
     }
 }
 
 /// SUPERB-style probe of a frozen `upstream` on `data`: seeded split ([`split_clips`]), pooled
 /// hidden states of every clip extracted once ([`extract_pooled`]), head trained on train and
-/// selected on validation ([`train_probe`]), test accuracy and confusion matrix measured.
+/// selected on validation ([`train_probe`]), test accuracy and confusion matrix measured; with
+/// `cfg.folds`, the same head is also cross-validated ([`kfold_splits`]) on the same features.
 pub fn probe(
     upstream: &HubertModel,
     data: &LabelledClips,
@@ -105,6 +110,47 @@ pub fn probe(
         Some(fc) => Some(finetune(upstream, &out.head, data, &split, fc)?.summary),
         None => None,
     };
+    let cross_validation = if cfg.folds > 0 {
+        let splits = kfold_splits(data, cfg.folds, cfg.split.seed)?;
+        let mut pairs = Vec::with_capacity(n);
+        let mut fold_accuracies = Vec::with_capacity(splits.len());
+        for sp in &splits {
+            let o = train_probe(
+                &feats,
+                &labels,
+                data.classes.len(),
+                &sp.train,
+                &sp.valid,
+                &cfg.head,
+            )?;
+            let p: Vec<(usize, usize)> = sp
+                .test
+                .iter()
+                .map(|&i| (labels[i], o.head.predict(feats.clip(i))))
+                .collect();
+            fold_accuracies
+                .push(p.iter().filter(|(a, b)| a == b).count() as f64 / p.len().max(1) as f64);
+            pairs.extend(p);
+        }
+        let cm = ConfusionMatrix::from_pairs(data.classes.clone(), pairs.into_iter());
+        let k = fold_accuracies.len() as f64;
+        let mean = fold_accuracies.iter().sum::<f64>() / k;
+        let std = (fold_accuracies
+            .iter()
+            .map(|a| (a - mean).powi(2))
+            .sum::<f64>()
+            / (k - 1.0).max(1.0))
+        .sqrt();
+        Some(CrossValidation {
+            folds: cfg.folds,
+            accuracy: cm.accuracy(),
+            fold_accuracies,
+            fold_std: std,
+            confusion: cm,
+        })
+    } else {
+        None
+    };
     let sizes = split.parts().map(|p| p.len());
     Ok(ProbeReport {
         task: cfg.task.clone(),
@@ -133,5 +179,6 @@ pub fn probe(
         extract_seconds,
         train_seconds,
         finetune: finetune_summary,
+        cross_validation,
     })
 }

@@ -134,3 +134,135 @@ pub fn speakers_per_split(data: &LabelledClips, split: &DataSplit) -> [usize; 3]
             .len()
     })
 }
+
+/// `k` cross-validation splits: the clips are dealt into `k` folds (whole speaker groups when
+/// [`LabelledClips::has_speakers`], largest group to the smallest fold; else each class
+/// round-robin), and split `f` tests on fold `f`, selects on fold `f + 1` and trains on the rest.
+/// Every clip is tested exactly once over the `k` splits, which is what makes the accuracy of a
+/// few hundred clips worth reading.
+pub fn kfold_splits(
+    data: &LabelledClips,
+    k: usize,
+    seed: u64,
+) -> Result<Vec<DataSplit>, EvalError> {
+    if k < 3 {
+        return Err(EvalError::Split(format!(
+            "cross-validation needs at least 3 folds (test, valid, train), got {k}"
+        )));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xF01D_5EED);
+    let n = data.clips.len();
+    let mut folds: Vec<Vec<usize>> = vec![Vec::new(); k];
+    let speaker_disjoint = data.has_speakers();
+    if speaker_disjoint {
+        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, c) in data.clips.iter().enumerate() {
+            groups
+                .entry(c.speaker.as_deref().unwrap_or_default())
+                .or_default()
+                .push(i);
+        }
+        if groups.len() < k {
+            return Err(EvalError::Split(format!(
+                "{} speakers cannot fill {k} speaker-disjoint folds",
+                groups.len()
+            )));
+        }
+        let mut groups: Vec<Vec<usize>> = groups.into_values().collect();
+        groups.shuffle(&mut rng);
+        groups.sort_by_key(|g| std::cmp::Reverse(g.len()));
+        for g in groups {
+            let f = (0..k).min_by_key(|&f| (folds[f].len(), f)).unwrap_or(0);
+            folds[f].extend(g);
+        }
+    } else {
+        let mut next = 0;
+        for class in 0..data.classes.len() {
+            let mut idx: Vec<usize> = (0..n).filter(|&i| data.clips[i].label == class).collect();
+            idx.shuffle(&mut rng);
+            for i in idx {
+                folds[next % k].push(i);
+                next += 1;
+            }
+        }
+    }
+    if let Some(f) = folds.iter().position(|f| f.is_empty()) {
+        return Err(EvalError::Split(format!(
+            "fold {f} of {k} is empty ({n} clips)"
+        )));
+    }
+    Ok((0..k)
+        .map(|f| {
+            let v = (f + 1) % k;
+            let mut train: Vec<usize> = (0..k)
+                .filter(|&g| g != f && g != v)
+                .flat_map(|g| folds[g].iter().copied())
+                .collect();
+            train.sort_unstable();
+            let (mut valid, mut test) = (folds[v].clone(), folds[f].clone());
+            valid.sort_unstable();
+            test.sort_unstable();
+            DataSplit {
+                train,
+                valid,
+                test,
+                speaker_disjoint,
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod kfold_tests {
+    use super::*;
+    use crate::data::Clip;
+
+    fn clips(speakers: bool) -> LabelledClips {
+        let mut c = Vec::new();
+        for label in 0..4 {
+            for j in 0..12 {
+                c.push(Clip {
+                    path: format!("w{label}/{j}.wav").into(),
+                    label,
+                    speaker: speakers.then(|| format!("spk{}", j % 6)),
+                    samples: vec![0.0; 4],
+                });
+            }
+        }
+        LabelledClips {
+            root: "x".into(),
+            classes: (0..4).map(|i| format!("w{i}")).collect(),
+            clips: c,
+        }
+    }
+
+    #[test]
+    fn every_clip_is_tested_once_and_folds_keep_speakers_apart() {
+        for speakers in [true, false] {
+            let d = clips(speakers);
+            let s = kfold_splits(&d, 5, 3).unwrap();
+            let mut tested: Vec<usize> = s.iter().flat_map(|x| x.test.clone()).collect();
+            tested.sort_unstable();
+            assert_eq!(tested, (0..d.clips.len()).collect::<Vec<_>>());
+            for x in &s {
+                let mut all: Vec<usize> = x.parts().concat();
+                all.sort_unstable();
+                assert_eq!(all.len(), d.clips.len(), "a clip in two parts or none");
+                all.dedup();
+                assert_eq!(all.len(), d.clips.len());
+                if speakers {
+                    assert_eq!(
+                        speakers_per_split(&d, x).iter().sum::<usize>(),
+                        6,
+                        "a speaker in two parts"
+                    );
+                }
+            }
+        }
+        assert!(
+            kfold_splits(&clips(true), 7, 0).is_err(),
+            "6 speakers, 7 folds"
+        );
+        assert!(kfold_splits(&clips(true), 2, 0).is_err());
+    }
+}

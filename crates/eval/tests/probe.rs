@@ -260,6 +260,7 @@ fn probe_separates_pure_tones_with_a_random_tiny_upstream() {
                 kind,
                 ..Default::default()
             },
+            folds: 4,
             ..Default::default()
         };
         let r = probe(&tiny_random(), &data, &cfg).unwrap();
@@ -273,6 +274,18 @@ fn probe_separates_pure_tones_with_a_random_tiny_upstream() {
             r.test_accuracy
         );
         assert_eq!(r.confusion.row_sums(), vec![3, 3]);
+        let cv = r.cross_validation.as_ref().unwrap();
+        assert_eq!(cv.fold_accuracies.len(), 4);
+        assert_eq!(
+            cv.confusion.row_sums(),
+            vec![20, 20],
+            "every clip tested once"
+        );
+        assert!(
+            cv.accuracy >= 0.9,
+            "{kind:?}: cross-validated accuracy {}",
+            cv.accuracy
+        );
     }
 }
 

@@ -255,8 +255,8 @@ impl LocalTrainer {
                 .clone()
                 .into_data()
                 .convert::<f64>()
-                .to_vec::<f64>()
-                .expect("loss")[0];
+                .try_to_vec::<f64>()
+                .map_err(|e| TrainError::Diverged(format!("cannot read the loss: {e:?}")))?[0];
             if !loss_val.is_finite() {
                 return Err(TrainError::Diverged(format!(
                     "loss is {loss_val} at lr {lr}"
@@ -542,8 +542,8 @@ pub fn evaluate_model(
             .loss
             .into_data()
             .convert::<f64>()
-            .to_vec::<f64>()
-            .expect("loss")[0];
+            .try_to_vec::<f64>()
+            .map_err(|e| TrainError::Diverged(format!("cannot read the loss: {e:?}")))?[0];
         let w = out.count_masked as f64;
         m.loss += loss * w;
         m.loss_masked += out.loss_masked * w;

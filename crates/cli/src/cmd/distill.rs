@@ -231,7 +231,7 @@ pub fn distill(
     let on_round = |r: &RoundRecord| {
         bar.set_position(r.round);
         let g = |k: &str| r.train.get(k).copied().unwrap_or(f64::NAN);
-        bar.println(format!(
+        bar.suspend(|| println!(
             "round {:>3}: client loss {:.4} (distill {:.4}, mlm {:.4}, kl {:.4}, feature {:.4}, mvq_ce {:.4}) | clients {} ok, {} failed | up {:.2} MB down {:.2} MB",
             r.round,
             g("loss"),
@@ -431,6 +431,29 @@ pub fn distill(
     fedhubert_fl::atomic_write(
         &out.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    let server_series = server_log
+        .iter()
+        .flat_map(|log| {
+            [
+                (
+                    "server KD loss, first step",
+                    "#9467bd",
+                    log.iter().map(|r| (r.round as f64, r.first.loss)).collect(),
+                ),
+                (
+                    "server KD loss, last step",
+                    "#ff7f0e",
+                    log.iter().map(|r| (r.round as f64, r.last.loss)).collect(),
+                ),
+            ]
+        })
+        .collect();
+    crate::plot::curves_with(
+        &history,
+        server_series,
+        &format!("fedhubert distillation ({mode:?})"),
+        &out.join("curves.png"),
     )?;
     Ok(summary)
 }

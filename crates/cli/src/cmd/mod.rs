@@ -1,5 +1,7 @@
 pub mod demo;
 pub mod distill;
+pub mod embed;
+pub mod export;
 pub mod features;
 pub mod kmeans;
 pub mod mvq;

@@ -71,7 +71,12 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
     }
 }
 
+/// The client folders of a partition, or `root` itself when it is one client folder (a single
+/// manifest with labels: what `--centralized` trains on).
 pub fn client_dirs(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if root.join("manifest.csv").is_file() {
+        return Ok(vec![root.to_path_buf()]);
+    }
     let mut dirs = Vec::new();
     for k in 0.. {
         let d = root.join(format!("client_{k}"));

@@ -53,6 +53,10 @@ pub struct Args {
     /// `random` upstream: HF config.json (overrides --arch).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Also cross-validate the frozen probe over this many folds (speaker-disjoint; every clip
+    /// tested once). 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub folds: usize,
     /// Clips per upstream forward pass during extraction.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -109,6 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ..Default::default()
         },
         extract_batch: args.batch,
+        folds: args.folds,
         finetune: args.finetune.then(|| FinetuneConfig {
             epochs: args.finetune_epochs,
             upstream_lr: args.finetune_lr,
@@ -148,6 +153,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         r.best_epoch,
         r.epochs_run
     );
+    if let Some(cv) = &r.cross_validation {
+        println!(
+            "{}-fold cross-validation: accuracy {:.3} over all {} clips (folds {:.3} +- {:.3})",
+            cv.folds,
+            cv.accuracy,
+            cv.confusion.row_sums().iter().sum::<usize>(),
+            cv.fold_accuracies.iter().sum::<f64>() / cv.folds as f64,
+            cv.fold_std
+        );
+    }
     let w: Vec<String> = r.layer_weights.iter().map(|w| format!("{w:.3}")).collect();
     println!("layer weights [{}]", w.join(", "));
     if let Some(f) = &r.finetune {

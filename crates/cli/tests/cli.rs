@@ -1,0 +1,304 @@
+//! The subcommands through the real binary on the bundled sample: a tiny teacher is pretrained
+//! once, then exported, embedded and distilled with each of the three methods.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fedhubert(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fedhubert"))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = fedhubert(args);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "fedhubert {}\n{out}\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+fn fail(args: &[&str]) -> String {
+    let o = fedhubert(args);
+    assert!(
+        !o.status.success(),
+        "fedhubert {} should fail",
+        args.join(" ")
+    );
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+/// partition (3 clients + a server-side set) -> MFCC -> federated k-means -> 2 rounds of a tiny teacher.
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().to_path_buf();
+        let s = |x: &Path| x.to_str().unwrap().to_string();
+        let parts = s(&p.join("parts"));
+        ok(&[
+            "prepare",
+            "--data",
+            "assets/librispeech-sample",
+            "--out",
+            &parts,
+            "--num-clients",
+            "4",
+        ]);
+        ok(&["features", "--clients", &parts]);
+        ok(&[
+            "kmeans",
+            "--clients",
+            &parts,
+            "--mode",
+            "federated",
+            "--k",
+            "20",
+            "--out",
+            &s(&p.join("km")),
+        ]);
+        ok(&[
+            "pretrain",
+            "--simulation",
+            "--config",
+            "configs/tiny.yaml",
+            "--clients",
+            &parts,
+            "--out",
+            &s(&p.join("teacher")),
+            "--num-clients",
+            "3",
+            "--num-rounds",
+            "2",
+            "--set",
+            "pretraining.vocab_size=20",
+            "--set",
+            "pretraining.local_steps=2",
+        ]);
+        Fixture { _dir: dir, path: p }
+    })
+}
+
+fn read(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let d = t
+                .data()
+                .chunks(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (n, t.shape().to_vec(), d)
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn export_writes_a_huggingface_directory_and_embed_matches_it() {
+    let f = fixture();
+    let ckpt = f.path.join("teacher/model.safetensors");
+    let hf = f.path.join("export");
+    let text = ok(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(text.contains("bit-exact"), "{text}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "hubert");
+    assert_eq!(cfg["architectures"][0], "HubertModel");
+    let pre: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(hf.join("preprocessor_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(pre["sampling_rate"], 16000);
+    assert_eq!(pre["do_normalize"], false);
+    let names: Vec<String> = read(&hf.join("model.safetensors"))
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
+    for n in [
+        "encoder.pos_conv_embed.conv.parametrizations.weight.original0",
+        "encoder.pos_conv_embed.conv.parametrizations.weight.original1",
+        "feature_extractor.conv_layers.0.conv.weight",
+        "encoder.layers.1.attention.q_proj.weight",
+        "masked_spec_embed",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
+    }
+    assert!(
+        !names.iter().any(|n| n.starts_with("final_proj")),
+        "head in HubertModel weights"
+    );
+
+    // The checkpoint and its export give the same hidden states, bit for bit.
+    let audio = walk_first_flac(&root().join("assets/librispeech-sample"));
+    let (a, b) = (f.path.join("a.safetensors"), f.path.join("b.safetensors"));
+    for (src, dst) in [(&ckpt, &a), (&hf, &b)] {
+        let t = ok(&[
+            "embed",
+            "--checkpoint",
+            src.to_str().unwrap(),
+            "--audio",
+            audio.to_str().unwrap(),
+            "--out",
+            dst.to_str().unwrap(),
+        ]);
+        assert!(t.contains("frames"), "{t}");
+    }
+    let (ta, tb) = (read(&a), read(&b));
+    assert_eq!(
+        ta.len(),
+        1 + 3 + 1,
+        "input_values, hidden_states.0..2, last_hidden_state"
+    );
+    assert_eq!(ta, tb);
+    let last = ta.iter().find(|t| t.0 == "last_hidden_state").unwrap();
+    let hs2 = ta.iter().find(|t| t.0 == "hidden_states.2").unwrap();
+    assert_eq!(last.1[0], 1);
+    assert_eq!(last.1[2], 128);
+    assert_eq!(
+        last.2, hs2.2,
+        "post-LN: the last hidden state is hidden_states[-1]"
+    );
+    assert!(last.2.iter().all(|v| v.is_finite()));
+
+    // Bad input names the file.
+    let err = fail(&[
+        "export",
+        "--checkpoint",
+        "/nonexistent/x.safetensors",
+        "--out",
+        "/tmp/x",
+    ]);
+    assert!(err.contains("/nonexistent/x.safetensors"), "{err}");
+    let err = fail(&[
+        "embed",
+        "--checkpoint",
+        hf.to_str().unwrap(),
+        "--audio",
+        "README.md",
+        "--out",
+        f.path.join("c.safetensors").to_str().unwrap(),
+    ]);
+    assert!(err.contains("README.md"), "{err}");
+}
+
+fn walk_first_flac(dir: &Path) -> PathBuf {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|e| e == "flac") {
+                return p;
+            }
+        }
+    }
+    panic!("no flac under {}", dir.display())
+}
+
+fn distill(mode: &str) -> serde_json::Value {
+    let f = fixture();
+    let out = f.path.join(format!("distill-{mode}"));
+    let parts = f.path.join("parts");
+    let text = ok(&[
+        "distill",
+        "--mode",
+        mode,
+        "--config",
+        "configs/tiny_student.yaml",
+        "--teacher",
+        f.path.join("teacher/model.safetensors").to_str().unwrap(),
+        "--clients",
+        parts.to_str().unwrap(),
+        "--server-set",
+        parts.join("client_3").to_str().unwrap(),
+        "--num-clients",
+        "3",
+        "--num-rounds",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "pretraining.local_steps=3",
+        "--set",
+        "distillation.server_steps=3",
+        "--set",
+        "distillation.mvq.max_frames=4000",
+    ]);
+    assert!(text.contains("round   2"), "{text}");
+    for f in [
+        "student.safetensors",
+        "hf/model.safetensors",
+        "hf/config.json",
+        "curves.png",
+        "metrics.jsonl",
+    ] {
+        assert!(out.join(f).is_file(), "{mode}: missing {f}");
+    }
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn distill_server_mode_runs_from_the_cli() {
+    let s = distill("server");
+    let log = &s["server_distillation"];
+    let (a, b) = (
+        log["first_round_first_step"]["loss"].as_f64().unwrap(),
+        log["last_round_last_step"]["loss"].as_f64().unwrap(),
+    );
+    assert!(b < a, "server distillation loss {a} -> {b}");
+    assert!(s["bytes_up"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn distill_client_mode_runs_from_the_cli() {
+    let s = distill("client");
+    let m = &s["final_round_client_metrics"];
+    assert!(m["kl"].as_f64().unwrap().is_finite() && m["feature_mse"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn distill_mvq_mode_runs_from_the_cli() {
+    let s = distill("mvq");
+    let q = &s["quantizer"];
+    assert_eq!(q["bytes_per_frame"], 4);
+    let e = q["rel_error"].as_f64().unwrap();
+    assert!(e > 0.0 && e < 1.0, "relative reconstruction error {e}");
+    assert!(
+        s["final_round_client_metrics"]["mvq_ce"]
+            .as_f64()
+            .unwrap()
+            .is_finite()
+    );
+}
