@@ -287,7 +287,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "{:<28} {:>10} {:>10} {:>10} {:>12.1} {:>12.1}",
         "teacher (federated MLM)",
-        pre["parameters"],
+        pre["parameters"].to_string(),
         fmt(&pre["first_round_train_loss"]),
         fmt(&pre["final_train_loss"]),
         mb(&pre["bytes_up"]),
@@ -296,7 +296,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "{:<28} {:>10} {:>10} {:>10} {:>12.1} {:>12.1}",
         "student (server-side KD)",
-        dis["student_parameters_with_head"],
+        dis["student_parameters_with_head"].to_string(),
         fmt(&dis["server_distillation"]["first_round_first_step"]["loss"]),
         fmt(&dis["server_distillation"]["last_round_last_step"]["loss"]),
         mb(&dis["bytes_up"]),
