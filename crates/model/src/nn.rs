@@ -167,11 +167,37 @@ impl LayerNorm {
     /// torch `GroupNorm(C, C)` semantics on `[B, C, T]`: each (batch, channel) row is normalised
     /// over time, then scaled / shifted per channel.
     pub fn forward_group_per_channel(&self, x: Tensor<3>) -> Tensor<3> {
-        let (var, mean) = x.clone().var_mean_bias(2);
-        let x = (x - mean) / (var + self.eps).sqrt();
+        let d = x.clone() - blocked_mean_time(x);
+        let var = blocked_mean_time(d.clone() * d.clone());
+        let x = d / (var + self.eps).sqrt();
         let c = self.weight.dims()[0];
         x * self.weight.val().reshape([1, c, 1]) + self.bias.val().reshape([1, c, 1])
     }
+}
+
+/// Mean over the time axis of `[B, C, T]`, summed in blocks of 64 frames and then over the
+/// blocks. A plain running f32 sum over the 32k frames that the first conv layer makes of a 10 s
+/// clip loses about 1e-5 relative (3e-4 absolute in the hidden states against transformers);
+/// blocked sums keep the GroupNorm statistics at torch's accuracy.
+fn blocked_mean_time(x: Tensor<3>) -> Tensor<3> {
+    const BLOCK: usize = 64;
+    let [b, c, t] = x.dims();
+    if t <= 2 * BLOCK {
+        return x.mean_dim(2);
+    }
+    let nb = t.div_ceil(BLOCK);
+    let pad = nb * BLOCK - t;
+    let x = if pad > 0 {
+        let device = x.device();
+        Tensor::cat(vec![x, Tensor::zeros([b, c, pad], &device)], 2)
+    } else {
+        x
+    };
+    x.reshape([b, c, nb, BLOCK])
+        .sum_dim(3)
+        .sum_dim(2)
+        .reshape([b, c, 1])
+        / t as f64
 }
 
 // Mirrors torch.nn.Conv1d.
