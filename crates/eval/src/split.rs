@@ -62,20 +62,13 @@ pub fn split_clips(data: &LabelledClips, cfg: &SplitConfig) -> Result<DataSplit,
     let mut parts: [Vec<usize>; 3] = Default::default();
     let speaker_disjoint = data.has_speakers();
     if speaker_disjoint {
-        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        for (i, c) in data.clips.iter().enumerate() {
-            groups
-                .entry(c.speaker.as_deref().unwrap_or_default())
-                .or_default()
-                .push(i);
-        }
+        let mut groups = speaker_groups(data);
         if groups.len() < 3 {
             return Err(EvalError::Split(format!(
                 "{} speaker(s) found; a speaker-disjoint split needs at least 3",
                 groups.len()
             )));
         }
-        let mut groups: Vec<Vec<usize>> = groups.into_values().collect();
         groups.shuffle(&mut rng);
         groups.sort_by_key(|g| std::cmp::Reverse(g.len()));
         let target = [n as f64 * (1.0 - fv - ft), n as f64 * fv, n as f64 * ft];
@@ -125,6 +118,18 @@ pub fn split_clips(data: &LabelledClips, cfg: &SplitConfig) -> Result<DataSplit,
     })
 }
 
+/// Clip indices grouped by speaker, in speaker-id order.
+fn speaker_groups(data: &LabelledClips) -> Vec<Vec<usize>> {
+    let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, c) in data.clips.iter().enumerate() {
+        groups
+            .entry(c.speaker.as_deref().unwrap_or_default())
+            .or_default()
+            .push(i);
+    }
+    groups.into_values().collect()
+}
+
 /// Distinct speakers in each of `[train, valid, test]` (0s when clips have no speaker ids).
 pub fn speakers_per_split(data: &LabelledClips, split: &DataSplit) -> [usize; 3] {
     split.parts().map(|p| {
@@ -155,20 +160,13 @@ pub fn kfold_splits(
     let mut folds: Vec<Vec<usize>> = vec![Vec::new(); k];
     let speaker_disjoint = data.has_speakers();
     if speaker_disjoint {
-        let mut groups: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        for (i, c) in data.clips.iter().enumerate() {
-            groups
-                .entry(c.speaker.as_deref().unwrap_or_default())
-                .or_default()
-                .push(i);
-        }
+        let mut groups = speaker_groups(data);
         if groups.len() < k {
             return Err(EvalError::Split(format!(
                 "{} speakers cannot fill {k} speaker-disjoint folds",
                 groups.len()
             )));
         }
-        let mut groups: Vec<Vec<usize>> = groups.into_values().collect();
         groups.shuffle(&mut rng);
         groups.sort_by_key(|g| std::cmp::Reverse(g.len()));
         for g in groups {
