@@ -39,6 +39,8 @@ enum Command {
     Mvq(cmd::mvq::Args),
     /// SUPERB-style probe of an upstream on a labelled clip folder (Speech Commands).
     Probe(cmd::probe::Args),
+    /// Time forward / training step / MFCC / aggregation and write a JSON report.
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Distill(a) => cmd::distill::run(a),
         Command::Mvq(a) => cmd::mvq::run(a),
         Command::Probe(a) => cmd::probe::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

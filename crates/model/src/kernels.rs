@@ -1,0 +1,252 @@
+//! The conv front-end's 1-D convolution as a burn backend extension: `fedhubert-kernels`'
+//! im2col + GEMM kernels on the Flex (CPU) backend, with a hand-written backward (input and
+//! weight gradients) for `Autodiff<Flex>`.
+//!
+//! Why: burn's Flex backend runs conv1d through its generic conv3d path and the two backward
+//! passes through transposed convolutions; the front-end holds most of a small student's FLOPs,
+//! so those paths set the training step time. Other devices (CUDA) keep burn's own conv1d:
+//! [`conv1d`] picks the path from the input's device.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::{Autodiff, NodeId};
+use burn::backend::flex::FlexTensor;
+use burn::backend::ops::ModuleOps;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{
+    AutodiffBackend, Backend, Dispatch, DispatchDevice, Flex, TensorMetadata, backend_extension,
+};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{DType, Tensor, TensorData};
+use fedhubert_kernels::{self as k, Conv1dShape};
+
+/// Conv1d (no padding, dilation 1, one group, no bias) and its two gradients.
+#[backend_extension(Flex, Autodiff)]
+pub trait FrontEndOps: Backend {
+    /// `[B, C_in, T] x [C_out, C_in, K] -> [B, C_out, (T - K) / stride + 1]`.
+    fn fh_conv1d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+    ) -> FloatTensor<Self>;
+    /// Gradient of the input `[B, C_in, t_in]` given the output gradient.
+    fn fh_conv1d_x_backward(
+        grad: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        t_in: usize,
+    ) -> FloatTensor<Self>;
+    /// Gradient of the weight `[C_out, C_in, kernel]` given the input and output gradient.
+    fn fh_conv1d_weight_backward(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        stride: usize,
+        kernel: usize,
+    ) -> FloatTensor<Self>;
+}
+
+fn f32_vec_or_view(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(
+            t.to_contiguous()
+                .as_slice::<f32>()
+                .expect("contiguous f32")
+                .to_vec(),
+        ),
+    }
+}
+
+fn flex_out(v: Vec<f32>, shape: [usize; 3]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(v, shape))
+}
+
+fn opts(stride: usize) -> ConvOptions<1> {
+    ConvOptions::new([stride], [0], [1], 1)
+}
+
+impl FrontEndOps for Flex {
+    fn fh_conv1d(x: FlexTensor, weight: FlexTensor, stride: usize) -> FlexTensor {
+        if x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
+            return Flex::conv1d(x, weight, None, opts(stride));
+        }
+        let [b, c_in, t_in] = x.shape().dims();
+        let [c_out, _, kernel] = weight.shape().dims();
+        let s = Conv1dShape {
+            batch: b,
+            c_in,
+            c_out,
+            kernel,
+            stride,
+            t_in,
+        };
+        let mut y = vec![0f32; b * c_out * s.t_out()];
+        k::forward(&f32_vec_or_view(&x), &f32_vec_or_view(&weight), &s, &mut y);
+        flex_out(y, [b, c_out, s.t_out()])
+    }
+
+    fn fh_conv1d_x_backward(
+        grad: FlexTensor,
+        weight: FlexTensor,
+        stride: usize,
+        t_in: usize,
+    ) -> FlexTensor {
+        let [b, c_out, _] = grad.shape().dims();
+        let [_, c_in, kernel] = weight.shape().dims();
+        if grad.dtype() != DType::F32 || weight.dtype() != DType::F32 {
+            let x = FlexTensor::zeros([b, c_in, t_in].into(), grad.dtype());
+            return Flex::conv1d_x_backward(x, weight, grad, opts(stride));
+        }
+        let s = Conv1dShape {
+            batch: b,
+            c_in,
+            c_out,
+            kernel,
+            stride,
+            t_in,
+        };
+        let mut dx = vec![0f32; b * c_in * t_in];
+        k::backward_input(
+            &f32_vec_or_view(&grad),
+            &f32_vec_or_view(&weight),
+            &s,
+            &mut dx,
+        );
+        flex_out(dx, [b, c_in, t_in])
+    }
+
+    fn fh_conv1d_weight_backward(
+        x: FlexTensor,
+        grad: FlexTensor,
+        stride: usize,
+        kernel: usize,
+    ) -> FlexTensor {
+        let [b, c_in, t_in] = x.shape().dims();
+        let [_, c_out, _] = grad.shape().dims();
+        if x.dtype() != DType::F32 || grad.dtype() != DType::F32 {
+            let w = FlexTensor::zeros([c_out, c_in, kernel].into(), x.dtype());
+            return Flex::conv1d_weight_backward(x, w, grad, opts(stride));
+        }
+        let s = Conv1dShape {
+            batch: b,
+            c_in,
+            c_out,
+            kernel,
+            stride,
+            t_in,
+        };
+        let mut dw = vec![0f32; c_out * c_in * kernel];
+        k::backward_weight(&f32_vec_or_view(&x), &f32_vec_or_view(&grad), &s, &mut dw);
+        flex_out(dw, [c_out, c_in, kernel])
+    }
+}
+
+impl<B: Backend + FrontEndOps, C: CheckpointStrategy> FrontEndOps for Autodiff<B, C> {
+    fn fh_conv1d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Conv1dBackward;
+
+        impl<B: Backend + FrontEndOps> Backward<B, 2> for Conv1dBackward {
+            // (x, weight, stride, t_in, kernel)
+            type State = (NodeId, NodeId, usize, usize, usize);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_w] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x_state, w_state, stride, t_in, kernel) = ops.state;
+                let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+                let w = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(w_state);
+                if let Some(node) = node_x {
+                    let dx = B::fh_conv1d_x_backward(grad.clone(), w, stride, t_in);
+                    grads.register::<B>(node.id, dx);
+                }
+                if let Some(node) = node_w {
+                    let dw = B::fh_conv1d_weight_backward(x, grad, stride, kernel);
+                    grads.register::<B>(node.id, dw);
+                }
+            }
+        }
+
+        let t_in = x.primitive().shape()[2];
+        let kernel = weight.primitive().shape()[2];
+        match Conv1dBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let w_state = prep.checkpoint(&weight);
+                prep.finish(
+                    (x_state, w_state, stride, t_in, kernel),
+                    B::fh_conv1d(x.into_primitive(), weight.into_primitive(), stride),
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fh_conv1d(
+                x.into_primitive(),
+                weight.into_primitive(),
+                stride,
+            )),
+        }
+    }
+
+    // The gradients themselves are not differentiated again (no double backward in training).
+    fn fh_conv1d_x_backward(
+        grad: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        t_in: usize,
+    ) -> FloatTensor<Self> {
+        let out =
+            B::fh_conv1d_x_backward(grad.into_primitive(), weight.into_primitive(), stride, t_in);
+        <Self as AutodiffBackend>::from_inner(out)
+    }
+
+    fn fh_conv1d_weight_backward(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        stride: usize,
+        kernel: usize,
+    ) -> FloatTensor<Self> {
+        let out =
+            B::fh_conv1d_weight_backward(x.into_primitive(), grad.into_primitive(), stride, kernel);
+        <Self as AutodiffBackend>::from_inner(out)
+    }
+}
+
+/// Whether `device` (or the device under its autodiff wrapper) is burn's Flex CPU backend.
+pub fn is_flex(device: &burn::tensor::Device) -> bool {
+    matches!(
+        device.clone().inner().as_dispatch(),
+        DispatchDevice::Flex(_)
+    )
+}
+
+/// `conv1d(x, weight)` without padding or bias: our kernels on Flex, burn's op elsewhere.
+pub fn conv1d(x: Tensor<3>, weight: Tensor<3>, stride: usize) -> Tensor<3> {
+    if is_flex(&x.device()) {
+        Tensor::from_dispatch(<Dispatch as FrontEndOps>::fh_conv1d(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            stride,
+        ))
+    } else {
+        burn::tensor::module::conv1d(x, weight, None, opts(stride))
+    }
+}
+
+/// burn's own conv1d (the reference the kernels are tested against).
+pub fn conv1d_reference(x: Tensor<3>, weight: Tensor<3>, stride: usize) -> Tensor<3> {
+    burn::tensor::module::conv1d(x, weight, None, opts(stride))
+}
