@@ -16,6 +16,8 @@
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+pub mod act;
+
 /// Shape of one conv1d call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv1dShape {

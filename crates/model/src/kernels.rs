@@ -13,7 +13,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::flex::FlexTensor;
-use burn::backend::ops::ModuleOps;
+use burn::backend::ops::{ActivationOps, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{
     AutodiffBackend, Backend, Dispatch, DispatchDevice, Flex, TensorMetadata, backend_extension,
@@ -45,6 +45,10 @@ pub trait FrontEndOps: Backend {
         stride: usize,
         kernel: usize,
     ) -> FloatTensor<Self>;
+    /// Exact (erf) GELU.
+    fn fh_gelu(z: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `grad * gelu'(z)`.
+    fn fh_gelu_backward(z: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 fn f32_vec_or_view(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
@@ -141,6 +145,28 @@ impl FrontEndOps for Flex {
         k::backward_weight(&f32_vec_or_view(&x), &f32_vec_or_view(&grad), &s, &mut dw);
         flex_out(dw, [c_out, c_in, kernel])
     }
+
+    fn fh_gelu(z: FlexTensor) -> FlexTensor {
+        if z.dtype() != DType::F32 {
+            return Flex::gelu(z);
+        }
+        let shape = z.shape();
+        let zv = f32_vec_or_view(&z);
+        let mut y = vec![0f32; zv.len()];
+        k::act::gelu(&zv, &mut y);
+        FlexTensor::from_data(TensorData::new(y, shape))
+    }
+
+    fn fh_gelu_backward(z: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        if z.dtype() != DType::F32 || grad.dtype() != DType::F32 {
+            return Flex::gelu_backward(z, grad);
+        }
+        let shape = z.shape();
+        let (zv, gv) = (f32_vec_or_view(&z), f32_vec_or_view(&grad));
+        let mut dz = vec![0f32; zv.len()];
+        k::act::gelu_backward(&zv, &gv, &mut dz);
+        FlexTensor::from_data(TensorData::new(dz, shape))
+    }
 }
 
 impl<B: Backend + FrontEndOps, C: CheckpointStrategy> FrontEndOps for Autodiff<B, C> {
@@ -223,6 +249,46 @@ impl<B: Backend + FrontEndOps, C: CheckpointStrategy> FrontEndOps for Autodiff<B
             B::fh_conv1d_weight_backward(x.into_primitive(), grad.into_primitive(), stride, kernel);
         <Self as AutodiffBackend>::from_inner(out)
     }
+
+    fn fh_gelu(z: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GeluBackward;
+
+        impl<B: Backend + FrontEndOps> Backward<B, 1> for GeluBackward {
+            type State = NodeId;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [node] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let z = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(ops.state);
+                if let Some(node) = node {
+                    grads.register::<B>(node.id, B::fh_gelu_backward(z, grad));
+                }
+            }
+        }
+
+        match GeluBackward
+            .prepare::<C>([z.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let z_state = prep.checkpoint(&z);
+                prep.finish(z_state, B::fh_gelu(z.into_primitive()))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fh_gelu(z.into_primitive())),
+        }
+    }
+
+    fn fh_gelu_backward(z: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        let out = B::fh_gelu_backward(z.into_primitive(), grad.into_primitive());
+        <Self as AutodiffBackend>::from_inner(out)
+    }
 }
 
 /// Whether `device` (or the device under its autodiff wrapper) is burn's Flex CPU backend.
@@ -243,6 +309,15 @@ pub fn conv1d(x: Tensor<3>, weight: Tensor<3>, stride: usize) -> Tensor<3> {
         ))
     } else {
         burn::tensor::module::conv1d(x, weight, None, opts(stride))
+    }
+}
+
+/// Exact (erf) GELU: our vectorised kernel on Flex, burn's elsewhere.
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if is_flex(&x.device()) {
+        Tensor::from_dispatch(<Dispatch as FrontEndOps>::fh_gelu(x.into_dispatch()))
+    } else {
+        burn::tensor::activation::gelu(x)
     }
 }
 

@@ -3,7 +3,6 @@
 //! host-side seeded initialiser.
 
 use burn::module::{Flag, Module, Param};
-use burn::tensor::activation;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -217,5 +216,5 @@ impl Conv1d {
 
 /// Exact (erf) GELU, as `torch.nn.functional.gelu`.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    activation::gelu(x)
+    crate::kernels::gelu(x)
 }

@@ -104,3 +104,27 @@ fn strided_input_view() {
         "transposed input",
     );
 }
+
+#[test]
+fn gelu_matches_burn() {
+    let ad = cpu_device().autodiff();
+    let n = 3 * 7 * 1001;
+    let v: Vec<f32> = (0..n).map(|i| (i as f32 - n as f32 / 2.0) * 1e-3).collect();
+    let r: Vec<f32> = (0..n).map(|i| ((i % 11) as f32 - 5.0) * 0.3).collect();
+    let run = |ours: bool| {
+        let x =
+            Tensor::<3>::from_data(TensorData::new(v.clone(), [3, 7, 1001]), &ad).require_grad();
+        let rt = Tensor::<3>::from_data(TensorData::new(r.clone(), [3, 7, 1001]), &ad);
+        let y = if ours {
+            fedhubert_model::kernels::gelu(x.clone())
+        } else {
+            burn::tensor::activation::gelu(x.clone())
+        };
+        let grads = (y.clone() * rt).sum().backward();
+        (vals(y.inner()), vals(x.grad(&grads).unwrap()))
+    };
+    let (y1, g1) = run(true);
+    let (y0, g0) = run(false);
+    assert_close(&y1, &y0, "gelu");
+    assert_close(&g1, &g0, "gelu grad");
+}
