@@ -139,12 +139,14 @@ def time_case(warmup, repeat, fn):
     for _ in range(warmup):
         fn()
     times = []
+    c0 = time.process_time()
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    cpu = (time.process_time() - c0) / repeat
     peak = status_kib("VmHWM:") / 1024
-    return statistics.median(times), times, peak, before
+    return statistics.median(times), min(times), times, cpu, peak, before
 
 
 class Pretrain:
@@ -237,19 +239,22 @@ def main():
     results = {}
 
     def record(name, res, flops):
-        secs, times, peak, before = res
+        secs, tmin, times, cpu, peak, before = res
         gf = flops / secs / 1e9 if flops else 0.0
         print(
-            f"{name:<22} {secs:>8.4f} s  {audio_s / secs:>8.2f} s audio/s  {gf:>7.1f} GFLOP/s  "
-            f"peak RSS {peak:>7.1f} MiB (+{peak - before:.1f})",
+            f"{name:<22} {secs:>8.4f} s (min {tmin:.4f}, CPU {cpu:.3f} s)  {audio_s / secs:>8.2f} s audio/s  "
+            f"{gf:>7.1f} GFLOP/s  peak RSS {peak:>7.1f} MiB (+{peak - before:.1f})",
             file=sys.stderr,
         )
         results[name] = dict(
             median_s=secs,
+            min_s=tmin,
             times_s=times,
+            cpu_s_per_call=cpu,
             audio_s_per_s=audio_s / secs,
             gflop=flops / 1e9,
             gflop_per_s=gf,
+            gflop_per_s_at_min=flops / tmin / 1e9 if flops else 0.0,
             peak_rss_mib=peak,
             rss_before_mib=before,
         )

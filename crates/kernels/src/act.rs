@@ -70,8 +70,8 @@ fn gelu_grad_body(z: &[f32], dy: &[f32], dz: &mut [f32]) {
 }
 
 macro_rules! simd_dispatch {
-    ($name:ident, $body:ident, ($($arg:ident : $ty:ty),*)) => {
-        fn $name($($arg: $ty),*) {
+    ($vis:vis $name:ident, $body:ident, ($($arg:ident : $ty:ty),*)) => {
+        $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512dq,fma")]
@@ -96,8 +96,8 @@ macro_rules! simd_dispatch {
     };
 }
 
-simd_dispatch!(gelu_chunk, gelu_body, (z: &[f32], y: &mut [f32]));
-simd_dispatch!(gelu_grad_chunk, gelu_grad_body, (z: &[f32], dy: &[f32], dz: &mut [f32]));
+simd_dispatch!(pub(crate) gelu_chunk, gelu_body, (z: &[f32], y: &mut [f32]));
+simd_dispatch!(pub(crate) gelu_grad_chunk, gelu_grad_body, (z: &[f32], dy: &[f32], dz: &mut [f32]));
 
 /// `y = gelu(z)`.
 pub fn gelu(z: &[f32], y: &mut [f32]) {

@@ -17,6 +17,7 @@ use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
 pub mod act;
+pub mod norm;
 
 /// Shape of one conv1d call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

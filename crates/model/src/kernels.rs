@@ -20,6 +20,7 @@ use burn::backend::{
 };
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Tensor, TensorData};
+use fedhubert_kernels::norm::GroupNormShape;
 use fedhubert_kernels::{self as k, Conv1dShape};
 
 /// Conv1d (no padding, dilation 1, one group, no bias) and its two gradients.
@@ -49,6 +50,21 @@ pub trait FrontEndOps: Backend {
     fn fh_gelu(z: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `grad * gelu'(z)`.
     fn fh_gelu_backward(z: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `gelu(GroupNorm(C, C)(z))` on `[B, C, T]` with per-channel `gamma`, `beta` `[C]`.
+    fn fh_group_norm_gelu(
+        z: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
+    /// Gradients `(dz, dgamma, dbeta)` of [`FrontEndOps::fh_group_norm_gelu`].
+    fn fh_group_norm_gelu_backward(
+        z: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 fn f32_vec_or_view(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
@@ -166,6 +182,62 @@ impl FrontEndOps for Flex {
         let mut dz = vec![0f32; zv.len()];
         k::act::gelu_backward(&zv, &gv, &mut dz);
         FlexTensor::from_data(TensorData::new(dz, shape))
+    }
+
+    fn fh_group_norm_gelu(
+        z: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        eps: f64,
+    ) -> FlexTensor {
+        let [b, c, t] = z.shape().dims();
+        let s = GroupNormShape {
+            batch: b,
+            channels: c,
+            t,
+            eps,
+        };
+        let zv = f32_vec_or_view(&z);
+        let mut y = vec![0f32; zv.len()];
+        k::norm::forward(
+            &zv,
+            &f32_vec_or_view(&gamma),
+            &f32_vec_or_view(&beta),
+            &s,
+            &mut y,
+        );
+        flex_out(y, [b, c, t])
+    }
+
+    fn fh_group_norm_gelu_backward(
+        z: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        grad: FlexTensor,
+        eps: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let [b, c, t] = z.shape().dims();
+        let s = GroupNormShape {
+            batch: b,
+            channels: c,
+            t,
+            eps,
+        };
+        let zv = f32_vec_or_view(&z);
+        let mut dz = vec![0f32; zv.len()];
+        let (dg, db) = k::norm::backward(
+            &zv,
+            &f32_vec_or_view(&gamma),
+            &f32_vec_or_view(&beta),
+            &f32_vec_or_view(&grad),
+            &s,
+            &mut dz,
+        );
+        (
+            flex_out(dz, [b, c, t]),
+            FlexTensor::from_data(TensorData::new(dg, [c])),
+            FlexTensor::from_data(TensorData::new(db, [c])),
+        )
     }
 }
 
@@ -289,6 +361,92 @@ impl<B: Backend + FrontEndOps, C: CheckpointStrategy> FrontEndOps for Autodiff<B
         let out = B::fh_gelu_backward(z.into_primitive(), grad.into_primitive());
         <Self as AutodiffBackend>::from_inner(out)
     }
+
+    fn fh_group_norm_gelu(
+        z: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GroupNormGeluBackward;
+
+        impl<B: Backend + FrontEndOps> Backward<B, 3> for GroupNormGeluBackward {
+            type State = (NodeId, NodeId, NodeId, f64);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [node_z, node_g, node_b] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (zs, gs, bs, eps) = ops.state;
+                let z = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(zs);
+                let g = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(gs);
+                let b = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(bs);
+                let (dz, dg, db) = B::fh_group_norm_gelu_backward(z, g, b, grad, eps);
+                if let Some(node) = node_z {
+                    grads.register::<B>(node.id, dz);
+                }
+                if let Some(node) = node_g {
+                    grads.register::<B>(node.id, dg);
+                }
+                if let Some(node) = node_b {
+                    grads.register::<B>(node.id, db);
+                }
+            }
+        }
+
+        match GroupNormGeluBackward
+            .prepare::<C>([z.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let zs = prep.checkpoint(&z);
+                let gs = prep.checkpoint(&gamma);
+                let bs = prep.checkpoint(&beta);
+                prep.finish(
+                    (zs, gs, bs, eps),
+                    B::fh_group_norm_gelu(
+                        z.into_primitive(),
+                        gamma.into_primitive(),
+                        beta.into_primitive(),
+                        eps,
+                    ),
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fh_group_norm_gelu(
+                z.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                eps,
+            )),
+        }
+    }
+
+    fn fh_group_norm_gelu_backward(
+        z: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dz, dg, db) = B::fh_group_norm_gelu_backward(
+            z.into_primitive(),
+            gamma.into_primitive(),
+            beta.into_primitive(),
+            grad.into_primitive(),
+            eps,
+        );
+        (
+            <Self as AutodiffBackend>::from_inner(dz),
+            <Self as AutodiffBackend>::from_inner(dg),
+            <Self as AutodiffBackend>::from_inner(db),
+        )
+    }
 }
 
 /// Whether `device` (or the device under its autodiff wrapper) is burn's Flex CPU backend.
@@ -319,6 +477,35 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     } else {
         burn::tensor::activation::gelu(x)
     }
+}
+
+/// `gelu(GroupNorm(C, C)(z))` on `[B, C, T]` (torch semantics: each (utterance, channel) row
+/// normalised over time with biased variance, then scaled / shifted per channel), fused on Flex
+/// for f32, composed from burn ops elsewhere.
+pub fn group_norm_gelu(z: Tensor<3>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Tensor<3> {
+    if is_flex(&z.device()) && z.dtype() == DType::F32 {
+        Tensor::from_dispatch(<Dispatch as FrontEndOps>::fh_group_norm_gelu(
+            z.into_dispatch(),
+            gamma.into_dispatch(),
+            beta.into_dispatch(),
+            eps,
+        ))
+    } else {
+        group_norm_gelu_reference(z, gamma, beta, eps)
+    }
+}
+
+/// [`group_norm_gelu`] from burn ops (the reference for tests, and the non-Flex path).
+pub fn group_norm_gelu_reference(
+    z: Tensor<3>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+) -> Tensor<3> {
+    let (var, mean) = z.clone().var_mean_bias(2);
+    let x = (z - mean) / (var + eps).sqrt();
+    let c = gamma.dims()[0];
+    burn::tensor::activation::gelu(x * gamma.reshape([1, c, 1]) + beta.reshape([1, c, 1]))
 }
 
 /// burn's own conv1d (the reference the kernels are tested against).

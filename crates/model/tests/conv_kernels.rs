@@ -128,3 +128,46 @@ fn gelu_matches_burn() {
     assert_close(&y1, &y0, "gelu");
     assert_close(&g1, &g0, "gelu grad");
 }
+
+#[test]
+fn group_norm_gelu_matches_burn() {
+    use fedhubert_model::kernels::{group_norm_gelu, group_norm_gelu_reference};
+    let ad = cpu_device().autodiff();
+    let (b, c, t) = (3, 37, 801);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut rv = |n: usize, lo: f32, hi: f32| -> Vec<f32> {
+        (0..n).map(|_| lo + (hi - lo) * rng.random::<f32>()).collect()
+    };
+    // Rows with offsets and scales, so the normalisation matters.
+    let zv: Vec<f32> = rv(b * c * t, -1.0, 1.0)
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| v * (1.0 + (i / t % 5) as f32) + (i / t % 3) as f32)
+        .collect();
+    let (gv, bv, rvv) = (rv(c, 0.5, 1.5), rv(c, -0.5, 0.5), rv(b * c * t, -1.0, 1.0));
+    let run = |ours: bool| {
+        let z = Tensor::<3>::from_data(TensorData::new(zv.clone(), [b, c, t]), &ad).require_grad();
+        let g = Tensor::<1>::from_data(TensorData::new(gv.clone(), [c]), &ad).require_grad();
+        let be = Tensor::<1>::from_data(TensorData::new(bv.clone(), [c]), &ad).require_grad();
+        let r = Tensor::<3>::from_data(TensorData::new(rvv.clone(), [b, c, t]), &ad);
+        let y = if ours {
+            group_norm_gelu(z.clone(), g.clone(), be.clone(), 1e-5)
+        } else {
+            group_norm_gelu_reference(z.clone(), g.clone(), be.clone(), 1e-5)
+        };
+        let grads = (y.clone() * r).sum().backward();
+        let v1 = |t: Tensor<1>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        (
+            vals(y.inner()),
+            vals(z.grad(&grads).unwrap()),
+            v1(g.grad(&grads).unwrap()),
+            v1(be.grad(&grads).unwrap()),
+        )
+    };
+    let (y1, dz1, dg1, db1) = run(true);
+    let (y0, dz0, dg0, db0) = run(false);
+    assert_close(&y1, &y0, "group norm gelu");
+    assert_close(&dz1, &dz0, "group norm gelu: input grad");
+    assert_close(&dg1, &dg0, "group norm gelu: gamma grad");
+    assert_close(&db1, &db0, "group norm gelu: beta grad");
+}

@@ -152,22 +152,55 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Times `f` (`warmup` untimed calls, then `repeat` timed ones) and measures its peak RSS.
-fn time_case(warmup: usize, repeat: usize, mut f: impl FnMut()) -> (f64, Vec<f64>, f64, f64) {
+/// Process CPU time (user + system) in seconds, from /proc/self/stat (clock ticks of 10 ms).
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// One case's measurements.
+struct Timing {
+    median_s: f64,
+    min_s: f64,
+    times: Vec<f64>,
+    cpu_s: f64,
+    peak: f64,
+    before: f64,
+}
+
+/// Times `f` (`warmup` untimed calls, then `repeat` timed ones) and measures its peak RSS and
+/// its CPU time per call (the steadier figure when other processes share the cores).
+fn time_case(warmup: usize, repeat: usize, mut f: impl FnMut()) -> Timing {
     let before = rss_mib();
     reset_peak();
     for _ in 0..warmup {
         f();
     }
     let mut times = Vec::with_capacity(repeat);
+    let c0 = cpu_seconds();
     for _ in 0..repeat {
         let t0 = Instant::now();
         f();
         times.push(t0.elapsed().as_secs_f64());
     }
+    let cpu_s = (cpu_seconds() - c0) / repeat as f64;
     let peak = peak_rss_mib();
     let mut sorted = times.clone();
-    (median(&mut sorted), times, peak, before)
+    let median_s = median(&mut sorted);
+    Timing {
+        median_s,
+        min_s: sorted[0],
+        times,
+        cpu_s,
+        peak,
+        before,
+    }
 }
 
 fn synthetic_wavs(batch: usize, samples: usize, seed: u64) -> Vec<Vec<f32>> {
@@ -198,31 +231,30 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn record(
-        &mut self,
-        name: &str,
-        secs: f64,
-        times: Vec<f64>,
-        peak: f64,
-        before: f64,
-        flops: f64,
-    ) {
+    fn record(&mut self, name: &str, t: Timing, flops: f64) {
+        let secs = t.median_s;
         let gflops = if flops > 0.0 { flops / secs / 1e9 } else { 0.0 };
         eprintln!(
-            "{name:<22} {secs:>8.4} s  {:>8.2} s audio/s  {gflops:>7.1} GFLOP/s  peak RSS {peak:>7.1} MiB (+{:.1})",
+            "{name:<22} {secs:>8.4} s (min {:.4}, CPU {:.3} s)  {:>8.2} s audio/s  {gflops:>7.1} GFLOP/s  peak RSS {:>7.1} MiB (+{:.1})",
+            t.min_s,
+            t.cpu_s,
             self.audio_s / secs,
-            peak - before
+            t.peak,
+            t.peak - t.before
         );
         self.results.insert(
             name.to_string(),
             json!({
                 "median_s": secs,
-                "times_s": times,
+                "min_s": t.min_s,
+                "times_s": t.times,
+                "cpu_s_per_call": t.cpu_s,
                 "audio_s_per_s": self.audio_s / secs,
                 "gflop": flops / 1e9,
                 "gflop_per_s": gflops,
-                "peak_rss_mib": peak,
-                "rss_before_mib": before,
+                "gflop_per_s_at_min": if flops > 0.0 { flops / t.min_s / 1e9 } else { 0.0 },
+                "peak_rss_mib": t.peak,
+                "rss_before_mib": t.before,
             }),
         );
     }
@@ -233,7 +265,7 @@ impl Ctx<'_> {
         let model = HubertModel::new(&cfg, 0, &device)?.valid();
         let x = wav_tensor(&synthetic_wavs(self.args.batch, self.samples, 1), &device);
         let mut err = None;
-        let (secs, times, peak, before) = time_case(self.args.warmup, self.args.repeat, || {
+        let t = time_case(self.args.warmup, self.args.repeat, || {
             match model.forward(x.clone(), None, None) {
                 Ok(out) => {
                     let _ = out.last_hidden_state.into_data();
@@ -245,7 +277,7 @@ impl Ctx<'_> {
             return Err(e.into());
         }
         let flops = forward_flops(&cfg, self.args.batch, self.samples);
-        self.record(name, secs, times, peak, before, flops);
+        self.record(name, t, flops);
         Ok(())
     }
 
@@ -281,7 +313,7 @@ impl Ctx<'_> {
         let micro = vec![utts.iter().collect::<Vec<_>>()];
         let mut k = 0u64;
         let mut err = None;
-        let (secs, times, peak, before) = time_case(self.args.warmup, self.args.repeat, || {
+        let t = time_case(self.args.warmup, self.args.repeat, || {
             k += 1;
             if let Err(e) = trainer.step(&micro, 1e-5, k, None) {
                 err = Some(e);
@@ -295,20 +327,19 @@ impl Ctx<'_> {
             // The front-end runs forward only.
             flops -= 2.0 * front_end_flops(&cfg, self.args.batch, self.samples);
         }
-        self.record(name, secs, times, peak, before, flops);
+        self.record(name, t, flops);
         Ok(())
     }
 
     fn mfcc(&mut self) -> anyhow::Result<()> {
         let wavs = synthetic_wavs(self.args.batch, self.samples, 4);
         let mfcc = fedhubert_features::Mfcc::default();
-        let (secs, times, peak, before) =
-            time_case(self.args.warmup, self.args.repeat.max(20), || {
+        let t = time_case(self.args.warmup, self.args.repeat.max(20), || {
                 for w in &wavs {
                     std::hint::black_box(mfcc.compute(w));
                 }
             });
-        self.record("mfcc", secs, times, peak, before, 0.0);
+        self.record("mfcc", t, 0.0);
         Ok(())
     }
 
@@ -326,8 +357,7 @@ impl Ctx<'_> {
         let clients = 10;
         let replies: Vec<_> = (0..clients).map(|_| w.clone()).collect();
         let mut err = None;
-        let (secs, times, peak, before) =
-            time_case(self.args.warmup, self.args.repeat.max(10), || {
+        let t = time_case(self.args.warmup, self.args.repeat.max(10), || {
                 let run = || -> anyhow::Result<()> {
                     let mut s = StrategyConfig::FedAvg.build()?;
                     s.begin_round(1, &w)?;
@@ -353,9 +383,9 @@ impl Ctx<'_> {
             "{:<22} {clients} clients x {:.1} M parameters: {:.2} GB/s of client weights",
             "",
             params as f64 / 1e6,
-            (clients * params * 4) as f64 / secs / 1e9
+            (clients * params * 4) as f64 / t.median_s / 1e9
         );
-        self.record("aggregate", secs, times, peak, before, 0.0);
+        self.record("aggregate", t, 0.0);
         Ok(())
     }
 }
@@ -416,25 +446,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut ratios = serde_json::Map::new();
         eprintln!("\nours / PyTorch ({}):", path.display());
         for (name, ours) in &ctx.results {
-            let Some(t) = theirs["cases"][name].as_object() else {
+            if theirs["cases"][name].as_object().is_none() {
                 continue;
-            };
-            let (a, b) = (
-                ours["median_s"].as_f64().unwrap(),
-                t["median_s"].as_f64().unwrap_or(f64::NAN),
-            );
-            let (ma, mb) = (
-                ours["peak_rss_mib"].as_f64().unwrap(),
-                t["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
-            );
+            }
+            let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            let t = &theirs["cases"][name];
+            let (a, b) = (num(ours, "median_s"), num(t, "median_s"));
+            let (amin, bmin) = (num(ours, "min_s"), num(t, "min_s"));
+            let (acpu, bcpu) = (num(ours, "cpu_s_per_call"), num(t, "cpu_s_per_call"));
+            let (ma, mb) = (num(ours, "peak_rss_mib"), num(t, "peak_rss_mib"));
             eprintln!(
-                "{name:<22} time {a:.4} s vs {b:.4} s = {:.3}x   peak RSS {ma:.0} vs {mb:.0} MiB = {:.3}x",
+                "{name:<22} median {a:.4} / {b:.4} s = {:.3}x  min {:.3}x  CPU {:.3}x  peak RSS {ma:.0} / {mb:.0} MiB = {:.3}x",
                 a / b,
+                amin / bmin,
+                acpu / bcpu,
                 ma / mb
             );
             ratios.insert(
                 name.clone(),
-                json!({"time_ratio": a / b, "peak_rss_ratio": ma / mb, "pytorch_median_s": b, "pytorch_peak_rss_mib": mb}),
+                json!({
+                    "median_ratio": a / b,
+                    "min_ratio": amin / bmin,
+                    "cpu_ratio": acpu / bcpu,
+                    "peak_rss_ratio": ma / mb,
+                }),
             );
         }
         report["vs_pytorch"] = Value::Object(ratios);
