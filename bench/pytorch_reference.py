@@ -222,7 +222,33 @@ def main():
         help="comma separated: student-forward, student-step, student-step-frozen, teacher-forward, teacher-step",
     )
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "pytorch.json")
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run all cases in this process (default: one child process per case, so that each "
+        "case's peak memory is its own)",
+    )
     args = ap.parse_args()
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if not args.in_process:
+        import tempfile
+
+        results = {}
+        report = None
+        for case in cases:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "case.json"
+                cmd = [sys.executable, __file__, "--in-process", "--cases", case, "--out", str(out)]
+                for k in ("threads", "batch", "seconds", "repeat", "warmup"):
+                    cmd += [f"--{k}", str(getattr(args, k))]
+                subprocess.check_call(cmd)
+                report = json.loads(out.read_text())
+                results[case] = report["cases"][case]
+        report["cases"] = results
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}", file=sys.stderr)
+        return
 
     import torch
     import transformers
@@ -259,7 +285,7 @@ def main():
             rss_before_mib=before,
         )
 
-    for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
+    for case in cases:
         which = case.split("-")[0]
         cfg = bench_config(which)
         wav = synthetic_wavs(args.batch, samples, 1)
@@ -300,7 +326,6 @@ def main():
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

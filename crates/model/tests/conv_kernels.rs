@@ -136,7 +136,9 @@ fn group_norm_gelu_matches_burn() {
     let (b, c, t) = (3, 37, 801);
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let mut rv = |n: usize, lo: f32, hi: f32| -> Vec<f32> {
-        (0..n).map(|_| lo + (hi - lo) * rng.random::<f32>()).collect()
+        (0..n)
+            .map(|_| lo + (hi - lo) * rng.random::<f32>())
+            .collect()
     };
     // Rows with offsets and scales, so the normalisation matters.
     let zv: Vec<f32> = rv(b * c * t, -1.0, 1.0)

@@ -48,6 +48,10 @@ pub struct Args {
     /// A `bench/pytorch_reference.py` JSON report: print our time over PyTorch's per case.
     #[arg(long)]
     pub reference: Option<PathBuf>,
+    /// Run every case in this process (by default each case runs in a child process, so that
+    /// its peak memory is its own and not what earlier cases left in the allocator).
+    #[arg(long)]
+    pub in_process: bool,
 }
 
 const SAMPLE_RATE: f64 = 16_000.0;
@@ -335,10 +339,10 @@ impl Ctx<'_> {
         let wavs = synthetic_wavs(self.args.batch, self.samples, 4);
         let mfcc = fedhubert_features::Mfcc::default();
         let t = time_case(self.args.warmup, self.args.repeat.max(20), || {
-                for w in &wavs {
-                    std::hint::black_box(mfcc.compute(w));
-                }
-            });
+            for w in &wavs {
+                std::hint::black_box(mfcc.compute(w));
+            }
+        });
         self.record("mfcc", t, 0.0);
         Ok(())
     }
@@ -358,24 +362,24 @@ impl Ctx<'_> {
         let replies: Vec<_> = (0..clients).map(|_| w.clone()).collect();
         let mut err = None;
         let t = time_case(self.args.warmup, self.args.repeat.max(10), || {
-                let run = || -> anyhow::Result<()> {
-                    let mut s = StrategyConfig::FedAvg.build()?;
-                    s.begin_round(1, &w)?;
-                    for (i, r) in replies.iter().enumerate() {
-                        s.accumulate(FitRes {
-                            client: i,
-                            weights: r.clone(),
-                            num_examples: 100 + i as u64,
-                            metrics: Default::default(),
-                        })?;
-                    }
-                    std::hint::black_box(s.end_round()?);
-                    Ok(())
-                };
-                if let Err(e) = run() {
-                    err = Some(e);
+            let run = || -> anyhow::Result<()> {
+                let mut s = StrategyConfig::FedAvg.build()?;
+                s.begin_round(1, &w)?;
+                for (i, r) in replies.iter().enumerate() {
+                    s.accumulate(FitRes {
+                        client: i,
+                        weights: r.clone(),
+                        num_examples: 100 + i as u64,
+                        metrics: Default::default(),
+                    })?;
                 }
-            });
+                std::hint::black_box(s.end_round()?);
+                Ok(())
+            };
+            if let Err(e) = run() {
+                err = Some(e);
+            }
+        });
         if let Some(e) = err {
             return Err(e);
         }
@@ -402,10 +406,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let samples = (args.seconds * SAMPLE_RATE).round() as usize;
     let threads = rayon::current_num_threads();
-    eprintln!(
-        "fedhubert bench: batch {} x {:.2} s, {threads} threads, median of {} after {} warm-up",
-        args.batch, args.seconds, args.repeat, args.warmup
-    );
+    if !args.in_process {
+        eprintln!(
+            "fedhubert bench: batch {} x {:.2} s, {threads} threads, median of {} after {} warm-up",
+            args.batch, args.seconds, args.repeat, args.warmup
+        );
+    }
     let mut ctx = Ctx {
         args: &args,
         samples,
@@ -418,6 +424,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(str::trim)
         .filter(|c| !c.is_empty())
     {
+        if !args.in_process {
+            let child_out = std::env::temp_dir().join(format!(
+                "fedhubert-bench-{}-{case}.json",
+                std::process::id()
+            ));
+            let status = std::process::Command::new(std::env::current_exe()?)
+                .args(["bench", "--in-process", "--cases", case])
+                .args(["--threads", &threads.to_string()])
+                .args(["--batch", &args.batch.to_string()])
+                .args(["--seconds", &args.seconds.to_string()])
+                .args(["--repeat", &args.repeat.to_string()])
+                .args(["--warmup", &args.warmup.to_string()])
+                .arg("--out")
+                .arg(&child_out)
+                .status()
+                .context("running a bench case in a child process")?;
+            if !status.success() {
+                bail!("bench case {case} failed ({status})");
+            }
+            let child: Value = serde_json::from_str(&std::fs::read_to_string(&child_out)?)?;
+            std::fs::remove_file(&child_out).ok();
+            ctx.results
+                .insert(case.to_string(), child["cases"][case].clone());
+            continue;
+        }
         match case {
             "student-forward" => ctx.forward(case, "student")?,
             "teacher-forward" => ctx.forward(case, "teacher")?,
@@ -480,6 +511,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", args.out.display()))?;
-    eprintln!("wrote {}", args.out.display());
+    if !args.in_process {
+        eprintln!("wrote {}", args.out.display());
+    }
     Ok(())
 }
