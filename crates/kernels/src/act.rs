@@ -54,14 +54,14 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 #[inline(always)]
-fn gelu_body(z: &[f32], y: &mut [f32]) {
+pub(crate) fn gelu_body(z: &[f32], y: &mut [f32]) {
     for (y, &z) in y.iter_mut().zip(z) {
         *y = 0.5 * z * (1.0 + erf(z * FRAC_1_SQRT_2));
     }
 }
 
 #[inline(always)]
-fn gelu_grad_body(z: &[f32], dy: &[f32], dz: &mut [f32]) {
+pub(crate) fn gelu_grad_body(z: &[f32], dy: &[f32], dz: &mut [f32]) {
     for ((d, &z), &g) in dz.iter_mut().zip(z).zip(dy) {
         let cdf = 0.5 * (1.0 + erf(z * FRAC_1_SQRT_2));
         let pdf = INV_SQRT_2PI * exp_neg(-0.5 * z * z);
@@ -69,6 +69,8 @@ fn gelu_grad_body(z: &[f32], dy: &[f32], dz: &mut [f32]) {
     }
 }
 
+/// `fn $name(args)` running `$body(args)` compiled for AVX-512 or AVX2+FMA when the CPU has
+/// them (the body must be `#[inline(always)]` so it is compiled inside each variant).
 macro_rules! simd_dispatch {
     ($vis:vis $name:ident, $body:ident, ($($arg:ident : $ty:ty),*)) => {
         $vis fn $name($($arg: $ty),*) {
@@ -95,6 +97,8 @@ macro_rules! simd_dispatch {
         }
     };
 }
+
+pub(crate) use simd_dispatch;
 
 simd_dispatch!(pub(crate) gelu_chunk, gelu_body, (z: &[f32], y: &mut [f32]));
 simd_dispatch!(pub(crate) gelu_grad_chunk, gelu_grad_body, (z: &[f32], dy: &[f32], dz: &mut [f32]));

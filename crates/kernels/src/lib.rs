@@ -112,14 +112,23 @@ fn im2col(xb: &[f32], s: &Conv1dShape, t0: usize, t1: usize, col: &mut [f32]) {
         for kk in 0..k {
             let dst = &mut col[(ci * k + kk) * n..(ci * k + kk + 1) * n];
             let base = t0 * st + kk;
-            if st == 1 {
-                dst.copy_from_slice(&row[base..base + n]);
-            } else {
-                for (j, d) in dst.iter_mut().enumerate() {
-                    *d = row[base + j * st];
-                }
+            // Exactly n chunks of `st`, so no bounds checks in the loop; the constant strides
+            // of the front-end get their own (vectorised) copies.
+            let src = &row[base..base + (n - 1) * st + 1];
+            match st {
+                1 => dst.copy_from_slice(src),
+                2 => gather(dst, src, 2),
+                5 => gather(dst, src, 5),
+                _ => gather(dst, src, st),
             }
         }
+    }
+}
+
+#[inline(always)]
+fn gather(dst: &mut [f32], src: &[f32], st: usize) {
+    for (d, c) in dst.iter_mut().zip(src.chunks(st)) {
+        *d = c[0];
     }
 }
 

@@ -9,8 +9,6 @@
 
 use rayon::prelude::*;
 
-use crate::act::{gelu_chunk, gelu_grad_chunk};
-
 /// Shape and epsilon: `rows = B * C` rows of length `t`, channel of row r = `r % c`.
 #[derive(Clone, Copy, Debug)]
 pub struct GroupNormShape {
@@ -20,19 +18,85 @@ pub struct GroupNormShape {
     pub eps: f64,
 }
 
+const LANES: usize = 16;
+
+/// Sum of `f(v)` over `z` in 16 f32 lanes (vectorises), reduced in f64.
+#[inline(always)]
+fn lane_sum(z: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = z.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += f(c[i]);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v) as f64).sum();
+    acc.iter().map(|&v| v as f64).sum::<f64>() + tail
+}
+
+#[inline(always)]
 fn row_stats(z: &[f32], eps: f64) -> (f32, f32) {
     let n = z.len() as f64;
-    let mean = z.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = z
-        .iter()
-        .map(|&v| {
-            let d = v as f64 - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
-    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+    let mean = (lane_sum(z, |v| v) / n) as f32;
+    let var = lane_sum(z, |v| (v - mean) * (v - mean)) / n;
+    (mean, (1.0 / (var + eps).sqrt()) as f32)
 }
+
+#[inline(always)]
+fn row_forward_body(z: &[f32], y: &mut [f32], u: &mut [f32], g: f32, b: f32, eps: f64) {
+    let (mean, rstd) = row_stats(z, eps);
+    let (a, c) = (rstd * g, b - mean * rstd * g);
+    for (u, &v) in u.iter_mut().zip(z) {
+        *u = v * a + c;
+    }
+    crate::act::gelu_body(u, y);
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn row_backward_body(
+    z: &[f32],
+    dy: &[f32],
+    dz: &mut [f32],
+    u: &mut [f32],
+    du: &mut [f32],
+    g: f32,
+    b: f32,
+    eps: f64,
+    out: &mut [f64; 2],
+) {
+    let (mean, rstd) = row_stats(z, eps);
+    let (a, c) = (rstd * g, b - mean * rstd * g);
+    for (u, &v) in u.iter_mut().zip(z) {
+        *u = v * a + c;
+    }
+    // du: the gradient at the affine output; xhat = (z - mean) * rstd.
+    crate::act::gelu_grad_body(u, dy, du);
+    let n = z.len() as f32;
+    let s1 = lane_sum(du, |d| d);
+    // sum(du * xhat) through pairs, since lane_sum takes one slice.
+    let mut acc = [0f32; LANES];
+    let mut tail = 0f64;
+    let mut zc = z.chunks_exact(LANES);
+    let mut dc = du.chunks_exact(LANES);
+    for (zz, dd) in (&mut zc).zip(&mut dc) {
+        for i in 0..LANES {
+            acc[i] += dd[i] * ((zz[i] - mean) * rstd);
+        }
+    }
+    for (&v, &d) in zc.remainder().iter().zip(dc.remainder()) {
+        tail += (d * ((v - mean) * rstd)) as f64;
+    }
+    let s2 = acc.iter().map(|&v| v as f64).sum::<f64>() + tail;
+    let (m1, m2) = (s1 as f32 / n, s2 as f32 / n);
+    for ((o, &d), &v) in dz.iter_mut().zip(du.iter()).zip(z) {
+        *o = a * (d - m1 - (v - mean) * rstd * m2);
+    }
+    *out = [s2, s1];
+}
+
+crate::act::simd_dispatch!(row_forward, row_forward_body, (z: &[f32], y: &mut [f32], u: &mut [f32], g: f32, b: f32, eps: f64));
+crate::act::simd_dispatch!(row_backward, row_backward_body, (z: &[f32], dy: &[f32], dz: &mut [f32], u: &mut [f32], du: &mut [f32], g: f32, b: f32, eps: f64, out: &mut [f64; 2]));
 
 /// `y = gelu((z - mean) * rstd * gamma[c] + beta[c])` per row (biased variance, as torch).
 pub fn forward(z: &[f32], gamma: &[f32], beta: &[f32], s: &GroupNormShape, y: &mut [f32]) {
@@ -45,11 +109,8 @@ pub fn forward(z: &[f32], gamma: &[f32], beta: &[f32], s: &GroupNormShape, y: &m
         .enumerate()
         .for_each_init(Vec::new, |u, (r, (y, z))| {
             let c = r % s.channels;
-            let (mean, rstd) = row_stats(z, s.eps);
-            let (a, b) = (rstd * gamma[c], beta[c] - mean * rstd * gamma[c]);
-            u.clear();
-            u.extend(z.iter().map(|&v| v.mul_add(a, b)));
-            gelu_chunk(u, y);
+            u.resize(s.t, 0.0);
+            row_forward(z, y, u, gamma[c], beta[c], s.eps);
         });
 }
 
@@ -65,8 +126,7 @@ pub fn backward(
     assert_eq!(z.len(), s.batch * s.channels * s.t);
     assert_eq!(dy.len(), z.len());
     assert_eq!(dz.len(), z.len());
-    let n = s.t as f32;
-    let per_row: Vec<(f64, f64)> = dz
+    let per_row: Vec<[f64; 2]> = dz
         .par_chunks_mut(s.t)
         .zip(z.par_chunks(s.t).zip(dy.par_chunks(s.t)))
         .enumerate()
@@ -74,32 +134,17 @@ pub fn backward(
             || (Vec::new(), Vec::new()),
             |(u, du), (r, (dz, (z, dy)))| {
                 let c = r % s.channels;
-                let (mean, rstd) = row_stats(z, s.eps);
-                let g = gamma[c];
-                let (a, b) = (rstd * g, beta[c] - mean * rstd * g);
-                u.clear();
-                u.extend(z.iter().map(|&v| v.mul_add(a, b)));
+                u.resize(s.t, 0.0);
                 du.resize(s.t, 0.0);
-                gelu_grad_chunk(u, dy, du);
-                // du is the gradient at the affine output; xhat = (z - mean) * rstd.
-                let (mut s1, mut s2) = (0f64, 0f64);
-                for (&d, &v) in du.iter().zip(z.iter()) {
-                    let xhat = (v - mean) * rstd;
-                    s1 += d as f64;
-                    s2 += (d * xhat) as f64;
-                }
-                let (m1, m2) = ((s1 as f32) / n, (s2 as f32) / n);
-                for ((o, &d), &v) in dz.iter_mut().zip(du.iter()).zip(z.iter()) {
-                    let xhat = (v - mean) * rstd;
-                    *o = a * (d - m1 - xhat * m2);
-                }
-                (s2, s1)
+                let mut out = [0f64; 2];
+                row_backward(z, dy, dz, u, du, gamma[c], beta[c], s.eps, &mut out);
+                out
             },
         )
         .collect();
     let mut dgamma = vec![0f64; s.channels];
     let mut dbeta = vec![0f64; s.channels];
-    for (r, (g, b)) in per_row.into_iter().enumerate() {
+    for (r, [g, b]) in per_row.into_iter().enumerate() {
         dgamma[r % s.channels] += g;
         dbeta[r % s.channels] += b;
     }
