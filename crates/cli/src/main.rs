@@ -43,6 +43,8 @@ enum Command {
     Export(cmd::export::Args),
     /// Every hidden state of one audio file, to check a checkpoint against transformers.
     Embed(cmd::embed::Args),
+    /// Time forward / training step / MFCC / aggregation and write a JSON report.
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +67,7 @@ fn main() -> std::process::ExitCode {
         Command::Probe(a) => cmd::probe::run(a),
         Command::Export(a) => cmd::export::run(a),
         Command::Embed(a) => cmd::embed::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

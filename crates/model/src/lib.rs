@@ -35,6 +35,7 @@ pub mod feature_extractor;
 pub mod grad;
 pub mod hf;
 pub mod hubert;
+pub mod kernels;
 pub mod masking;
 pub mod nn;
 pub mod pretraining;

@@ -3,9 +3,6 @@
 //! host-side seeded initialiser.
 
 use burn::module::{Flag, Module, Param};
-use burn::tensor::activation;
-use burn::tensor::module::conv1d;
-use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -230,18 +227,20 @@ impl Conv1d {
         }
     }
 
-    /// `[B, C_in, T] -> [B, C_out, T']` (no padding).
+    /// `[B, C_in, T] -> [B, C_out, T']` (no padding); our own kernels on the CPU backend.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        conv1d(
-            x,
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-            ConvOptions::new([self.stride], [0], [1], 1),
-        )
+        let y = crate::kernels::conv1d(x, self.weight.val(), self.stride);
+        match &self.bias {
+            Some(b) => {
+                let c = b.dims()[0];
+                y + b.val().reshape([1, c, 1])
+            }
+            None => y,
+        }
     }
 }
 
 /// Exact (erf) GELU, as `torch.nn.functional.gelu`.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    activation::gelu(x)
+    crate::kernels::gelu(x)
 }
