@@ -19,8 +19,8 @@ fi
 
 cargo test --workspace
 
-# The native runner the parity tests compare against (already built by the cli tests above).
-cargo build -p fedhubert-cli --bin fedhubert
+# The native runner the parity tests compare against: `cargo test` built it for the cli tests
+# (a separate `cargo build -p fedhubert-cli` would resolve features differently and rebuild burn).
 export FEDHUBERT_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug/fedhubert
 
 VIRTUAL_ENV=$VENV "$VENV/bin/maturin" develop --quiet --manifest-path crates/py/Cargo.toml

@@ -48,8 +48,10 @@ def discover_clients(grid: Grid, run_file: str, min_nodes: int, wait_s: float, w
     ]
     by_client: dict[int, int] = {}
     problems = []
+    silent = set(nodes)
     for r in grid.send_and_receive(msgs, timeout=wait_s):
         node = r.metadata.src_node_id
+        silent.discard(node)
         if r.has_error():
             problems.append(f"node {node}: {r.error.reason}")
             continue
@@ -59,8 +61,9 @@ def discover_clients(grid: Grid, run_file: str, min_nodes: int, wait_s: float, w
             problems.append(f"nodes {by_client[c]} and {node} both claim client {c} ({info['partition']})")
         by_client[c] = node
         _say(f"node {node} is client {c} ({info['partition']})")
-    if problems:
-        raise RuntimeError("SuperNode discovery failed: " + "; ".join(problems))
+    problems += [f"node {n}: no reply within node-wait-s={wait_s:.0f} s" for n in sorted(silent)]
+    if problems or not by_client:
+        raise RuntimeError("SuperNode discovery failed: " + ("; ".join(problems) or "no nodes"))
     n = want if want > 0 else len(by_client)
     missing = [c for c in range(n) if c not in by_client]
     if missing:

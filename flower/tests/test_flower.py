@@ -229,7 +229,7 @@ def flwr_run(env: dict, out: Path, extra_config: dict, procs: Procs | None, logd
     return log_path.read_text(errors="replace")
 
 
-def check_against_native(out: Path, native: Path, log: str) -> list[dict]:
+def check_against_native(out: Path, native: Path, log: str, resumed: bool = False) -> list[dict]:
     assert (out / "summary.json").is_file(), f"the Flower run wrote no summary; its log:\n{log[-6000:]}"
     ck = fedhubert.read_checkpoint(str(out / "checkpoint.safetensors"))
     nat = fedhubert.read_checkpoint(str(native / "checkpoint.safetensors"))
@@ -242,8 +242,18 @@ def check_against_native(out: Path, native: Path, log: str) -> list[dict]:
         assert h["participated"] == [0, 1] and not h["failures"]
         assert np.isfinite(h["train"]["loss"]) and h["train"]["steps"] > 0
         assert np.isfinite(h["eval"]["loss"]) and h["num_examples"] > 0
-        for key in ("train", "eval", "participated", "num_examples", "bytes_up", "bytes_down"):
+        for key in ("participated", "num_examples", "bytes_up", "bytes_down"):
             assert h[key] == n[key], f"round {h['round']} {key}: flower {h[key]} native {n[key]}"
+        for sec in ("train", "eval"):
+            assert h[sec].keys() == n[sec].keys()
+            for k in h[sec]:
+                a, b = h[sec][k], n[sec][k]
+                # grad_norm is a reported number only (clipping stays inactive here): burn Flex's
+                # threaded sum makes its last bit vary from run to run, native runs included.
+                # A resumed history is read back from the checkpoint's JSON, which may do the same.
+                loose = k == "grad_norm" or resumed
+                assert a == b or (loose and abs(a - b) <= 1e-12 * abs(b)), \
+                    f"round {h['round']} {sec}.{k}: flower {a!r} native {b!r}"
     # The global model moved away from the initial weights, identically to the native run.
     initial = fedhubert.Server(fedhubert.load_run_file(str(ROOT / "configs/tiny.yaml"), OVERRIDES),
                                str(out / "fresh"), 2, False).global_arrays()
@@ -328,7 +338,10 @@ def test_simulation_runtime_and_resume(work: Path, partitions: Path, native: Pat
         (out / "summary.json").unlink()
         log = flwr_run(env, out, {"partitions": str(partitions), "resume": True}, procs, logs, fed)
         assert "resuming after round 1" in log, log[-4000:]
-        check_against_native(out, native, log + procs.tail("superlink"))
+        hist = check_against_native(out, native, log + procs.tail("superlink"), resumed=True)
+        print("\n[simulation] flower per-round metrics:")
+        for h in hist:
+            print(json.dumps({"round": h["round"], "train": h["train"], "eval": h["eval"]}))
     finally:
         procs.stop()
 

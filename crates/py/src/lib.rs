@@ -169,7 +169,9 @@ fn load_run_file(config: &str, overrides: Vec<String>) -> PyResult<String> {
 /// One SuperNode's data and trainer.
 #[pyclass(unsendable)]
 struct Client {
-    inner: LocalClient,
+    // Boxed: burn's device and model types are over-aligned (64 bytes), more than Python's
+    // object allocator guarantees for a pyclass's inline contents.
+    inner: Box<LocalClient>,
     compression: Compression,
     frozen: Vec<String>,
 }
@@ -182,7 +184,7 @@ impl Client {
         let rf = parse_run_file(run_file)?;
         let run_cfg = rf.run_config().map_err(BridgeError::from)?;
         Ok(Self {
-            inner: LocalClient::new(&partition, &rf)?,
+            inner: Box::new(LocalClient::new(&partition, &rf)?),
             compression: run_cfg.compression,
             frozen: run_cfg.frozen_prefixes,
         })
@@ -241,7 +243,8 @@ impl Client {
 /// The ServerApp's rounds (see [`RoundServer`]).
 #[pyclass(unsendable)]
 struct Server {
-    inner: RoundServer,
+    // Boxed for the same alignment reason as `Client`.
+    inner: Box<RoundServer>,
 }
 
 fn plan_to_py(plan: Vec<(usize, FitConfig)>) -> PyResult<Vec<(usize, String)>> {
@@ -262,7 +265,7 @@ impl Server {
     fn new(run_file: &str, out: PathBuf, num_clients: usize, resume: bool) -> PyResult<Self> {
         let rf = parse_run_file(run_file)?;
         Ok(Self {
-            inner: RoundServer::new(rf, &out, num_clients, resume)?,
+            inner: Box::new(RoundServer::new(rf, &out, num_clients, resume)?),
         })
     }
 
