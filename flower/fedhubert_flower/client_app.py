@@ -42,13 +42,12 @@ def partition_dir(context: Context) -> Path:
     )
 
 
-def client_index(context: Context, part: Path) -> int:
+def client_index(context: Context, client: fedhubert.Client, part: Path) -> int:
     """The client number K: node config `client-id`, else the folder name `client_K`."""
     if "client-id" in context.node_config:
         return int(context.node_config["client-id"])
-    name = part.name
-    if name.startswith("client_") and name[len("client_") :].isdigit():
-        return int(name[len("client_") :])
+    if client.index_from_dir is not None:
+        return client.index_from_dir
     if "partition-id" in context.node_config:
         return int(context.node_config["partition-id"])
     raise ValueError(
@@ -72,8 +71,8 @@ def _run_file(msg: Message) -> str:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Which client this node is; opening the partition checks it before round 1."""
-    _, part = _client(context, _run_file(msg))
-    info = ConfigRecord({"client-id": client_index(context, part), "partition": str(part)})
+    client, part = _client(context, _run_file(msg))
+    info = ConfigRecord({"client-id": client_index(context, client, part), "partition": str(part)})
     return Message(RecordDict({"info": info}), reply_to=msg)
 
 

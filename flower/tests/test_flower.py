@@ -263,6 +263,11 @@ def check_against_native(out: Path, native: Path, log: str, resumed: bool = Fals
     diff = [k for k in g if not np.array_equal(g[k], ng[k])]
     assert not diff, f"{len(diff)} tensors differ from the native run, e.g. {diff[:3]}"
     assert (out / "hf" / "model.safetensors").is_file() and (out / "hf" / "config.json").is_file()
+    # The round checkpoint alone exports the same HuggingFace model as the run's final export.
+    run_file = fedhubert.load_run_file(str(ROOT / "configs/tiny.yaml"), OVERRIDES)
+    fedhubert.export_hf(str(out / "checkpoint.safetensors"), run_file, str(out / "hf-from-checkpoint"))
+    assert (out / "hf-from-checkpoint" / "model.safetensors").read_bytes() == \
+        (out / "hf" / "model.safetensors").read_bytes()
     return hist
 
 
