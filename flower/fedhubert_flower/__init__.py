@@ -1,0 +1,1 @@
+"""fedhubert on Flower: ServerApp and ClientApp over the `fedhubert` Rust extension."""

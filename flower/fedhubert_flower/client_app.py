@@ -1,0 +1,102 @@
+"""ClientApp: trains and evaluates the global model on this SuperNode's partition.
+
+The partition is a ``client_K`` folder made by ``fedhubert prepare`` + ``features`` + ``kmeans``.
+A deployed SuperNode names it in its node config (``partition="/data/client_3"``); in the
+simulation runtime it is ``<run config partitions>/client_<partition-id>``. The run configuration
+comes from the ServerApp with every message, so all nodes train the same model the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fedhubert
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .records import arrays_from_record, record_from_arrays
+
+app = ClientApp()
+
+# Decoded audio stays cached in the Rust client between messages when Flower reuses the process
+# (simulation); a fresh process (deployment) reloads it.
+_CLIENTS: dict[tuple[str, str], fedhubert.Client] = {}
+
+
+def partition_dir(context: Context) -> Path:
+    """This node's ``client_K`` folder, from the node config (or the simulation partition id)."""
+    nc = context.node_config
+    if "partition" in nc:
+        return Path(str(nc["partition"])).expanduser().resolve()
+    if "partition-id" in nc:
+        root = str(context.run_config.get("partitions", ""))
+        if not root:
+            raise ValueError(
+                "run config `partitions` is empty: in the simulation runtime set it to the folder "
+                "holding client_0, client_1, ... (flwr run ... --run-config 'partitions=\"/data/parts\"')"
+            )
+        return (Path(root).expanduser() / f"client_{int(nc['partition-id'])}").resolve()
+    raise ValueError(
+        "node config has no `partition`: start the SuperNode with "
+        "--node-config 'partition=\"/path/to/client_K\"'"
+    )
+
+
+def client_index(context: Context, client: fedhubert.Client, part: Path) -> int:
+    """The client number K: node config `client-id`, else the folder name `client_K`."""
+    if "client-id" in context.node_config:
+        return int(context.node_config["client-id"])
+    if client.index_from_dir is not None:
+        return client.index_from_dir
+    if "partition-id" in context.node_config:
+        return int(context.node_config["partition-id"])
+    raise ValueError(
+        f"partition {part}: the folder is not named client_K; set node config client-id=K"
+    )
+
+
+def _client(context: Context, run_file: str) -> tuple[fedhubert.Client, Path]:
+    part = partition_dir(context)
+    key = (str(part), run_file)
+    if key not in _CLIENTS:
+        _CLIENTS.clear()
+        _CLIENTS[key] = fedhubert.Client(str(part), run_file)
+    return _CLIENTS[key], part
+
+
+def _run_file(msg: Message) -> str:
+    return str(msg.content["config"]["run-file"])
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Which client this node is; opening the partition checks it before round 1."""
+    client, part = _client(context, _run_file(msg))
+    info = ConfigRecord({"client-id": client_index(context, client, part), "partition": str(part)})
+    return Message(RecordDict({"info": info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    client, _ = _client(context, _run_file(msg))
+    global_arrays = arrays_from_record(msg.content["arrays"])
+    arrays, num_examples, metrics = client.fit(
+        global_arrays, str(msg.content["config"]["fit-config"])
+    )
+    del global_arrays
+    metrics["num-examples"] = int(num_examples)
+    content = RecordDict(
+        {"arrays": record_from_arrays(arrays), "metrics": MetricRecord(metrics)}
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    client, _ = _client(context, _run_file(msg))
+    num_examples, metrics = client.evaluate(
+        arrays_from_record(msg.content["arrays"]), str(msg.content["config"]["fit-config"])
+    )
+    metrics["num-examples"] = int(num_examples)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+

@@ -1,0 +1,183 @@
+"""ServerApp: fedhubert's federated rounds over Flower's Grid.
+
+The round logic (client sampling, per-client seeds, the strategy, checkpoints, resume, export)
+is `fedhubert.Server`, the Rust loop of ``fedhubert pretrain --simulation``; this file only moves
+messages. Clients are numbered by their partition folder (``client_K`` -> K), so client K on
+Flower gets exactly the seeds and sampling client K gets in the native simulation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import fedhubert
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from .records import arrays_from_record, record_from_arrays
+
+app = ServerApp()
+
+
+def _say(text: str) -> None:
+    print(f"[fedhubert] {text}", flush=True)
+
+
+def _config(run_file: str, **extra: str) -> ConfigRecord:
+    return ConfigRecord({"run-file": run_file, **extra})
+
+
+def discover_clients(grid: Grid, run_file: str, min_nodes: int, wait_s: float, want: int) -> dict[int, int]:
+    """Waits for the SuperNodes and asks each which client it is: {client index: node id}."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= min_nodes:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(nodes)} of min-nodes={min_nodes} SuperNodes connected within "
+                f"node-wait-s={wait_s:.0f} s"
+            )
+        time.sleep(1.0)
+    msgs = [
+        Message(RecordDict({"config": _config(run_file)}), dst_node_id=n, message_type=MessageType.QUERY)
+        for n in nodes
+    ]
+    by_client: dict[int, int] = {}
+    problems = []
+    silent = set(nodes)
+    for r in grid.send_and_receive(msgs, timeout=wait_s):
+        node = r.metadata.src_node_id
+        silent.discard(node)
+        if r.has_error():
+            problems.append(f"node {node}: {r.error.reason}")
+            continue
+        info = r.content["info"]
+        c = int(info["client-id"])
+        if c in by_client:
+            problems.append(f"nodes {by_client[c]} and {node} both claim client {c} ({info['partition']})")
+        by_client[c] = node
+        _say(f"node {node} is client {c} ({info['partition']})")
+    problems += [f"node {n}: no reply within node-wait-s={wait_s:.0f} s" for n in sorted(silent)]
+    if problems or not by_client:
+        raise RuntimeError("SuperNode discovery failed: " + ("; ".join(problems) or "no nodes"))
+    n = want if want > 0 else len(by_client)
+    missing = [c for c in range(n) if c not in by_client]
+    if missing:
+        raise RuntimeError(
+            f"clients {missing} have no SuperNode (connected: {sorted(by_client)}); every client_K "
+            f"folder 0..{n - 1} of the partition needs a node"
+        )
+    return {c: by_client[c] for c in range(n)}
+
+
+def _send(grid: Grid, plan, node_of, content_for, kind: str, rnd: int, timeout):
+    """Sends one message per planned client; returns {client: reply} and {client: failure}."""
+    client_of = {}
+    msgs = []
+    for c, cfg in plan:
+        m = Message(content_for(cfg), dst_node_id=node_of[c], message_type=kind, group_id=str(rnd))
+        msgs.append(m)
+        client_of[node_of[c]] = c
+    ok, failed = {}, {}
+    for r in grid.send_and_receive(msgs, timeout=timeout):
+        c = client_of[r.metadata.src_node_id]
+        if r.has_error():
+            failed[c] = f"{kind} failed on the node: {r.error.reason}"
+        else:
+            ok[c] = r
+    for c, _ in plan:
+        if c not in ok and c not in failed:
+            failed[c] = f"no {kind} reply (timeout {timeout} s)"
+    return ok, failed
+
+
+def _metrics(rec) -> tuple[int, dict]:
+    m = dict(rec.content["metrics"])
+    n = int(m.pop("num-examples"))
+    return n, m
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    overrides = [s for s in str(rc.get("set", "")).split() if s]
+    run_file = fedhubert.load_run_file(str(rc.get("config", "tiny")), overrides)
+    rf = json.loads(run_file)
+    out = Path(str(rc.get("out-dir", "runs/flower"))).expanduser().resolve()
+    node_of = discover_clients(
+        grid,
+        run_file,
+        int(rc.get("min-nodes", 2)),
+        float(rc.get("node-wait-s", 300)),
+        int(rf["federated"]["num_clients"]),
+    )
+    server = fedhubert.Server(run_file, str(out), len(node_of), bool(rc.get("resume", False)))
+    if server.completed_rounds:
+        _say(f"resuming after round {server.completed_rounds} from {out}")
+    _say(
+        f"{len(node_of)} clients, {server.num_rounds} rounds, strategy {rf['federated']['strategy']}, "
+        f"out {out}"
+    )
+    timeout = server.round_timeout_s
+    while (rnd := server.next_round()) is not None:
+        while True:
+            plan = server.begin_attempt()
+            arrays = record_from_arrays(server.global_arrays())
+            ok, failed = _send(
+                grid,
+                plan,
+                node_of,
+                lambda cfg: RecordDict({"arrays": arrays, "config": _config(run_file, **{"fit-config": cfg})}),
+                MessageType.TRAIN,
+                rnd,
+                timeout,
+            )
+            del arrays
+            # Client order, not arrival order: the float sums then match the native run bit for bit.
+            for c, _ in plan:
+                if c in ok:
+                    n, m = _metrics(ok[c])
+                    server.accumulate(c, arrays_from_record(ok.pop(c).content["arrays"]), n, m)
+                else:
+                    server.fail(c, failed[c])
+            if server.end_attempt():
+                break
+            _say(f"round {rnd}: too few replies, retrying with a fresh sample")
+        evals = []
+        plan = server.eval_plan()
+        if plan:
+            arrays = record_from_arrays(server.global_arrays())
+            ok, failed = _send(
+                grid,
+                plan,
+                node_of,
+                lambda cfg: RecordDict({"arrays": arrays, "config": _config(run_file, **{"fit-config": cfg})}),
+                MessageType.EVALUATE,
+                rnd,
+                timeout,
+            )
+            del arrays
+            for c, _ in plan:
+                if c in ok:
+                    n, m = _metrics(ok[c])
+                    evals.append((c, n, m))
+                else:
+                    _say(f"round {rnd}: evaluation on client {c} failed: {failed[c]}")
+        rec = json.loads(server.finish_round(evals))
+        _say(
+            f"round {rnd:>3}: train loss {_fmt(rec['train'].get('loss'))} "
+            f"acc_masked {_fmt(rec['train'].get('acc_masked'))} | eval loss "
+            f"{_fmt(rec['eval'].get('loss'))} | clients {len(rec['participated'])} ok, "
+            f"{len(rec['failures'])} failed | up {rec['bytes_up'] / 1e6:.2f} MB "
+            f"down {rec['bytes_down'] / 1e6:.2f} MB | {rec['round_time_s']:.1f} s"
+        )
+    summary = json.loads(server.export())
+    _say(f"done: {json.dumps(summary)}")
