@@ -230,21 +230,27 @@ pub fn distill(
     let bar = crate::progress::bar(run_cfg.num_rounds, "rounds");
     let on_round = |r: &RoundRecord| {
         bar.set_position(r.round);
-        let g = |k: &str| r.train.get(k).copied().unwrap_or(f64::NAN);
-        bar.suspend(|| println!(
-            "round {:>3}: client loss {:.4} (distill {:.4}, mlm {:.4}, kl {:.4}, feature {:.4}, mvq_ce {:.4}) | clients {} ok, {} failed | up {:.2} MB down {:.2} MB",
-            r.round,
-            g("loss"),
-            g("distill"),
-            g("mlm"),
-            g("kl"),
-            g("feature_mse"),
-            g("mvq_ce"),
-            r.participated.len(),
-            r.failures.len(),
-            r.bytes_up as f64 / 1e6,
-            r.bytes_down as f64 / 1e6
-        ));
+        // Server mode's clients train masked prediction only: list just the parts they report.
+        let parts: Vec<String> = ["distill", "mlm", "kl", "feature_mse", "mvq_ce"]
+            .iter()
+            .filter_map(|k| r.train.get(*k).map(|v| format!("{k} {v:.4}")))
+            .collect();
+        let parts = if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", parts.join(", "))
+        };
+        bar.suspend(|| {
+            println!(
+                "round {:>3}: client loss {:.4}{parts} | clients {} ok, {} failed | up {:.2} MB down {:.2} MB",
+                r.round,
+                r.train.get("loss").copied().unwrap_or(f64::NAN),
+                r.participated.len(),
+                r.failures.len(),
+                r.bytes_up as f64 / 1e6,
+                r.bytes_down as f64 / 1e6
+            )
+        });
     };
     let mut server_log = None;
     let (final_student, aux_params, history) = match mode {
