@@ -25,6 +25,9 @@ pub struct Args {
     /// Pretraining run configuration (default: configs/tiny.yaml's settings).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Federated pretraining rounds (default 20, `--quick` 2; overrides the config's num_rounds).
+    #[arg(long)]
+    pub rounds: Option<u64>,
     /// Distillation run configuration (default: configs/tiny_student.yaml).
     #[arg(long)]
     pub distill_config: Option<PathBuf>,
@@ -169,16 +172,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Some(c) => c.clone(),
             None => bundled("configs/tiny.yaml")?,
         };
+        let rounds = args.rounds.unwrap_or(if args.quick { 2 } else { 20 });
         let mut set = vec![
             format!("pretraining.vocab_size={k}"),
             format!("federated.seed={}", args.seed),
             format!("federated.num_clients={}", args.num_clients),
+            format!("federated.num_rounds={rounds}"),
         ];
         if args.quick {
-            set.extend([
-                "federated.num_rounds=2".to_string(),
-                "pretraining.local_steps=3".to_string(),
-            ]);
+            set.push("pretraining.local_steps=3".to_string());
         }
         let rf = fedhubert_train::RunFile::load(Some(&config), &set)?;
         let dev = super::pretrain::device("cpu")?;
