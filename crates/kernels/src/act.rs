@@ -43,7 +43,7 @@ fn exp_neg(x: f32) -> f32 {
     p = p.mul_add(r, 8.333_452e-3);
     p = p.mul_add(r, 4.166_579_6e-2);
     p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 5.000_000_1e-1);
+    p = p.mul_add(r, 0.5);
     let y = (p * r).mul_add(r, r) + 1.0;
     let bits = (((n as i32) + 127) as u32) << 23;
     y * f32::from_bits(bits)
@@ -73,13 +73,16 @@ pub(crate) fn gelu_grad_body(z: &[f32], dy: &[f32], dz: &mut [f32]) {
 /// them (the body must be `#[inline(always)]` so it is compiled inside each variant).
 macro_rules! simd_dispatch {
     ($vis:vis $name:ident, $body:ident, ($($arg:ident : $ty:ty),*)) => {
+        #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx512f,avx512dq,fma")]
                 unsafe fn v4($($arg: $ty),*) {
                     $body($($arg),*)
                 }
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) {
                     $body($($arg),*)

@@ -74,16 +74,13 @@ impl Conv1dShape {
         assert_eq!(y, self.batch * self.c_out * self.t_out(), "y size");
     }
 
-    /// (batch, t0, t1) tasks: enough of them to feed every thread several times, each at most
-    /// `max_len` frames and at least `kernel` frames long (so that only neighbouring tiles of
-    /// the input gradient overlap, see `backward_input`).
-    fn tiles(&self, max_len: usize) -> Vec<(usize, usize, usize)> {
+    /// (batch, t0, t1) tasks of `len` frames (at least `kernel`, so that only neighbouring
+    /// tiles of the input gradient overlap, see `backward_input`). The tiling does not depend on
+    /// the thread count, so results are the same bits on any number of threads (bit-exact
+    /// training resume relies on that).
+    fn tiles(&self, len: usize) -> Vec<(usize, usize, usize)> {
         let t_out = self.t_out();
-        let threads = rayon::current_num_threads().max(1);
-        let per_b = (4 * threads)
-            .div_ceil(self.batch.max(1))
-            .max(t_out.div_ceil(max_len));
-        let len = t_out.div_ceil(per_b).max(self.kernel).max(16).min(t_out);
+        let len = len.max(self.kernel).min(t_out);
         let mut out = Vec::new();
         for b in 0..self.batch {
             let mut t0 = 0;
@@ -102,6 +99,13 @@ impl Conv1dShape {
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    // A method call makes closures capture the whole (Send) wrapper, not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// `col [C_in*K, t1-t0]` (row `ci*K + k`, column `t - t0`) = `x_b[ci, t*stride + k]`.
 fn im2col(xb: &[f32], s: &Conv1dShape, t0: usize, t1: usize, col: &mut [f32]) {
@@ -163,11 +167,10 @@ pub fn forward(x: &[f32], w: &[f32], s: &Conv1dShape, y: &mut [f32]) {
             col.resize(depth * n, 0.0);
             let xb = &x[b * s.c_in * s.t_in..(b + 1) * s.c_in * s.t_in];
             im2col(xb, s, t0, t1, col);
-            let y_ptr = y_ptr;
             // SAFETY: tile (b, t0..t1) of y is written by this task only; strides describe
             // in-bounds row-major blocks of y, weight and col.
             unsafe {
-                let dst = y_ptr.0.add(b * s.c_out * t_out + t0);
+                let dst = y_ptr.get().add(b * s.c_out * t_out + t0);
                 gemm(
                     s.c_out,
                     n,
@@ -199,7 +202,7 @@ pub fn backward_input(dy: &[f32], w: &[f32], s: &Conv1dShape, dx: &mut [f32]) {
     dx.iter_mut().for_each(|v| *v = 0.0);
     let (t_out, depth) = (s.t_out(), s.depth());
     let dx_ptr = SendPtr(dx.as_mut_ptr());
-    let tiles = s.tiles(512);
+    let tiles = s.tiles(256);
     // A tile writes input positions [t0*stride, (t1-1)*stride + K): with tiles at least K long
     // only neighbours overlap, so even-numbered tiles of an utterance run together, then odd.
     for phase in 0..2 {
@@ -220,7 +223,6 @@ pub fn backward_input(dy: &[f32], w: &[f32], s: &Conv1dShape, dx: &mut [f32]) {
             let (b, t0, t1) = tiles[i];
             let n = t1 - t0;
             col.resize(depth * n, 0.0);
-            let dx_ptr = dx_ptr;
             // SAFETY: col = W^T [depth, C_out] x dy_b[:, t0..t1]; in-bounds strided views. The
             // scatter touches only this tile's input span, disjoint from concurrent tiles.
             unsafe {
@@ -245,7 +247,7 @@ pub fn backward_input(dy: &[f32], w: &[f32], s: &Conv1dShape, dx: &mut [f32]) {
                     false,
                     Parallelism::None,
                 );
-                col2im_add(col, s, t0, t1, dx_ptr.0.add(b * s.c_in * s.t_in));
+                col2im_add(col, s, t0, t1, dx_ptr.get().add(b * s.c_in * s.t_in));
             }
         });
     }
@@ -255,57 +257,49 @@ pub fn backward_input(dy: &[f32], w: &[f32], s: &Conv1dShape, dx: &mut [f32]) {
 pub fn backward_weight(x: &[f32], dy: &[f32], s: &Conv1dShape, dw: &mut [f32]) {
     s.check(x.len(), dw.len(), dy.len());
     let (t_out, depth) = (s.t_out(), s.depth());
-    let nw = s.c_out * depth;
-    // Longer tiles: the time axis is this GEMM's reduction depth.
-    let partial = s
-        .tiles(1024)
-        .into_par_iter()
-        .fold(
-            || (vec![0f32; nw], Vec::new(), false),
-            |(mut acc, mut col, used), (b, t0, t1)| {
-                let n = t1 - t0;
-                col.resize(depth * n, 0.0);
-                let xb = &x[b * s.c_in * s.t_in..(b + 1) * s.c_in * s.t_in];
-                im2col(xb, s, t0, t1, &mut col);
-                // SAFETY: acc [C_out, depth] += dy_b[:, t0..t1] [C_out, n] x col^T [n, depth].
-                unsafe {
-                    gemm(
-                        s.c_out,
-                        depth,
-                        n,
-                        acc.as_mut_ptr(),
-                        1,
-                        depth as isize,
-                        used,
-                        dy.as_ptr().add(b * s.c_out * t_out + t0),
-                        1,
-                        t_out as isize,
-                        col.as_ptr(),
-                        n as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
-                (acc, col, true)
-            },
-        )
-        .map(|(acc, _, used)| used.then_some(acc))
-        .collect::<Vec<_>>();
-    let mut parts = partial.into_iter().flatten();
-    match parts.next() {
-        None => dw.iter_mut().for_each(|v| *v = 0.0),
-        Some(first) => {
-            dw.copy_from_slice(&first);
-            for p in parts {
-                dw.par_chunks_mut(4096)
-                    .zip(p.par_chunks(4096))
-                    .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(a, b)| *a += b));
-            }
+    // Tiles in a fixed order, each one GEMM accumulated into dw and parallel over dw's blocks
+    // inside gemm: no per-thread partial sums, so the result does not depend on scheduling
+    // (bit-exact resume). Longer tiles: the time axis is this GEMM's reduction depth.
+    let threads = rayon::current_num_threads();
+    let mut col: Vec<f32> = Vec::new();
+    for (i, (b, t0, t1)) in s.tiles(1024).into_iter().enumerate() {
+        let n = t1 - t0;
+        col.resize(depth * n, 0.0);
+        let xb = &x[b * s.c_in * s.t_in..(b + 1) * s.c_in * s.t_in];
+        // im2col by input channel, in parallel (each channel fills its own K rows).
+        col.par_chunks_mut(s.kernel * n)
+            .enumerate()
+            .for_each(|(ci, rows)| {
+                let one = Conv1dShape { c_in: 1, ..*s };
+                im2col(&xb[ci * s.t_in..(ci + 1) * s.t_in], &one, t0, t1, rows);
+            });
+        // SAFETY: dw [C_out, depth] (+)= dy_b[:, t0..t1] [C_out, n] x col^T [n, depth].
+        unsafe {
+            gemm(
+                s.c_out,
+                depth,
+                n,
+                dw.as_mut_ptr(),
+                1,
+                depth as isize,
+                i > 0,
+                dy.as_ptr().add(b * s.c_out * t_out + t0),
+                1,
+                t_out as isize,
+                col.as_ptr(),
+                n as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                if threads > 1 {
+                    Parallelism::Rayon(threads)
+                } else {
+                    Parallelism::None
+                },
+            );
         }
     }
 }

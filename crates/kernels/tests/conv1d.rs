@@ -97,3 +97,39 @@ fn rejects_short_input() {
     };
     assert!(s.validate().is_err());
 }
+
+#[test]
+fn same_bits_on_any_thread_count() {
+    // Bit-exact training resume needs scheduling-independent results.
+    let s = Conv1dShape {
+        batch: 3,
+        c_in: 64,
+        c_out: 48,
+        kernel: 3,
+        stride: 2,
+        t_in: 2001,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let x = rand_vec(&mut rng, s.batch * s.c_in * s.t_in);
+    let w = rand_vec(&mut rng, s.c_out * s.c_in * s.kernel);
+    let dy = rand_vec(&mut rng, s.batch * s.c_out * s.t_out());
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut y = vec![0.0; dy.len()];
+            let mut dx = vec![0.0; x.len()];
+            let mut dw = vec![0.0; w.len()];
+            forward(&x, &w, &s, &mut y);
+            backward_input(&dy, &w, &s, &mut dx);
+            backward_weight(&x, &dy, &s, &mut dw);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            (bits(&y), bits(&dx), bits(&dw))
+        })
+    };
+    let one = run(1);
+    assert!(one == run(3), "results depend on the thread count");
+    assert!(one == run(3), "results differ between runs");
+}

@@ -99,7 +99,7 @@ pub fn forward_flops(cfg: &HubertConfig, batch: usize, samples: usize) -> f64 {
 }
 
 /// Training-step FLOPs: forward plus the cosine head, backward counted as twice the forward
-/// (of the part that is differentiated: without the conv front-end when it is frozen).
+/// (the frozen case subtracts the front-end's backward itself).
 pub fn step_flops(cfg: &HubertConfig, p: &PretrainConfig, batch: usize, samples: usize) -> f64 {
     let fwd = forward_flops(cfg, batch, samples);
     let t = cfg.num_frames(samples) as f64;
