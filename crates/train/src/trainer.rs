@@ -197,6 +197,10 @@ impl LocalTrainer {
         let mut model = model.to_device(&ad).train();
         if cfg.freeze_feature_extractor {
             model.pretrain.feature_grad_mult = 0.0;
+            // Untracked weights keep the front-end out of the autodiff graph altogether, so its
+            // activations are freed as soon as the forward moves on (a detach alone still records
+            // them, and the frozen step then peaked above the unfrozen one).
+            model.hubert.feature_extractor = model.hubert.feature_extractor.no_grad();
         }
         Ok(Self {
             model,
