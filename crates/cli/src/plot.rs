@@ -186,10 +186,13 @@ pub fn png(
     xlabel: &str,
     title: &str,
 ) -> anyhow::Result<Vec<u8>> {
-    let (w, h, m) = (960i32, 560i32, 80i32);
+    let (w, h, m) = (960i32, 600i32, 80i32);
     let (x0, x1, y0, y1) = ranges(series);
     let sx = |x: f64| m as f64 + (x - x0) / (x1 - x0) * (w - 2 * m) as f64;
-    let sy = |y: f64| (h - m) as f64 - (y - y0) / (y1 - y0) * (h - 2 * m) as f64;
+    // The legend gets its own band above the data, so no line runs under it.
+    let legend_h = 22 * series.len() as i32 + 8;
+    let top = m + legend_h;
+    let sy = |y: f64| (h - m) as f64 - (y - y0) / (y1 - y0) * (h - m - top) as f64;
     let mut c = Canvas::new(w, h);
     let black = [0, 0, 0];
     let grey = [220, 220, 220];
@@ -230,15 +233,8 @@ pub fn png(
         }
     }
     let legend_w = series.iter().map(|s| text_width(s.0, 2)).max().unwrap_or(0) + 44;
-    c.rect(
-        w - m - legend_w - 8,
-        m - 6,
-        legend_w + 12,
-        22 * series.len() as i32 + 8,
-        [255, 255, 255],
-    );
     c.line(m, h - m, w - m, h - m, 2, black);
-    c.line(m, m, m, h - m, 2, black);
+    c.line(m, top, m, h - m, 2, black);
     c.text((w - text_width(xlabel, 2)) / 2, h - 34, xlabel, 2, black);
     for (i, (name, color, _)) in series.iter().enumerate() {
         let ly = m + 22 * i as i32;
@@ -414,12 +410,12 @@ mod tests {
         let mut reader = dec.read_info().unwrap();
         let mut buf = vec![0; reader.output_buffer_size().unwrap()];
         let info = reader.next_frame(&mut buf).unwrap();
-        assert_eq!((info.width, info.height), (960, 560));
+        assert_eq!((info.width, info.height), (960, 600));
         let count = |rgb: [u8; 3]| buf.chunks(3).filter(|p| *p == rgb).count();
         // Both series' colours and black text/axes are drawn; the canvas is mostly white.
         assert!(count([0x1f, 0x77, 0xb4]) > 200, "blue series missing");
         assert!(count([0xd6, 0x27, 0x28]) > 200, "red series missing");
         assert!(count([0, 0, 0]) > 1000, "axes/text missing");
-        assert!(count([255, 255, 255]) > 960 * 560 / 2);
+        assert!(count([255, 255, 255]) > 960 * 600 / 2);
     }
 }
