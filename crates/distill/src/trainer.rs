@@ -2,16 +2,16 @@
 //! device), the weighted losses, backward, global-norm clipping and host AdamW over the named
 //! parameters (the same optimizer as the pretraining trainer, on the student and its heads).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use fedhubert_fl::rounds::mix;
-use fedhubert_model::{HostTensor, collect_tensors, load_tensors};
+use fedhubert_model::{collect_tensors, load_tensors};
 use fedhubert_train::data::{epoch_batches, make_batch};
-use fedhubert_train::{TrainConfig, Utt};
+use fedhubert_train::{AdamState, TrainConfig, Utt};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -75,14 +75,6 @@ impl DistillMetrics {
         self.steps += m.steps;
         self.utterances += m.utterances;
     }
-}
-
-/// Host AdamW state by parameter name.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct AdamState {
-    pub step: u64,
-    pub m: BTreeMap<String, Vec<f32>>,
-    pub v: BTreeMap<String, Vec<f32>>,
 }
 
 fn add(d: &mut Option<Tensor<1>>, x: Tensor<1>) {
@@ -362,48 +354,12 @@ impl DistillTrainer {
             }
         }
         let mut params = collect_tensors(&self.model);
-        self.adamw(&mut params, &grads, lr);
+        self.opt.update(&mut params, &grads, lr, &self.train);
         let model = self.model.clone();
         self.model = load_tensors(model, params.into_iter().collect())?;
         m.lr = lr;
         m.steps = 1;
         Ok(m)
-    }
-
-    fn adamw(
-        &mut self,
-        params: &mut [(String, HostTensor)],
-        grads: &HashMap<String, Vec<f32>>,
-        lr: f64,
-    ) {
-        self.opt.step += 1;
-        let t = self.opt.step as i32;
-        let (b1, b2) = self.train.adam_betas;
-        let bc1 = 1.0 - b1.powi(t);
-        let bc2_sqrt = (1.0 - b2.powi(t)).sqrt() as f32;
-        let step_size = (lr / bc1) as f32;
-        let (b1, b2, eps) = (b1 as f32, b2 as f32, self.train.adam_eps as f32);
-        let decay = (1.0 - lr * self.train.weight_decay) as f32;
-        for (name, p) in params.iter_mut() {
-            let Some(g) = grads.get(name) else { continue };
-            let m = self
-                .opt
-                .m
-                .entry(name.clone())
-                .or_insert_with(|| vec![0.0; g.len()]);
-            let v = self
-                .opt
-                .v
-                .entry(name.clone())
-                .or_insert_with(|| vec![0.0; g.len()]);
-            for (((w, &gi), mi), vi) in p.data.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
-            {
-                *w *= decay;
-                *mi = b1 * *mi + (1.0 - b1) * gi;
-                *vi = b2 * *vi + (1.0 - b2) * gi * gi;
-                *w -= step_size * *mi / (vi.sqrt() / bc2_sqrt + eps);
-            }
-        }
     }
 
     /// `steps` updates at a fixed `lr` over `utts` (length-bucketed batches, reshuffled every

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 fn vals(t: Tensor<3>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
 }
 
 /// Max |a - b| relative to the largest |b|: both sides sum up to C_in * K products in f32 in
@@ -158,7 +158,7 @@ fn group_norm_gelu_matches_burn() {
             group_norm_gelu_reference(z.clone(), g.clone(), be.clone(), 1e-5)
         };
         let grads = (y.clone() * r).sum().backward();
-        let v1 = |t: Tensor<1>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        let v1 = |t: Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
         (
             vals(y.inner()),
             vals(z.grad(&grads).unwrap()),

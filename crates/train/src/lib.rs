@@ -14,7 +14,8 @@ pub use client::{HubertClients, SimConfig};
 pub use config::RunFile;
 pub use data::{BatchConfig, ClientData, Utt, load_client_dir};
 pub use trainer::{
-    FEATURE_EXTRACTOR, LocalTrainer, Metrics, TrainConfig, evaluate_model, from_weights, to_weights,
+    AdamState, FEATURE_EXTRACTOR, LocalTrainer, Metrics, TrainConfig, evaluate_model, from_weights,
+    to_weights,
 };
 
 #[derive(Debug, thiserror::Error)]

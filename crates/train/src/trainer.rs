@@ -124,6 +124,45 @@ pub struct AdamState {
     pub v: BTreeMap<String, Vec<f32>>,
 }
 
+impl AdamState {
+    /// One AdamW update of `params` by `grads` (parameters without a gradient are left alone)
+    /// at learning rate `lr`, with `cfg`'s betas, epsilon and weight decay.
+    pub fn update(
+        &mut self,
+        params: &mut [(String, HostTensor)],
+        grads: &HashMap<String, Vec<f32>>,
+        lr: f64,
+        cfg: &TrainConfig,
+    ) {
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = cfg.adam_betas;
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2_sqrt = (1.0 - b2.powi(t)).sqrt() as f32;
+        let step_size = (lr / bc1) as f32;
+        let (b1, b2, eps) = (b1 as f32, b2 as f32, cfg.adam_eps as f32);
+        let decay = (1.0 - lr * cfg.weight_decay) as f32;
+        for (name, p) in params.iter_mut() {
+            let Some(g) = grads.get(name) else { continue };
+            let m = self
+                .m
+                .entry(name.clone())
+                .or_insert_with(|| vec![0.0; g.len()]);
+            let v = self
+                .v
+                .entry(name.clone())
+                .or_insert_with(|| vec![0.0; g.len()]);
+            for (((w, &gi), mi), vi) in p.data.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
+            {
+                *w *= decay;
+                *mi = b1 * *mi + (1.0 - b1) * gi;
+                *vi = b2 * *vi + (1.0 - b2) * gi * gi;
+                *w -= step_size * *mi / (vi.sqrt() / bc2_sqrt + eps);
+            }
+        }
+    }
+}
+
 /// Aggregated numbers over some steps or an evaluation pass.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Metrics {
@@ -324,47 +363,10 @@ impl LocalTrainer {
                 }
             }
         }
-        self.adamw(&mut params, &grads, lr);
+        self.opt.update(&mut params, &grads, lr, &self.cfg);
         let m2 = self.model.clone();
         self.model = load_tensors(m2, params.into_iter().collect())?;
         Ok(m)
-    }
-
-    fn adamw(
-        &mut self,
-        params: &mut [(String, HostTensor)],
-        grads: &HashMap<String, Vec<f32>>,
-        lr: f64,
-    ) {
-        self.opt.step += 1;
-        let t = self.opt.step as i32;
-        let (b1, b2) = self.cfg.adam_betas;
-        let bc1 = 1.0 - b1.powi(t);
-        let bc2 = 1.0 - b2.powi(t);
-        let step_size = (lr / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let (b1, b2, eps) = (b1 as f32, b2 as f32, self.cfg.adam_eps as f32);
-        let decay = (1.0 - lr * self.cfg.weight_decay) as f32;
-        for (name, p) in params.iter_mut() {
-            let Some(g) = grads.get(name) else { continue };
-            let m = self
-                .opt
-                .m
-                .entry(name.clone())
-                .or_insert_with(|| vec![0.0; g.len()]);
-            let v = self
-                .opt
-                .v
-                .entry(name.clone())
-                .or_insert_with(|| vec![0.0; g.len()]);
-            for (((w, &gi), mi), vi) in p.data.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
-            {
-                *w *= decay;
-                *mi = b1 * *mi + (1.0 - b1) * gi;
-                *vi = b2 * *vi + (1.0 - b2) * gi * gi;
-                *w -= step_size * *mi / (vi.sqrt() / bc2_sqrt + eps);
-            }
-        }
     }
 
     /// Runs `steps` updates over `utts` starting at global step `start` (epochs are reshuffled
