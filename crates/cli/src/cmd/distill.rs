@@ -44,17 +44,8 @@ pub struct Args {
     /// MVQ: a quantizer from `fedhubert mvq train` (else one is trained on the server-side set).
     #[arg(long)]
     pub quantizer: Option<PathBuf>,
-    #[arg(long)]
-    pub num_clients: Option<usize>,
-    #[arg(long)]
-    pub num_rounds: Option<u64>,
-    #[arg(long)]
-    pub strategy: Option<String>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// `section.key=value` overrides, e.g. `--set distillation.alpha=0.5`.
-    #[arg(long = "set")]
-    pub set: Vec<String>,
+    #[command(flatten)]
+    pub overrides: crate::cmd::pretrain::Overrides,
     /// Continue from the checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
@@ -104,23 +95,7 @@ pub fn train_quantizer(
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut set = args.set.clone();
-    let mut push = |k: &str, v: Option<String>| {
-        if let Some(v) = v {
-            set.push(format!("{k}={v}"));
-        }
-    };
-    push(
-        "federated.num_clients",
-        args.num_clients.map(|v| v.to_string()),
-    );
-    push(
-        "federated.num_rounds",
-        args.num_rounds.map(|v| v.to_string()),
-    );
-    push("federated.strategy", args.strategy.clone());
-    push("federated.seed", args.seed.map(|v| v.to_string()));
-    let mut rf = DistillRunFile::load(args.config.as_deref(), &set)?;
+    let mut rf = DistillRunFile::load(args.config.as_deref(), &args.overrides.pairs())?;
     if let Some(t) = &args.teacher {
         rf.distillation.teacher = Some(t.clone());
     }

@@ -28,17 +28,8 @@ pub struct Args {
     /// Centralized: optimizer steps.
     #[arg(long, default_value_t = 200)]
     pub steps: u64,
-    #[arg(long)]
-    pub num_clients: Option<usize>,
-    #[arg(long)]
-    pub num_rounds: Option<u64>,
-    #[arg(long)]
-    pub strategy: Option<String>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// `section.key=value` overrides, e.g. `--set pretraining.learning_rate=1e-3`.
-    #[arg(long = "set")]
-    pub set: Vec<String>,
+    #[command(flatten)]
+    pub overrides: Overrides,
     /// Continue from the checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
@@ -117,21 +108,48 @@ fn resources() {
     println!("resources: {cores} CPU cores, {mem}, {gpu}");
 }
 
+/// The run-file overrides `pretrain` and `distill` share: shortcuts for `federated.*` keys and
+/// free `--set section.key=value` pairs.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Overrides {
+    #[arg(long)]
+    pub num_clients: Option<usize>,
+    #[arg(long)]
+    pub num_rounds: Option<u64>,
+    #[arg(long)]
+    pub strategy: Option<String>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// `section.key=value` overrides, e.g. `--set pretraining.learning_rate=1e-3`.
+    #[arg(long = "set")]
+    pub set: Vec<String>,
+}
+
+impl Overrides {
+    /// `--set` pairs, then one `federated.KEY=VALUE` per shortcut given.
+    pub fn pairs(&self) -> Vec<String> {
+        let mut set = self.set.clone();
+        if let Some(n) = self.num_clients {
+            set.push(format!("federated.num_clients={n}"));
+        }
+        if let Some(n) = self.num_rounds {
+            set.push(format!("federated.num_rounds={n}"));
+        }
+        if let Some(s) = &self.strategy {
+            set.push(format!("federated.strategy={s}"));
+        }
+        if let Some(s) = self.seed {
+            set.push(format!("federated.seed={s}"));
+        }
+        set
+    }
+}
+
 pub fn build_run_file(args: &Args) -> anyhow::Result<RunFile> {
-    let mut set = args.set.clone();
-    if let Some(n) = args.num_clients {
-        set.push(format!("federated.num_clients={n}"));
-    }
-    if let Some(n) = args.num_rounds {
-        set.push(format!("federated.num_rounds={n}"));
-    }
-    if let Some(s) = &args.strategy {
-        set.push(format!("federated.strategy={s}"));
-    }
-    if let Some(s) = args.seed {
-        set.push(format!("federated.seed={s}"));
-    }
-    Ok(RunFile::load(args.config.as_deref(), &set)?)
+    Ok(RunFile::load(
+        args.config.as_deref(),
+        &args.overrides.pairs(),
+    )?)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
