@@ -3,13 +3,12 @@
 //! aggregates students only. In MVQ mode the codebook indexes of the teacher's embeddings are
 //! computed inside `fit`, where the audio lives, with the quantizer the server trained.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use burn::tensor::Device;
 use fedhubert_fl::{ClientPool, EvalRes, FitConfig, FitRes, Weights};
-use fedhubert_train::{ClientData, SimConfig, TrainConfig};
+use fedhubert_train::{ClientCache, ClientData, SimConfig, TrainConfig};
 use rand::SeedableRng;
 
 use crate::config::{DistillConfig, LayerPlan, Mode};
@@ -20,7 +19,7 @@ use crate::teacher::Teacher;
 use crate::trainer::DistillTrainer;
 
 pub struct DistillClients {
-    dirs: Vec<PathBuf>,
+    clients: ClientCache,
     template: DistillStudent,
     teacher: Teacher,
     cfg: DistillConfig,
@@ -30,7 +29,6 @@ pub struct DistillClients {
     train: TrainConfig,
     sim: SimConfig,
     device: Device,
-    cache: HashMap<usize, Arc<ClientData>>,
 }
 
 impl DistillClients {
@@ -50,7 +48,7 @@ impl DistillClients {
         device: Device,
     ) -> Self {
         Self {
-            dirs,
+            clients: ClientCache::new(dirs, sim.cache_clients),
             template,
             teacher,
             cfg,
@@ -60,20 +58,12 @@ impl DistillClients {
             train,
             sim,
             device,
-            cache: HashMap::new(),
         }
     }
 
     fn data(&mut self, c: usize) -> Result<Arc<ClientData>, String> {
-        if let Some(d) = self.cache.get(&c) {
-            return Ok(d.clone());
-        }
-        let dir = self.dirs.get(c).ok_or_else(|| format!("no client {c}"))?;
-        let d = Arc::new(load_audio_dir(dir, &self.sim.label_stem, 0).map_err(|e| e.to_string())?);
-        if self.sim.cache_clients {
-            self.cache.insert(c, d.clone());
-        }
-        Ok(d)
+        let stem = &self.sim.label_stem;
+        self.clients.get(c, |dir| load_audio_dir(dir, stem, 0))
     }
 
     fn trainer(&self, global: &Weights) -> Result<DistillTrainer, String> {
@@ -99,7 +89,7 @@ impl DistillClients {
 
 impl ClientPool for DistillClients {
     fn num_clients(&self) -> usize {
-        self.dirs.len()
+        self.clients.len()
     }
 
     fn fit(&mut self, c: usize, global: &Weights, cfg: &FitConfig) -> Result<FitRes, String> {

@@ -2,10 +2,9 @@
 //! from one pass.
 
 use burn::tensor::activation::{log_sigmoid, log_softmax, softmax};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use fedhubert_model::{
-    HubertForPretraining, MaskConfig, align_labels, compute_mask_indices, grad_multiply,
-    mask_to_tensor,
+    HubertForPretraining, MaskConfig, PretrainBatch, compute_mask_indices, grad_multiply,
 };
 use rand::Rng;
 
@@ -93,13 +92,13 @@ pub fn student_pass<R: Rng + ?Sized>(
     mlm: bool,
     rng: &mut R,
 ) -> Result<StudentPass> {
-    let cfg = &model.hubert.config;
-    let p = &model.pretrain;
     let [b, _] = wav.dims();
-    let device: Device = wav.device();
-    let features = grad_multiply(model.hubert.extract_conv_features(wav), p.feature_grad_mult);
-    let [_, _, t_full] = features.dims();
     if !mlm {
+        let features = grad_multiply(
+            model.hubert.extract_conv_features(wav),
+            model.pretrain.feature_grad_mult,
+        );
+        let [_, _, t_full] = features.dims();
         let out = model
             .hubert
             .forward_from_features(features.swap_dims(1, 2), None, None)?;
@@ -115,90 +114,27 @@ pub fn student_pass<R: Rng + ?Sized>(
     if labels.len() != b || labels.iter().any(|l| l.is_empty()) {
         return Err(DistillError::Data("masked prediction needs labels for every utterance (alpha < 1): the data folder has no label shard; set distillation.alpha=1 or run `fedhubert kmeans` on it".into()));
     }
-    let max_label_len = labels.iter().map(Vec::len).max().unwrap_or(0);
-    let (t, label_idx) = align_labels(t_full, max_label_len, model.feat2tar_ratio());
-    if t == 0 {
-        return Err(DistillError::Data(
-            "no frame left after label alignment".into(),
-        ));
-    }
-    let features = if t < t_full {
-        features.narrow(2, 0, t)
-    } else {
-        features
+    // The pretraining forward itself, so the student's masked-prediction loss is by construction
+    // the one `fedhubert pretrain` optimises.
+    let batch = PretrainBatch {
+        waveform: wav,
+        labels: labels.to_vec(),
+        sample_lengths: None,
     };
-    let features_pen = features.clone().square().mean();
     let mask_cfg = MaskConfig {
-        require_same_masks: p.require_same_masks,
-        ..MaskConfig::from_config(cfg)
+        require_same_masks: model.pretrain.require_same_masks,
+        ..MaskConfig::from_config(&model.hubert.config)
     };
-    let mask = compute_mask_indices(b, t, None, &mask_cfg, rng);
-    let mut targets = vec![0i64; b * t];
-    let mut sel_m = vec![0f32; b * t];
-    let mut sel_u = vec![0f32; b * t];
-    for bi in 0..b {
-        for ti in 0..t {
-            let li = label_idx[ti];
-            if li >= labels[bi].len() {
-                continue;
-            }
-            let lab = labels[bi][li] as usize;
-            if lab >= p.num_classes {
-                return Err(DistillError::Data(format!(
-                    "label {lab} is >= the student's num_classes {} (pretraining.vocab_size)",
-                    p.num_classes
-                )));
-            }
-            targets[bi * t + ti] = lab as i64;
-            if mask[bi][ti] {
-                sel_m[bi * t + ti] = 1.0;
-            } else {
-                sel_u[bi * t + ti] = 1.0;
-            }
-        }
-    }
-    let count_masked = sel_m.iter().filter(|&&v| v > 0.0).count();
-    let count_unmasked = sel_u.iter().filter(|&&v| v > 0.0).count();
-    let out = model.hubert.forward_from_features(
-        features.swap_dims(1, 2),
-        None,
-        Some(mask_to_tensor(&mask, &device)),
-    )?;
-    let h = cfg.hidden_size;
-    let logits = model.logits(out.last_hidden_state.clone().reshape([b * t, h]));
-    let tt = Tensor::<2, Int>::from_data(TensorData::new(targets.clone(), [b * t, 1]), &device);
-    let ce = -log_softmax(logits.clone(), 1)
-        .gather(1, tt)
-        .reshape([b * t]);
-    let sm = Tensor::<1>::from_data(TensorData::new(sel_m.clone(), [b * t]), &device);
-    let su = Tensor::<1>::from_data(TensorData::new(sel_u, [b * t]), &device);
-    let mut sample_size = 0;
-    if p.pred_masked_weight > 0.0 {
-        sample_size += count_masked;
-    }
-    if p.pred_nomask_weight > 0.0 {
-        sample_size += count_unmasked;
-    }
-    let loss = ((ce.clone() * sm).sum() * p.pred_masked_weight
-        + (ce * su).sum() * p.pred_nomask_weight)
-        / sample_size.max(1) as f64
-        + features_pen * p.feature_pen_weight;
-    let pred: Vec<i64> = logits
-        .detach()
-        .argmax(1)
-        .reshape([b * t])
-        .into_data()
-        .try_into_vec_as::<i64>()
-        .expect("int data");
-    let correct_masked = (0..b * t)
-        .filter(|&i| sel_m[i] > 0.0 && pred[i] == targets[i])
-        .count();
+    let (stats, out) = model.forward_pretrain_full(&batch, |b, t, lens| {
+        compute_mask_indices(b, t, lens, &mask_cfg, rng)
+    })?;
+    let [_, t, _] = out.last_hidden_state.dims();
     Ok(StudentPass {
         hidden_states: out.hidden_states,
         last_hidden_state: out.last_hidden_state,
         frames: t,
-        mlm: Some(loss),
-        correct_masked,
-        count_masked,
+        mlm: Some(stats.loss),
+        correct_masked: stats.correct_masked,
+        count_masked: stats.count_masked,
     })
 }

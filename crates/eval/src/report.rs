@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 
 use crate::{EvalError, HeadConfig};
 
@@ -193,22 +192,7 @@ pub struct CrossValidation {
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.
 fn write(path: &Path, bytes: &[u8]) -> Result<(), EvalError> {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(format!(".tmp{}", std::process::id()));
-    let tmp = path.with_file_name(name);
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    res.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        EvalError::io(path, e)
-    })
+    fedhubert_io::atomic_write(path, bytes).map_err(|e| EvalError::io(path, e))
 }
 
 /// Writes `probe.json`, `confusion.csv`, `confusion.json` and `confusion.png` (and

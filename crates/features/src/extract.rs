@@ -250,18 +250,10 @@ fn file_name(p: &Path) -> String {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FeatureError> {
-    let io = |p: &Path, e| FeatureError::Io {
-        path: p.to_path_buf(),
+    fedhubert_io::atomic_write(path, bytes).map_err(|e| FeatureError::Io {
+        path: path.to_path_buf(),
         error: e,
-    };
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(format!(".tmp{}", std::process::id()));
-    let tmp = path.with_file_name(name);
-    std::fs::write(&tmp, bytes).map_err(|e| io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io(path, e))
+    })
 }
 
 #[cfg(test)]

@@ -10,7 +10,6 @@ pub mod rounds;
 pub mod strategy;
 pub mod weights;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub use compress::Compression;
@@ -49,24 +48,8 @@ pub enum FlError {
 
 /// Temp file in the same folder, fsync, rename: readers never see half a file.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), FlError> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let io = |e| FlError::Io {
+    fedhubert_io::atomic_write(path, bytes).map_err(|e| FlError::Io {
         path: path.to_path_buf(),
         source: e,
-    };
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(format!(".tmp{}", std::process::id()));
-    let tmp = dir.join(name);
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io)
+    })
 }

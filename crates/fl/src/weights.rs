@@ -153,8 +153,7 @@ pub fn save_safetensors(
             )
         })
         .collect();
-    let meta: std::collections::HashMap<String, String> = metadata.into_iter().collect();
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| FlError::Format {
+    let bytes = fedhubert_io::safetensors_bytes(views, &metadata).map_err(|e| FlError::Format {
         path: path.to_path_buf(),
         why: e.to_string(),
     })?;

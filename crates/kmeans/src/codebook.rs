@@ -1,6 +1,5 @@
 //! A k x d codebook and its safetensors file (`centroids` f32 [k, d] + string metadata).
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -67,7 +66,7 @@ impl Codebook {
             path: path.to_path_buf(),
             why: e.to_string(),
         })?;
-        let info: HashMap<String, String> = [
+        let info: std::collections::BTreeMap<String, String> = [
             ("mode", meta.mode.clone()),
             ("k", self.k.to_string()),
             ("dim", self.dim.to_string()),
@@ -78,19 +77,13 @@ impl Codebook {
         .into_iter()
         .map(|(a, b)| (a.to_string(), b))
         .collect();
-        let out = safetensors::serialize([("centroids", view)], Some(info)).map_err(|e| {
+        let out = fedhubert_io::safetensors_bytes([("centroids", view)], &info).map_err(|e| {
             KmError::Codebook {
                 path: path.to_path_buf(),
                 why: e.to_string(),
             }
         })?;
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| KmError::Io {
-                path: parent.to_path_buf(),
-                source: e,
-            })?;
-        }
-        std::fs::write(path, out).map_err(|e| KmError::Io {
+        fedhubert_io::atomic_write(path, &out).map_err(|e| KmError::Io {
             path: path.to_path_buf(),
             source: e,
         })

@@ -2,8 +2,7 @@
 //! burn-module checkpoints), atomic file writes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor, TensorData, bf16, f16};
@@ -240,35 +239,16 @@ pub fn write_safetensors(
             .map_err(|e| ModelError::SafeTensors(format!("{name}: {e}")))?;
         views.push((name.as_str(), view));
     }
-    let buf = safetensors::tensor::serialize(views, Some(metadata))
+    // Sorted metadata: the same tensors and metadata always give the same bytes.
+    let metadata: std::collections::BTreeMap<String, String> = metadata.into_iter().collect();
+    let buf = fedhubert_io::safetensors_bytes(views, &metadata)
         .map_err(|e| ModelError::SafeTensors(format!("{}: {e}", path.display())))?;
     write_atomic(path, &buf)
 }
 
 /// Write `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| ModelError::InvalidInput(format!("not a file path: {}", path.display())))?;
-    let tmp: PathBuf = dir.join(format!(
-        ".{}.tmp-{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        ModelError::io(path, e)
-    })
+    fedhubert_io::atomic_write(path, bytes).map_err(|e| ModelError::io(path, e))
 }
 
 /// Map legacy HF / torch weight-norm names (`weight_g`, `weight_v`) to the parametrization

@@ -302,6 +302,20 @@ impl HubertForPretraining {
     where
         F: FnOnce(usize, usize, Option<&[usize]>) -> Vec<Vec<bool>>,
     {
+        self.forward_pretrain_full(batch, make_mask).map(|(o, _)| o)
+    }
+
+    /// As [`Self::forward_pretrain_with`], also returning the encoder's output (every hidden
+    /// state, over the label-aligned frames) for losses built on top of masked prediction, such
+    /// as distillation.
+    pub fn forward_pretrain_full<F>(
+        &self,
+        batch: &PretrainBatch,
+        make_mask: F,
+    ) -> Result<(PretrainOutput, HubertOutput), ModelError>
+    where
+        F: FnOnce(usize, usize, Option<&[usize]>) -> Vec<Vec<bool>>,
+    {
         let cfg = &self.hubert.config;
         let p = &self.pretrain;
         let [b, _] = batch.waveform.dims();
@@ -397,7 +411,7 @@ impl HubertForPretraining {
             Some(mask_to_tensor(&mask, &device)),
         )?;
         let h = cfg.hidden_size;
-        let logits = self.logits(out.last_hidden_state.reshape([b * t, h])); // [N, K]
+        let logits = self.logits(out.last_hidden_state.clone().reshape([b * t, h])); // [N, K]
         let target_t =
             Tensor::<1, Int>::from_data(TensorData::new(targets.clone(), [b * t]), &device);
         let ce = -log_softmax(logits.clone(), 1)
@@ -445,7 +459,7 @@ impl HubertForPretraining {
                 correct_unmasked += 1;
             }
         }
-        Ok(PretrainOutput {
+        let stats = PretrainOutput {
             loss,
             loss_masked: scalar(loss_m_sum) / count_masked.max(1) as f64,
             loss_unmasked: scalar(loss_u_sum) / count_unmasked.max(1) as f64,
@@ -455,7 +469,8 @@ impl HubertForPretraining {
             count_masked,
             correct_unmasked,
             count_unmasked,
-        })
+        };
+        Ok((stats, out))
     }
 
     /// Export the encoder as a HF `HubertModel` directory (see [`HubertModel::save_hf`]) and the

@@ -2,7 +2,7 @@
 //! and returns only weights and metrics.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::tensor::Device;
@@ -36,13 +36,54 @@ impl Default for SimConfig {
     }
 }
 
-pub struct HubertClients {
+/// The clients' folders and, with `cache_clients`, their decoded data between rounds.
+pub struct ClientCache {
     dirs: Vec<PathBuf>,
+    keep: bool,
+    loaded: HashMap<usize, Arc<ClientData>>,
+}
+
+impl ClientCache {
+    pub fn new(dirs: Vec<PathBuf>, keep: bool) -> Self {
+        Self {
+            dirs,
+            keep,
+            loaded: HashMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.dirs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dirs.is_empty()
+    }
+
+    /// Client `c`'s data: from memory when kept, else read from its folder with `load`.
+    pub fn get<E: std::fmt::Display>(
+        &mut self,
+        c: usize,
+        load: impl FnOnce(&Path) -> Result<ClientData, E>,
+    ) -> Result<Arc<ClientData>, String> {
+        if let Some(d) = self.loaded.get(&c) {
+            return Ok(d.clone());
+        }
+        let dir = self.dirs.get(c).ok_or_else(|| format!("no client {c}"))?;
+        let d = Arc::new(load(dir).map_err(|e| e.to_string())?);
+        if self.keep {
+            self.loaded.insert(c, d.clone());
+        }
+        Ok(d)
+    }
+}
+
+pub struct HubertClients {
+    clients: ClientCache,
     template: HubertForPretraining,
     train: TrainConfig,
     sim: SimConfig,
     device: Device,
-    cache: HashMap<usize, Arc<ClientData>>,
 }
 
 impl HubertClients {
@@ -55,31 +96,23 @@ impl HubertClients {
         device: Device,
     ) -> Self {
         Self {
-            dirs,
+            clients: ClientCache::new(dirs, sim.cache_clients),
             template,
             train,
             sim,
             device,
-            cache: HashMap::new(),
         }
     }
 
     fn data(&mut self, c: usize) -> Result<Arc<ClientData>, String> {
-        if let Some(d) = self.cache.get(&c) {
-            return Ok(d.clone());
-        }
-        let dir = self.dirs.get(c).ok_or_else(|| format!("no client {c}"))?;
-        let d = Arc::new(load_client_dir(dir, &self.sim.label_stem).map_err(|e| e.to_string())?);
-        if self.sim.cache_clients {
-            self.cache.insert(c, d.clone());
-        }
-        Ok(d)
+        let stem = &self.sim.label_stem;
+        self.clients.get(c, |dir| load_client_dir(dir, stem))
     }
 }
 
 impl ClientPool for HubertClients {
     fn num_clients(&self) -> usize {
-        self.dirs.len()
+        self.clients.len()
     }
 
     fn fit(&mut self, c: usize, global: &Weights, cfg: &FitConfig) -> Result<FitRes, String> {

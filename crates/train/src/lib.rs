@@ -10,7 +10,7 @@ pub mod config;
 pub mod data;
 pub mod trainer;
 
-pub use client::{HubertClients, SimConfig};
+pub use client::{ClientCache, HubertClients, SimConfig};
 pub use config::RunFile;
 pub use data::{BatchConfig, ClientData, Utt, load_client_dir};
 pub use trainer::{

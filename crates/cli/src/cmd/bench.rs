@@ -506,10 +506,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         report["vs_pytorch"] = Value::Object(ratios);
         report["pytorch"] = theirs;
     }
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir).ok();
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
+    fedhubert_io::atomic_write(&args.out, serde_json::to_string_pretty(&report)?.as_bytes())
         .with_context(|| format!("writing {}", args.out.display()))?;
     if !args.in_process {
         eprintln!("wrote {}", args.out.display());

@@ -384,7 +384,7 @@ fn run_inner(args: &Args) -> Result<()> {
         "time_s": t0.elapsed().as_secs_f64(),
     });
     let sp = args.out.join("summary.json");
-    std::fs::write(&sp, serde_json::to_string_pretty(&summary)?)
+    fedhubert_io::atomic_write(&sp, serde_json::to_string_pretty(&summary)?.as_bytes())
         .with_context(|| format!("cannot write {}", sp.display()))?;
 
     println!(

@@ -3,7 +3,6 @@
 //! `B` bytes per frame (`{stem}.u8`, frame-major, with `{stem}.len` holding frames per utterance in
 //! manifest order) and reports the reconstruction error and storage.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -160,9 +159,7 @@ fn encode(a: EncodeArgs) -> anyhow::Result<()> {
             frames_all += n_frames;
             lens.push_str(&format!("{n_frames}\n"));
         }
-        let mut f =
-            std::fs::File::create(&bin).with_context(|| format!("creating {}", bin.display()))?;
-        f.write_all(&codes_out)
+        fedhubert_io::atomic_write(&bin, &codes_out)
             .with_context(|| format!("writing {}", bin.display()))?;
         fedhubert_fl::atomic_write(&dir.join(format!("{}.len", a.stem)), lens.as_bytes())?;
         println!(
