@@ -472,51 +472,131 @@ pub fn fit_federated_from(
             init.dim
         )));
     }
-    let k = init.k;
+    let mut server = KmeansServer::new(cfg, init, clients.len())?;
     let mut dropouts = Vec::new();
-    let mut centers = init.centroids;
-    let mut totals = vec![0f64; k];
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x00c1_1e47);
-    let mut history = Vec::new();
-    let mut prev: Option<f64> = None;
-    for round in 0..cfg.rounds {
-        let chosen: Vec<usize> = match cfg.clients_per_round {
-            Some(m) if m < clients.len() => {
-                let mut v = sample_indices(&mut rng, clients.len(), m.max(1)).into_vec();
+    while let Some(chosen) = server.next_round() {
+        let cb = server.codebook()?;
+        let (agg, replied) = round_stats(clients, &chosen, server.round(), &cb, &mut dropouts);
+        server.apply(&agg, replied)?;
+    }
+    let codebook = server.codebook()?;
+    let all: Vec<usize> = (0..clients.len()).collect();
+    let (agg, replied) = round_stats(clients, &all, server.round(), &codebook, &mut dropouts);
+    server.finish(&agg, replied, dropouts)
+}
+
+/// The server side of federated k-means as a state machine, so that any transport (the in-process
+/// loop of [`fit_federated_from`], or Flower's ServerApp through the Python module) runs the same
+/// rounds: `next_round` says which clients to ask, `apply` takes their aggregated replies, and
+/// `finish` takes the final evaluation round over all clients.
+pub struct KmeansServer {
+    cfg: FederatedConfig,
+    k: usize,
+    d: usize,
+    n_clients: usize,
+    centers: Vec<f32>,
+    totals: Vec<f64>,
+    rng: ChaCha8Rng,
+    history: Vec<RoundLog>,
+    prev: Option<f64>,
+    /// Clients asked in the round that `next_round` opened and `apply` has not closed yet.
+    open: Option<usize>,
+    converged: bool,
+}
+
+impl KmeansServer {
+    pub fn new(cfg: &FederatedConfig, init: Codebook, n_clients: usize) -> Result<Self> {
+        if n_clients == 0 {
+            return Err(KmError::Invalid("no clients".into()));
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            k: init.k,
+            d: init.dim,
+            n_clients,
+            totals: vec![0f64; init.k],
+            centers: init.centroids,
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x00c1_1e47),
+            history: Vec::new(),
+            prev: None,
+            open: None,
+            converged: false,
+        })
+    }
+
+    /// The round `next_round` opens next (or the evaluation round once it returns `None`).
+    pub fn round(&self) -> usize {
+        self.history.len()
+    }
+
+    pub fn history(&self) -> &[RoundLog] {
+        &self.history
+    }
+
+    /// The codebook to send this round.
+    pub fn codebook(&self) -> Result<Codebook> {
+        Codebook::new(self.k, self.d, self.centers.clone())
+    }
+
+    /// Opens the next round and returns the (sorted) clients to ask, or `None` when the rounds
+    /// are over (`cfg.rounds` reached, or converged): then evaluate with [`Self::finish`].
+    pub fn next_round(&mut self) -> Option<Vec<usize>> {
+        if self.converged || self.history.len() >= self.cfg.rounds {
+            return None;
+        }
+        let chosen: Vec<usize> = match self.cfg.clients_per_round {
+            Some(m) if m < self.n_clients => {
+                let mut v = sample_indices(&mut self.rng, self.n_clients, m.max(1)).into_vec();
                 v.sort_unstable();
                 v
             }
-            _ => (0..clients.len()).collect(),
+            _ => (0..self.n_clients).collect(),
         };
-        let cb = Codebook::new(k, d, centers.clone())?;
-        let (agg, replied) = round_stats(clients, &chosen, round, &cb, &mut dropouts);
+        self.open = Some(chosen.len());
+        Some(chosen)
+    }
+
+    /// Closes the open round with the sum of the replies (`replied` of them) and updates the
+    /// codebook.
+    pub fn apply(&mut self, agg: &ClientStats, replied: usize) -> Result<()> {
+        let (k, d) = (self.k, self.d);
+        let sampled = self.open.take().ok_or_else(|| {
+            KmError::Invalid("apply() without an open round: call next_round() first".into())
+        })?;
+        let round = self.history.len();
+        if agg.counts.len() != k || agg.sums.len() != k * d || agg.sumsq.len() != k * d {
+            return Err(KmError::Invalid(format!(
+                "round {round}: aggregated statistics are not for k = {k}, dim = {d}"
+            )));
+        }
         if replied == 0 {
             tracing::warn!(round, "no client replied; codebook unchanged");
-            history.push(RoundLog {
+            self.history.push(RoundLog {
                 round,
-                sampled: chosen.len(),
+                sampled,
                 replied,
                 inertia: f64::NAN,
                 frames: 0,
                 splits: 0,
             });
-            continue;
+            return Ok(());
         }
+        let centers = &mut self.centers;
         for j in 0..k {
             let n = agg.counts[j] as f64;
             if n == 0.0 {
                 continue;
             }
             let row = &mut centers[j * d..(j + 1) * d];
-            match cfg.update {
+            match self.cfg.update {
                 ServerUpdate::Lloyd => {
                     for f in 0..d {
                         row[f] = (agg.sums[j * d + f] / n) as f32;
                     }
                 }
                 ServerUpdate::MiniBatch => {
-                    totals[j] += n;
-                    let rate = n / totals[j];
+                    self.totals[j] += n;
+                    let rate = n / self.totals[j];
                     for f in 0..d {
                         let mean = agg.sums[j * d + f] / n;
                         row[f] = (row[f] as f64 + (mean - row[f] as f64) * rate) as f32;
@@ -524,7 +604,7 @@ pub fn fit_federated_from(
                 }
             }
         }
-        let splits = split_empty(&mut centers, &agg, d);
+        let splits = split_empty(centers, agg, d);
         tracing::debug!(
             round,
             replied,
@@ -532,41 +612,51 @@ pub fn fit_federated_from(
             splits,
             "federated k-means round"
         );
-        history.push(RoundLog {
+        self.history.push(RoundLog {
             round,
-            sampled: chosen.len(),
+            sampled,
             replied,
             inertia: agg.inertia,
             frames: agg.n_frames,
             splits,
         });
-        let full = replied == clients.len();
+        let full = replied == self.n_clients;
         if full && splits == 0 {
-            if prev.is_some_and(|p| (p - agg.inertia) <= cfg.tol * agg.inertia.abs()) {
-                break;
+            if self
+                .prev
+                .is_some_and(|p| (p - agg.inertia) <= self.cfg.tol * agg.inertia.abs())
+            {
+                self.converged = true;
             }
-            prev = Some(agg.inertia);
+            self.prev = Some(agg.inertia);
         } else {
-            prev = None;
+            self.prev = None;
         }
+        Ok(())
     }
-    let codebook = Codebook::new(k, d, centers)?;
-    let all: Vec<usize> = (0..clients.len()).collect();
-    let (agg, replied) = round_stats(clients, &all, history.len(), &codebook, &mut dropouts);
-    if replied == 0 {
-        return Err(KmError::Invalid(
-            "no client replied to the evaluation round".into(),
-        ));
+
+    /// The result, from the evaluation round's aggregated replies over every client.
+    pub fn finish(
+        self,
+        agg: &ClientStats,
+        replied: usize,
+        mut dropouts: Vec<String>,
+    ) -> Result<FederatedFit> {
+        if replied == 0 {
+            return Err(KmError::Invalid(
+                "no client replied to the evaluation round".into(),
+            ));
+        }
+        dropouts.sort();
+        dropouts.dedup();
+        Ok(FederatedFit {
+            codebook: Codebook::new(self.k, self.d, self.centers)?,
+            inertia: agg.inertia,
+            n_frames: agg.n_frames,
+            counts: agg.counts.clone(),
+            rounds: self.history.len(),
+            history: self.history,
+            dropouts,
+        })
     }
-    dropouts.sort();
-    dropouts.dedup();
-    Ok(FederatedFit {
-        codebook,
-        inertia: agg.inertia,
-        n_frames: agg.n_frames,
-        counts: agg.counts,
-        rounds: history.len(),
-        history,
-        dropouts,
-    })
 }

@@ -24,9 +24,9 @@ use std::path::PathBuf;
 
 pub use codebook::{Codebook, CodebookMeta};
 pub use federated::{
-    ClientStats, FederatedConfig, FederatedFit, InProcessClient, KmClient, LocalSummary, RoundLog,
-    ServerUpdate, client_stats, fit_federated, fit_federated_from, server_init, split_empty,
-    weighted_lloyd,
+    ClientStats, FederatedConfig, FederatedFit, InProcessClient, KmClient, KmeansServer,
+    LocalSummary, RoundLog, ServerUpdate, client_stats, fit_federated, fit_federated_from,
+    server_init, split_empty, weighted_lloyd,
 };
 pub use kmeanspp::kmeans_plusplus;
 pub use metrics::{Agreement, ClientAgreement, Contingency};

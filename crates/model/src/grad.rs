@@ -70,7 +70,7 @@ pub fn clip_grad_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_no
 struct GradCollector<'a> {
     grads: &'a GradientsParams,
     path: Vec<String>,
-    out: std::collections::HashMap<String, Vec<f32>>,
+    out: std::collections::BTreeMap<String, Vec<f32>>,
 }
 
 impl ModuleVisitor for GradCollector<'_> {
@@ -93,11 +93,13 @@ impl ModuleVisitor for GradCollector<'_> {
 }
 
 /// The gradients of `module`'s parameters found in `grads`, copied to the host by parameter name
-/// (the dotted module path, e.g. `hubert.encoder.layers.0.attention.q_proj.weight`).
+/// (the dotted module path, e.g. `hubert.encoder.layers.0.attention.q_proj.weight`). Sorted by
+/// name, so that sums over all gradients (the global norm) add in one fixed order: with a hash
+/// map the norm's last bits changed from process to process, and with them clipped updates.
 pub fn collect_grads<M: Module>(
     module: &M,
     grads: &GradientsParams,
-) -> std::collections::HashMap<String, Vec<f32>> {
+) -> std::collections::BTreeMap<String, Vec<f32>> {
     let mut v = GradCollector {
         grads,
         path: Vec::new(),

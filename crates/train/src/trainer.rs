@@ -130,7 +130,7 @@ impl AdamState {
     pub fn update(
         &mut self,
         params: &mut [(String, HostTensor)],
-        grads: &HashMap<String, Vec<f32>>,
+        grads: &BTreeMap<String, Vec<f32>>,
         lr: f64,
         cfg: &TrainConfig,
     ) {
@@ -278,7 +278,7 @@ impl LocalTrainer {
         self.device.seed(mix(seed, &[0xD80F]));
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let label_rate = self.model.pretrain.label_rate;
-        let mut grads: HashMap<String, Vec<f32>> = HashMap::new();
+        let mut grads: BTreeMap<String, Vec<f32>> = BTreeMap::new();
         let mut m = Metrics {
             lr,
             steps: 1,
