@@ -100,3 +100,62 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics["num-examples"] = int(num_examples)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
+
+
+# Federated k-means (run config task="kmeans", see kmeans.py): this node's MFCC frames stay here;
+# it sends weighted local centroids once, then per-cluster sums and counts, and finally labels
+# its own frames with the global codebook.
+_KM: dict[tuple[str, str], fedhubert.KmeansClient] = {}
+
+
+def _km_client(msg: Message, context: Context) -> tuple[fedhubert.KmeansClient, Path]:
+    part = partition_dir(context)
+    feature = str(msg.content["config"]["feature"])
+    key = (str(part), feature)
+    if key not in _KM:
+        _KM.clear()
+        _KM[key] = fedhubert.KmeansClient(str(part), feature)
+    return _KM[key], part
+
+
+def _km_index(context: Context, client: fedhubert.KmeansClient, part: Path) -> int:
+    if "client-id" in context.node_config:
+        return int(context.node_config["client-id"])
+    if client.index_from_dir is not None:
+        return client.index_from_dir
+    if "partition-id" in context.node_config:
+        return int(context.node_config["partition-id"])
+    raise ValueError(f"partition {part}: the folder is not named client_K; set node config client-id=K")
+
+
+@app.query("kmeans_hello")
+def kmeans_hello(msg: Message, context: Context) -> Message:
+    client, part = _km_client(msg, context)
+    info = ConfigRecord({"client-id": _km_index(context, client, part), "partition": str(part),
+                         "frames": client.n_frames, "dim": client.dim})
+    return Message(RecordDict({"info": info}), reply_to=msg)
+
+
+@app.query("kmeans_init")
+def kmeans_init(msg: Message, context: Context) -> Message:
+    client, _ = _km_client(msg, context)
+    cfg = msg.content["config"]
+    summary = client.init_summary(int(cfg["k"]), int(cfg["seed"]))
+    return Message(RecordDict({"arrays": record_from_arrays(summary)}), reply_to=msg)
+
+
+@app.query("kmeans_stats")
+def kmeans_stats(msg: Message, context: Context) -> Message:
+    client, _ = _km_client(msg, context)
+    stats = client.stats(arrays_from_record(msg.content["arrays"])["codebook"])
+    return Message(RecordDict({"arrays": record_from_arrays(stats)}), reply_to=msg)
+
+
+@app.query("kmeans_label")
+def kmeans_label(msg: Message, context: Context) -> Message:
+    client, part = _km_client(msg, context)
+    rep = client.label(arrays_from_record(msg.content["arrays"])["codebook"],
+                       str(msg.content["config"]["labels"]))
+    info = ConfigRecord({"partition": str(part), "utterances": int(rep["utterances"]),
+                         "frames": int(rep["frames"]), "inertia": float(rep["inertia"])})
+    return Message(RecordDict({"info": info}), reply_to=msg)

@@ -16,6 +16,7 @@ import fedhubert
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from .kmeans import run_kmeans
 from .records import arrays_from_record, record_from_arrays
 
 app = ServerApp()
@@ -108,6 +109,12 @@ def _fmt(x) -> str:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
+    task = str(rc.get("task", "pretrain"))
+    if task == "kmeans":
+        run_kmeans(grid, context)
+        return
+    if task != "pretrain":
+        raise ValueError(f'run config task={task!r}: expected "kmeans" or "pretrain"')
     overrides = [s for s in str(rc.get("set", "")).split() if s]
     run_file = fedhubert.load_run_file(str(rc.get("config", "tiny")), overrides)
     rf = json.loads(run_file)

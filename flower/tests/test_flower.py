@@ -351,6 +351,60 @@ def test_simulation_runtime_and_resume(work: Path, partitions: Path, native: Pat
         procs.stop()
 
 
+def test_federated_kmeans_over_flower_matches_native(work: Path, partitions: Path):
+    """task="kmeans" in the simulation runtime: the global codebook learned over the nodes from
+    sums and counts, and the labels each node writes, are byte-identical to `fedhubert kmeans
+    --mode federated` on the same partition (the `partitions` fixture made those)."""
+    pytest.importorskip("ray", reason="the simulation runtime needs flwr[simulation]")
+    d = work / "kmeans-flower"
+    logs = d / "logs"
+    logs.mkdir(parents=True)
+    parts = d / "partition"
+    for k in range(2):
+        src, dst = partitions / f"client_{k}", parts / f"client_{k}"
+        dst.mkdir(parents=True)
+        for name in ("manifest.csv", "mfcc.npy", "mfcc.len"):
+            shutil.copy(src / name, dst / name)
+    home = d / "flwr-home"
+    port = free_port()
+    env = flwr_env(home)
+    write_connection(home, port, None)
+    procs = Procs(logs)
+    try:
+        procs.start("superlink", [str(BIN_DIR / "flower-superlink"), "--insecure", "--simulation",
+                                  "--host", "127.0.0.1", "--port", str(port),
+                                  "--disable-runtime-dependency-installation"], env)
+        wait_port(port, procs)
+        out = d / "run"
+        log = flwr_run(env, out, {"task": "kmeans", "partitions": str(parts), "kmeans-k": 50,
+                                  "kmeans-seed": 0}, procs, logs, "num-supernodes=2")
+    finally:
+        procs.stop()
+    assert (out / "kmeans_summary.json").is_file(), log[-4000:]
+    summary = json.loads((out / "kmeans_summary.json").read_text())
+    native = json.loads((work / "kmeans" / "summary.json").read_text())
+    assert summary["rounds"] == native["fit"]["rounds"] and summary["rounds"] > 1
+    assert (out / "codebook.safetensors").read_bytes() == \
+        (work / "kmeans" / "codebook.safetensors").read_bytes(), "codebook differs from the native fit"
+    for k in range(2):
+        for name in ("km.npy", "km.len"):
+            assert (parts / f"client_{k}" / name).read_bytes() == \
+                (partitions / f"client_{k}" / name).read_bytes(), f"client_{k}/{name} differs"
+    print(f"\n[kmeans] flower: {summary['rounds']} rounds, inertia {summary['inertia']:.6f} over "
+          f"{summary['n_frames']} frames, {summary['empty_clusters']} empty clusters (native: identical bytes)")
+
+
+def test_kmeans_bad_input_is_named(tmp_path: Path):
+    with pytest.raises(ValueError, match="client_9.*mfcc"):
+        fedhubert.KmeansClient(str(tmp_path / "client_9"))
+    with pytest.raises(ValueError, match="k = 0"):
+        fedhubert.KmeansServer(0, 2)
+    with pytest.raises(ValueError, match="update"):
+        fedhubert.KmeansServer(10, 2, update="sgd")
+    with pytest.raises(RuntimeError, match="init"):
+        fedhubert.KmeansServer(10, 2).next_round()
+
+
 def test_bad_partition_is_named():
     run_file = fedhubert.load_run_file("tiny", ["pretraining.vocab_size=50"])
     with pytest.raises(ValueError, match="no-such-dir.*manifest.csv"):

@@ -5,9 +5,12 @@
 //!
 //! - [`Client`]: one SuperNode's partition (`client_K` folder): local training and evaluation.
 //! - [`Server`]: the round loop of `fedhubert pretrain --simulation`, stepped by the ServerApp.
+//! - [`kmeans::KmeansClient`], [`kmeans::KmeansServer`]: federated k-means (the global codebook
+//!   of the pseudo-labels) across SuperNodes, sums and counts only.
 //! - `load_run_file`, `read_checkpoint`, `export_hf`: configuration, checkpoints, HF export.
 
 pub mod client;
+pub mod kmeans;
 pub mod server;
 
 use std::collections::BTreeMap;
@@ -406,5 +409,7 @@ fn fedhubert(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(export_hf, m)?)?;
     m.add_class::<Client>()?;
     m.add_class::<Server>()?;
+    m.add_class::<kmeans::KmeansClient>()?;
+    m.add_class::<kmeans::KmeansServer>()?;
     Ok(())
 }
