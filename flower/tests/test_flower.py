@@ -388,15 +388,19 @@ def kd_partitions(work: Path) -> Path:
     return parts
 
 
+def kd_native_args(parts: Path, teacher_run: Path, out: Path) -> list[str]:
+    args = ["distill", "--mode", "server", "--config", str(ROOT / "configs/tiny_student.yaml"),
+            "--teacher", str(teacher_run / "model.safetensors"), "--clients", str(parts),
+            "--server-set", str(parts / "client_2"), "--out", str(out)]
+    for o in KD_OVERRIDES:
+        args += ["--set", o]
+    return args
+
+
 @pytest.fixture(scope="session")
 def kd_native(work: Path, kd_partitions: Path, native: Path) -> Path:
     out = work / "kd-native"
-    args = ["distill", "--mode", "server", "--config", str(ROOT / "configs/tiny_student.yaml"),
-            "--teacher", str(native / "model.safetensors"), "--clients", str(kd_partitions),
-            "--server-set", str(kd_partitions / "client_2"), "--out", str(out)]
-    for o in KD_OVERRIDES:
-        args += ["--set", o]
-    run_cli(*args)
+    run_cli(*kd_native_args(kd_partitions, native, out))
     return out
 
 
@@ -428,7 +432,7 @@ def test_server_distillation_simulation(work: Path, kd_partitions: Path, native:
                                         kd_native: Path):
     """`mode="distill-server"` on a simulation SuperLink, stopped after round 1 and resumed:
     the same student, server heads and optimizer state, metrics and server distillation log as
-    `fedhubert distill --mode server`."""
+    `fedhubert distill --mode server`, which also resumes the Flower run's checkpoint."""
     pytest.importorskip("ray", reason="the simulation runtime needs flwr[simulation]")
     d = work / "kd-simulation"
     logs = d / "logs"
@@ -453,6 +457,7 @@ def test_server_distillation_simulation(work: Path, kd_partitions: Path, native:
         first = {**kd_config, "set": " ".join(KD_OVERRIDES + ["federated.num_rounds=1"])}
         log = flwr_run(env, out, first, procs, logs, fed)
         assert fedhubert.read_checkpoint(str(out / "checkpoint.safetensors"))["round"] == 1, log[-4000:]
+        shutil.copytree(out, d / "native-resumed")
         log = flwr_run(env, out, {**kd_config, "set": " ".join(KD_OVERRIDES), "resume": True},
                        procs, logs, fed)
         assert "resuming after round 1" in log, log[-4000:]
@@ -500,6 +505,11 @@ def test_server_distillation_simulation(work: Path, kd_partitions: Path, native:
               f"server KD loss first {r['first']['loss']!r} | {rn['first']['loss']!r}, "
               f"last {r['last']['loss']!r} | {rn['last']['loss']!r}; "
               f"kl last {r['last']['kl']!r} | {rn['last']['kl']!r}")
+    # The native runner resumes the Flower run's round-1 checkpoint to the same student and log.
+    run_cli(*kd_native_args(kd_partitions, native, d / "native-resumed"), "--resume")
+    cross = fedhubert.read_checkpoint(str(d / "native-resumed" / "checkpoint.safetensors"))["global"]
+    assert all(np.array_equal(cross[k], ng[k]) for k in ng)
+    assert [r["round"] for r in read_jsonl(d / "native-resumed" / "server_distill.jsonl")] == [1, 2]
     # The exports (fedhubert checkpoint and HF layout) hold the native run's tensors, and the
     # round checkpoint alone exports the same model with the clients' run file.
     for f in ("student.safetensors", "hf/model.safetensors"):
