@@ -102,7 +102,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 
-# Federated k-means (run config task="kmeans", see kmeans.py): this node's MFCC frames stay here;
+# Federated k-means (run config mode="kmeans", see kmeans.py): this node's MFCC frames stay here;
 # it sends weighted local centroids once, then per-cluster sums and counts, and finally labels
 # its own frames with the global codebook.
 _KM: dict[tuple[str, str], fedhubert.KmeansClient] = {}

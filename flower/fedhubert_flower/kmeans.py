@@ -3,9 +3,9 @@ SuperNodes from per-cluster sums and counts (no frame leaves its node), then eve
 own frames with it. The rounds are `fedhubert.KmeansServer`, the state machine that
 ``fedhubert kmeans --mode federated`` runs in one process, so both give the same codebook.
 
-Run it before pretraining with ``--run-config 'task="kmeans"'`` (see the README): it writes
+Run it before pretraining with ``--run-config 'mode="kmeans"'`` (see the README): it writes
 ``out-dir/codebook.safetensors`` and ``out-dir/kmeans_summary.json`` on the ServerApp's machine and
-``km.npy`` + ``km.len`` into each node's partition, ready for ``task="pretrain"``.
+``km.npy`` + ``km.len`` into each node's partition, ready for ``mode="pretrain"``.
 """
 
 from __future__ import annotations

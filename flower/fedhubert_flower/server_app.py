@@ -4,6 +4,11 @@ The round logic (client sampling, per-client seeds, the strategy, checkpoints, r
 is `fedhubert.Server`, the Rust loop of ``fedhubert pretrain --simulation``; this file only moves
 messages. Clients are numbered by their partition folder (``client_K`` -> K), so client K on
 Flower gets exactly the seeds and sampling client K gets in the native simulation.
+
+Run config ``mode`` picks the run: ``pretrain`` (default), or ``distill-server``, the rounds of
+``fedhubert distill --mode server``: the clients train the student with the self-supervised loss
+as in pretraining, and after each aggregation the server distils the frozen ``teacher`` into it
+on the ``server-set`` audio (`fedhubert.ServerDistillation`).
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ def _config(run_file: str, **extra: str) -> ConfigRecord:
     return ConfigRecord({"run-file": run_file, **extra})
 
 
-def discover_clients(grid: Grid, run_file: str, min_nodes: int, wait_s: float, want: int) -> dict[int, int]:
-    """Waits for the SuperNodes and asks each which client it is: {client index: node id}."""
+def discover_clients(grid: Grid, run_file: str, min_nodes: int, wait_s: float, want: int,
+                     partitions: dict[int, str] | None = None) -> dict[int, int]:
+    """Waits for the SuperNodes and asks each which client it is: {client index: node id}.
+    Fills `partitions` with each client's partition folder as its node reported it."""
     deadline = time.monotonic() + wait_s
     while True:
         nodes = sorted(grid.get_node_ids())
@@ -61,6 +68,8 @@ def discover_clients(grid: Grid, run_file: str, min_nodes: int, wait_s: float, w
         if c in by_client:
             problems.append(f"nodes {by_client[c]} and {node} both claim client {c} ({info['partition']})")
         by_client[c] = node
+        if partitions is not None:
+            partitions[c] = str(info["partition"])
         _say(f"node {node} is client {c} ({info['partition']})")
     problems += [f"node {n}: no reply within node-wait-s={wait_s:.0f} s" for n in sorted(silent)]
     if problems or not by_client:
@@ -106,32 +115,63 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
+def _setup(rc) -> tuple[str, "fedhubert.ServerDistillation | None"]:
+    """The run file the clients get and, in distill-server mode, the distillation setup (teacher,
+    server-side set, student), built before waiting for nodes so bad inputs fail at once."""
+    mode = str(rc.get("mode", "pretrain"))
+    overrides = [s for s in str(rc.get("set", "")).split() if s]
+    config = str(rc.get("config", ""))
+    if mode == "pretrain":
+        return fedhubert.load_run_file(config or "tiny", overrides), None
+    if mode == "distill-server":
+        kd = fedhubert.ServerDistillation(
+            fedhubert.load_distill_run_file(config or "tiny_student", overrides),
+            teacher=str(rc.get("teacher", "")) or None,
+            server_set=str(rc.get("server-set", "")) or None,
+        )
+        for note in kd.notes:
+            _say(note)
+        return kd.client_run_file, kd
+    raise ValueError(f"run config mode={mode!r}: expected pretrain, distill-server or kmeans")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
-    task = str(rc.get("task", "pretrain"))
-    if task == "kmeans":
+    if str(rc.get("mode", "pretrain")) == "kmeans":
         run_kmeans(grid, context)
         return
-    if task != "pretrain":
-        raise ValueError(f'run config task={task!r}: expected "kmeans" or "pretrain"')
-    overrides = [s for s in str(rc.get("set", "")).split() if s]
-    run_file = fedhubert.load_run_file(str(rc.get("config", "tiny")), overrides)
+    run_file, kd = _setup(rc)
     rf = json.loads(run_file)
     out = Path(str(rc.get("out-dir", "runs/flower"))).expanduser().resolve()
+    partitions: dict[int, str] = {}
     node_of = discover_clients(
         grid,
         run_file,
         int(rc.get("min-nodes", 2)),
         float(rc.get("node-wait-s", 300)),
         int(rf["federated"]["num_clients"]),
+        partitions,
     )
-    server = fedhubert.Server(run_file, str(out), len(node_of), bool(rc.get("resume", False)))
+    resume = bool(rc.get("resume", False))
+    if kd is None:
+        server = fedhubert.Server(run_file, str(out), len(node_of), resume)
+    else:
+        # Where the server and the nodes share a file system (simulation), the server-side set
+        # must not be a client's folder: the server never holds client audio.
+        mine = Path(kd.server_set).resolve()
+        clash = [c for c, p in partitions.items() if Path(p).resolve() == mine]
+        if clash:
+            raise ValueError(
+                f"server-set {kd.server_set} is client {clash[0]}'s partition: the server must "
+                "not hold client audio; give a separate folder"
+            )
+        server = kd.server(str(out), len(node_of), resume)
     if server.completed_rounds:
         _say(f"resuming after round {server.completed_rounds} from {out}")
     _say(
-        f"{len(node_of)} clients, {server.num_rounds} rounds, strategy {rf['federated']['strategy']}, "
-        f"out {out}"
+        f"{server.mode}: {len(node_of)} clients, {server.num_rounds} rounds, strategy "
+        f"{rf['federated']['strategy']}, out {out}"
     )
     timeout = server.round_timeout_s
     while (rnd := server.next_round()) is not None:
@@ -186,5 +226,13 @@ def main(grid: Grid, context: Context) -> None:
             f"{len(rec['failures'])} failed | up {rec['bytes_up'] / 1e6:.2f} MB "
             f"down {rec['bytes_down'] / 1e6:.2f} MB | {rec['round_time_s']:.1f} s"
         )
+        kd_log = rec.get("server_distill")
+        if kd_log:
+            first, last = kd_log["first"], kd_log["last"]
+            _say(
+                f"round {rnd:>3}: server distillation {kd_log['mean']['steps']} steps, loss "
+                f"{_fmt(first['loss'])} -> {_fmt(last['loss'])} (kl {_fmt(last['kl'])}, "
+                f"feature {_fmt(last['feature_mse'])})"
+            )
     summary = json.loads(server.export())
     _say(f"done: {json.dumps(summary)}")

@@ -351,7 +351,7 @@ def test_simulation_runtime_and_resume(work: Path, partitions: Path, native: Pat
 
 
 def test_federated_kmeans_over_flower_matches_native(work: Path, partitions: Path):
-    """task="kmeans" in the simulation runtime: the global codebook learned over the nodes from
+    """mode="kmeans" in the simulation runtime: the global codebook learned over the nodes from
     sums and counts, and the labels each node writes, are byte-identical to `fedhubert kmeans
     --mode federated` on the same partition (the `partitions` fixture made those)."""
     pytest.importorskip("ray", reason="the simulation runtime needs flwr[simulation]")
@@ -375,7 +375,7 @@ def test_federated_kmeans_over_flower_matches_native(work: Path, partitions: Pat
                                   "--disable-runtime-dependency-installation"], env)
         wait_port(port, procs)
         out = d / "run"
-        log = flwr_run(env, out, {"task": "kmeans", "partitions": str(parts), "kmeans-k": 50,
+        log = flwr_run(env, out, {"mode": "kmeans", "partitions": str(parts), "kmeans-k": 50,
                                   "kmeans-seed": 0}, procs, logs, "num-supernodes=2")
     finally:
         procs.stop()
@@ -412,3 +412,199 @@ def test_bad_partition_is_named():
         fedhubert.load_run_file("/tmp/nope.yaml")
     with pytest.raises(ValueError, match="learning_rat"):
         fedhubert.load_run_file("tiny", ["pretraining.learning_rat=1"])
+
+
+# Server-side distillation (`fedhubert distill --mode server`): the pretraining run above is the
+# teacher; two clients train the tiny student, the server distils after every aggregation.
+KD_ROUNDS = 2
+KD_OVERRIDES = [
+    "federated.num_clients=2",
+    f"federated.num_rounds={KD_ROUNDS}",
+    "federated.seed=3",
+    "pretraining.local_steps=2",
+    "distillation.server_steps=3",
+    # DistilHuBERT prediction heads: server-only weights that must survive the resume.
+    "distillation.pred_weight=1.0",
+]
+
+
+@pytest.fixture(scope="session")
+def kd_partitions(work: Path) -> Path:
+    """Three speaker groups with k-means labels: clients 0 and 1, and client_2 as the server-side
+    set (labelled, so the server's distillation blends in masked prediction as configured)."""
+    parts = work / "kd-partition"
+    run_cli("prepare", "--data", str(ROOT / "assets/librispeech-sample"), "--out", str(parts),
+            "--num-clients", "3", "--partition", "speaker", "--seed", "0")
+    run_cli("features", "--clients", str(parts))
+    run_cli("kmeans", "--clients", str(parts), "--mode", "federated", "--k", "50",
+            "--out", str(work / "kd-kmeans"), "--seed", "0")
+    return parts
+
+
+def kd_native_args(parts: Path, teacher_run: Path, out: Path) -> list[str]:
+    args = ["distill", "--mode", "server", "--config", str(ROOT / "configs/tiny_student.yaml"),
+            "--teacher", str(teacher_run / "model.safetensors"), "--clients", str(parts),
+            "--server-set", str(parts / "client_2"), "--out", str(out)]
+    for o in KD_OVERRIDES:
+        args += ["--set", o]
+    return args
+
+
+@pytest.fixture(scope="session")
+def kd_native(work: Path, kd_partitions: Path, native: Path) -> Path:
+    out = work / "kd-native"
+    run_cli(*kd_native_args(kd_partitions, native, out))
+    return out
+
+
+def read_safetensors(path: Path) -> tuple[dict, dict]:
+    """(metadata, {name: (dtype, shape, raw bytes)}): the content, whatever the header's key order."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", {})
+    data = raw[8 + n:]
+    return meta, {k: (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]])
+                  for k, v in header.items()}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def same_numbers(a: dict, b: dict, where: str, loose: bool) -> None:
+    assert a.keys() == b.keys(), where
+    for k in a:
+        x, y = a[k], b[k]
+        # grad_norm: see check_against_native. `loose`: the value was read back from JSON.
+        ok = x == y or ((loose or k == "grad_norm") and abs(x - y) <= 1e-12 * abs(y))
+        assert ok, f"{where}.{k}: flower {x!r} native {y!r}"
+
+
+def test_server_distillation_simulation(work: Path, kd_partitions: Path, native: Path,
+                                        kd_native: Path):
+    """`mode="distill-server"` on a simulation SuperLink, stopped after round 1 and resumed:
+    the same student, server heads and optimizer state, metrics and server distillation log as
+    `fedhubert distill --mode server`, which also resumes the Flower run's checkpoint."""
+    pytest.importorskip("ray", reason="the simulation runtime needs flwr[simulation]")
+    d = work / "kd-simulation"
+    logs = d / "logs"
+    logs.mkdir(parents=True)
+    home = d / "flwr-home"
+    port = free_port()
+    env = flwr_env(home)
+    write_connection(home, port, None)
+    procs = Procs(logs)
+    teacher = native / "model.safetensors"
+    server_set = kd_partitions / "client_2"
+    kd_config = {"mode": "distill-server", "config": str(ROOT / "configs/tiny_student.yaml"),
+                 "teacher": str(teacher), "server-set": str(server_set),
+                 "partitions": str(kd_partitions)}
+    try:
+        procs.start("superlink", [str(BIN_DIR / "flower-superlink"), "--insecure", "--simulation",
+                                  "--host", "127.0.0.1", "--port", str(port),
+                                  "--disable-runtime-dependency-installation"], env)
+        wait_port(port, procs)
+        out = d / "run"
+        fed = "num-supernodes=2"
+        first = {**kd_config, "set": " ".join(KD_OVERRIDES + ["federated.num_rounds=1"])}
+        log = flwr_run(env, out, first, procs, logs, fed)
+        assert fedhubert.read_checkpoint(str(out / "checkpoint.safetensors"))["round"] == 1, log[-4000:]
+        shutil.copytree(out, d / "native-resumed")
+        log = flwr_run(env, out, {**kd_config, "set": " ".join(KD_OVERRIDES), "resume": True},
+                       procs, logs, fed)
+        assert "resuming after round 1" in log, log[-4000:]
+        assert "server distillation 3 steps" in log, log[-4000:]
+    finally:
+        procs.stop()
+    assert (out / "summary.json").is_file(), f"the Flower run wrote no summary; its log:\n{log[-6000:]}"
+
+    ck = fedhubert.read_checkpoint(str(out / "checkpoint.safetensors"))
+    nat = fedhubert.read_checkpoint(str(kd_native / "checkpoint.safetensors"))
+    assert ck["round"] == nat["round"] == KD_ROUNDS
+    # The student, and the server's distillation heads and AdamW moments, tensor for tensor.
+    g, ng = ck["global"], nat["global"]
+    assert list(g) == list(ng)
+    diff = [k for k in g if not np.array_equal(g[k], ng[k])]
+    assert not diff, f"{len(diff)} of {len(g)} student tensors differ from the native run, e.g. {diff[:3]}"
+    assert ck["state"].keys() == nat["state"].keys() and "server_aux" in ck["state"]
+    for name in ck["state"]:
+        s, ns = ck["state"][name], nat["state"][name]
+        assert list(s) == list(ns) and all(np.array_equal(s[k], ns[k]) for k in s), name
+    # Client metrics per round.
+    hist, nat_hist = json.loads(ck["history"]), json.loads(nat["history"])
+    for h, n in zip(hist, nat_hist, strict=True):
+        assert h["participated"] == n["participated"] == [0, 1] and not h["failures"]
+        for key in ("num_examples", "bytes_up", "bytes_down"):
+            assert h[key] == n[key], f"round {h['round']} {key}"
+        for sec in ("train", "eval"):
+            same_numbers(h[sec], n[sec], f"round {h['round']} {sec}", loose=True)
+    # The server's distillation losses per round (round 1's came back from the file on resume).
+    kd, nat_kd = read_jsonl(out / "server_distill.jsonl"), read_jsonl(kd_native / "server_distill.jsonl")
+    assert [r["round"] for r in kd] == [r["round"] for r in nat_kd] == list(range(1, KD_ROUNDS + 1))
+    for r, n in zip(kd, nat_kd):
+        for part in ("first", "mean", "last"):
+            same_numbers(r[part], n[part], f"server distillation round {r['round']} {part}",
+                         loose=r["round"] == 1)
+        assert r["last"]["steps"] == 1 and r["mean"]["steps"] == 3
+        assert np.isfinite(r["last"]["kl"]) and r["last"]["feature_mse"] > 0 and r["last"]["pred_l1"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    nat_summary = json.loads((kd_native / "summary.json").read_text())
+    assert summary["server_distillation"]["last_round_last_step"]["loss"] == \
+        nat_summary["server_distillation"]["last_round_last_step"]["loss"]
+    print("\n[distill-server] per round: flower | native")
+    for h, n, r, rn in zip(hist, nat_hist, kd, nat_kd):
+        print(f"round {h['round']}: client train loss {h['train']['loss']!r} | {n['train']['loss']!r}; "
+              f"server KD loss first {r['first']['loss']!r} | {rn['first']['loss']!r}, "
+              f"last {r['last']['loss']!r} | {rn['last']['loss']!r}; "
+              f"kl last {r['last']['kl']!r} | {rn['last']['kl']!r}")
+    # The native runner resumes the Flower run's round-1 checkpoint to the same student and log.
+    run_cli(*kd_native_args(kd_partitions, native, d / "native-resumed"), "--resume")
+    cross = fedhubert.read_checkpoint(str(d / "native-resumed" / "checkpoint.safetensors"))["global"]
+    assert all(np.array_equal(cross[k], ng[k]) for k in ng)
+    assert [r["round"] for r in read_jsonl(d / "native-resumed" / "server_distill.jsonl")] == [1, 2]
+    # The exports (fedhubert checkpoint and HF layout) hold the native run's tensors, and the
+    # round checkpoint alone exports the same model with the clients' run file.
+    for f in ("student.safetensors", "hf/model.safetensors"):
+        assert read_safetensors(out / f) == read_safetensors(kd_native / f), f
+    assert json.loads((out / "hf/config.json").read_text()) == \
+        json.loads((kd_native / "hf/config.json").read_text())
+    run_file = fedhubert.ServerDistillation(
+        fedhubert.load_distill_run_file(str(ROOT / "configs/tiny_student.yaml"), KD_OVERRIDES),
+        teacher=str(teacher), server_set=str(server_set)).client_run_file
+    fedhubert.export_hf(str(out / "checkpoint.safetensors"), run_file, str(out / "hf-from-checkpoint"))
+    assert (out / "hf-from-checkpoint" / "model.safetensors").read_bytes() == \
+        (out / "hf" / "model.safetensors").read_bytes()
+
+
+def test_server_distillation_bad_inputs_are_named(kd_partitions: Path, native: Path):
+    rf = fedhubert.load_distill_run_file("tiny_student", KD_OVERRIDES)
+    teacher, server_set = str(native / "model.safetensors"), str(kd_partitions / "client_2")
+    with pytest.raises(ValueError, match="distillation.teacher.*/tmp/no-such-teacher.safetensors"):
+        fedhubert.ServerDistillation(rf, teacher="/tmp/no-such-teacher.safetensors", server_set=server_set)
+    with pytest.raises(ValueError, match="distillation.teacher: no teacher"):
+        fedhubert.ServerDistillation(rf, server_set=server_set)
+    with pytest.raises(ValueError, match="distillation.server_set.*/tmp/no-such-set/manifest.csv"):
+        fedhubert.ServerDistillation(rf, teacher=teacher, server_set="/tmp/no-such-set")
+    with pytest.raises(ValueError, match="distillation.server_set: server mode needs"):
+        fedhubert.ServerDistillation(rf, teacher=teacher)
+    with pytest.raises(ValueError, match="alpa"):
+        fedhubert.load_distill_run_file("tiny_student", ["distillation.alpa=1"])
+    with pytest.raises(ValueError, match="nope.yaml"):
+        fedhubert.load_distill_run_file("/tmp/nope.yaml")
+    # The ServerApp's run config keys reach the same checks.
+    sys.path.insert(0, str(APP))
+    try:
+        from fedhubert_flower.server_app import _setup
+    finally:
+        sys.path.remove(str(APP))
+    with pytest.raises(ValueError, match="mode='distil'"):
+        _setup({"mode": "distil"})
+    with pytest.raises(ValueError, match="/tmp/no-such-teacher.safetensors"):
+        _setup({"mode": "distill-server", "teacher": "/tmp/no-such-teacher.safetensors",
+                "server-set": server_set})
+    kd = fedhubert.ServerDistillation(rf, teacher=teacher, server_set=server_set)
+    assert json.loads(kd.client_run_file)["pretraining"]["vocab_size"] == 50
+    kd.server(str(kd_partitions.parent / "kd-bad-inputs"), 2, False)
+    with pytest.raises(RuntimeError, match="already called"):
+        kd.server(str(kd_partitions.parent / "kd-bad-inputs"), 2, False)

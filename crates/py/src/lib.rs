@@ -5,11 +5,15 @@
 //!
 //! - [`Client`]: one SuperNode's partition (`client_K` folder): local training and evaluation.
 //! - [`Server`]: the round loop of `fedhubert pretrain --simulation`, stepped by the ServerApp.
+//! - [`ServerDistillation`]: `fedhubert distill --mode server` (the server distils a teacher into
+//!   the aggregate after every round), whose `server()` is a [`Server`] like pretraining's.
 //! - [`kmeans::KmeansClient`], [`kmeans::KmeansServer`]: federated k-means (the global codebook
 //!   of the pseudo-labels) across SuperNodes, sums and counts only.
-//! - `load_run_file`, `read_checkpoint`, `export_hf`: configuration, checkpoints, HF export.
+//! - `load_run_file`, `load_distill_run_file`, `read_checkpoint`, `export_hf`: configuration,
+//!   checkpoints, HF export.
 
 pub mod client;
+pub mod distill;
 pub mod kmeans;
 pub mod server;
 
@@ -24,6 +28,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 pub use client::{LocalClient, index_from_dir};
+pub use distill::{DistillServer, ServerDistillation, distill_run_file};
 pub use server::{RoundServer, Upload};
 
 /// Name of the single array a client sends when its update is compressed (f16/int8 bytes).
@@ -40,6 +45,8 @@ pub enum BridgeError {
     Fl(#[from] fedhubert_fl::FlError),
     #[error(transparent)]
     Model(#[from] fedhubert_model::ModelError),
+    #[error(transparent)]
+    Distill(#[from] fedhubert_distill::DistillError),
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
     #[error("{0}")]
@@ -58,6 +65,12 @@ impl From<BridgeError> for PyErr {
             }
             BridgeError::Fl(
                 fedhubert_fl::FlError::Config(_) | fedhubert_fl::FlError::Layout(_),
+            ) => PyValueError::new_err(e.to_string()),
+            // Bad configuration values and missing or malformed input files (teacher, server set).
+            BridgeError::Distill(
+                fedhubert_distill::DistillError::Config(_)
+                | fedhubert_distill::DistillError::Data(_)
+                | fedhubert_distill::DistillError::Train(fedhubert_train::TrainError::Config(_)),
             ) => PyValueError::new_err(e.to_string()),
             _ => PyRuntimeError::new_err(e.to_string()),
         }
@@ -89,6 +102,17 @@ fn parse_run_file(json: &str) -> Result<RunFile, BridgeError> {
     rf.model_config()?;
     rf.strategy()?;
     rf.train_config()?.validate()?;
+    Ok(rf)
+}
+
+fn parse_distill_run_file(json: &str) -> Result<fedhubert_distill::DistillRunFile, BridgeError> {
+    let rf: fedhubert_distill::DistillRunFile = serde_json::from_str(json)
+        .map_err(|e| BridgeError::Config(format!("distillation run file: {e}")))?;
+    rf.distillation.validate()?;
+    let base = rf.run_file();
+    base.model_config()?;
+    base.strategy()?;
+    base.train_config()?.validate()?;
     Ok(rf)
 }
 
@@ -169,6 +193,16 @@ fn load_run_file(config: &str, overrides: Vec<String>) -> PyResult<String> {
     serde_json::to_string(&rf).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
+/// Reads and validates a distillation configuration (`tiny_student` for the built-in
+/// configs/tiny_student.yaml, or a YAML path with `federated:`, `pretraining:` and
+/// `distillation:` sections); returns it as JSON (for `ServerDistillation`).
+#[pyfunction]
+#[pyo3(signature = (config, overrides = Vec::new()))]
+fn load_distill_run_file(config: &str, overrides: Vec<String>) -> PyResult<String> {
+    let rf = distill_run_file(config, &overrides)?;
+    serde_json::to_string(&rf).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
 /// One SuperNode's data and trainer.
 #[pyclass(unsendable)]
 struct Client {
@@ -243,11 +277,37 @@ impl Client {
     }
 }
 
-/// The ServerApp's rounds (see [`RoundServer`]).
+/// The ServerApp's rounds (see [`RoundServer`]): pretraining, or server-side distillation (from
+/// `ServerDistillation.server`).
 #[pyclass(unsendable)]
 struct Server {
     // Boxed for the same alignment reason as `Client`.
-    inner: Box<RoundServer>,
+    inner: Box<Rounds>,
+}
+
+enum Rounds {
+    Pretrain(RoundServer),
+    Distill(DistillServer),
+}
+
+impl Server {
+    fn rounds(&self) -> &RoundServer {
+        match &*self.inner {
+            Rounds::Pretrain(r) => r,
+            Rounds::Distill(d) => &d.rounds,
+        }
+    }
+
+    fn rounds_mut(&mut self) -> &mut RoundServer {
+        match &mut *self.inner {
+            Rounds::Pretrain(r) => r,
+            Rounds::Distill(d) => &mut d.rounds,
+        }
+    }
+}
+
+fn json_value(x: &impl serde::Serialize) -> PyResult<serde_json::Value> {
+    serde_json::to_value(x).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
 fn plan_to_py(plan: Vec<(usize, FitConfig)>) -> PyResult<Vec<(usize, String)>> {
@@ -268,38 +328,43 @@ impl Server {
     fn new(run_file: &str, out: PathBuf, num_clients: usize, resume: bool) -> PyResult<Self> {
         let rf = parse_run_file(run_file)?;
         Ok(Self {
-            inner: Box::new(RoundServer::new(rf, &out, num_clients, resume)?),
+            inner: Box::new(Rounds::Pretrain(RoundServer::new(
+                rf,
+                &out,
+                num_clients,
+                resume,
+            )?)),
         })
     }
 
     #[getter]
     fn num_rounds(&self) -> u64 {
-        self.inner.run_cfg.num_rounds
+        self.rounds().run_cfg.num_rounds
     }
 
     #[getter]
     fn round_timeout_s(&self) -> Option<f64> {
-        self.inner.run_cfg.round_timeout_s
+        self.rounds().run_cfg.round_timeout_s
     }
 
     /// Rounds already completed (restored from the checkpoint on resume).
     #[getter]
     fn completed_rounds(&self) -> usize {
-        self.inner.history.len()
+        self.rounds().history.len()
     }
 
     fn next_round(&self) -> Option<u64> {
-        self.inner.next_round()
+        self.rounds().next_round()
     }
 
     /// The global weights as numpy arrays (a fresh copy: Flower serialises them).
     fn global_arrays<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        weights_to_py(py, self.inner.global.clone())
+        weights_to_py(py, self.rounds().global.clone())
     }
 
     /// Starts an attempt of the next round: [(client, fit config JSON)].
     fn begin_attempt(&mut self) -> PyResult<Vec<(usize, String)>> {
-        plan_to_py(self.inner.begin_attempt()?)
+        plan_to_py(self.rounds_mut().begin_attempt()?)
     }
 
     /// One client's reply; call in increasing client order.
@@ -313,24 +378,24 @@ impl Server {
     ) -> PyResult<()> {
         let up = upload_from_py(arrays)?;
         let m = metrics_from_py(metrics)?;
-        let inner = &mut self.inner;
+        let inner = self.rounds_mut();
         py.detach(|| inner.accumulate(client, up, num_examples, m))?;
         Ok(())
     }
 
     fn fail(&mut self, client: usize, why: String) -> PyResult<()> {
-        Ok(self.inner.fail(client, why)?)
+        Ok(self.rounds_mut().fail(client, why)?)
     }
 
     /// True when the round is aggregated; False when it must be retried with a fresh sample.
     fn end_attempt(&mut self, py: Python<'_>) -> PyResult<bool> {
-        let inner = &mut self.inner;
+        let inner = self.rounds_mut();
         Ok(py.detach(|| inner.end_attempt())?)
     }
 
     /// [(client, eval config JSON)] for this round (empty when it is not an evaluation round).
     fn eval_plan(&self) -> PyResult<Vec<(usize, String)>> {
-        plan_to_py(self.inner.eval_plan())
+        plan_to_py(self.rounds().eval_plan())
     }
 
     /// [(client, num_examples, metrics)] in client order → writes the checkpoint, returns the
@@ -346,22 +411,139 @@ impl Server {
                 metrics: metrics_from_py(&metrics)?,
             });
         }
-        let inner = &mut self.inner;
-        let rec = py.detach(|| inner.finish_round(rs))?;
-        serde_json::to_string(&rec).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+        let v = match &mut *self.inner {
+            Rounds::Pretrain(r) => json_value(&py.detach(|| r.finish_round(rs))?)?,
+            // The record as metrics.jsonl has it, plus what the server's distillation did.
+            Rounds::Distill(d) => {
+                let (rec, kd) = py.detach(|| d.finish_round(rs))?;
+                let mut v = json_value(&rec)?;
+                v["server_distill"] = json_value(&kd)?;
+                v
+            }
+        };
+        Ok(v.to_string())
     }
 
-    /// Writes model.safetensors, hf/ and summary.json into the output folder; returns the summary JSON.
+    /// Writes the final model, hf/ and summary.json into the output folder (pretraining:
+    /// model.safetensors; distillation: student.safetensors, as `fedhubert distill`); returns the
+    /// summary JSON.
     fn export(&mut self, py: Python<'_>) -> PyResult<String> {
         // &mut: the strategy is Send but not Sync, so only a unique borrow may leave the GIL.
-        let inner = &mut self.inner;
-        let s = py.detach(move || inner.export("federated-flower"))?;
+        let s = match &mut *self.inner {
+            Rounds::Pretrain(r) => py.detach(move || r.export("federated-flower"))?,
+            Rounds::Distill(d) => py.detach(move || d.export())?,
+        };
         Ok(s.to_string())
+    }
+
+    /// `pretrain` or `distill-server`.
+    #[getter]
+    fn mode(&self) -> &'static str {
+        match &*self.inner {
+            Rounds::Pretrain(_) => "pretrain",
+            Rounds::Distill(_) => "distill-server",
+        }
+    }
+
+    /// The run file the clients train with, as JSON.
+    #[getter]
+    fn client_run_file(&self) -> PyResult<String> {
+        serde_json::to_string(&self.rounds().rf).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    }
+
+    /// Server-side distillation's log so far as JSON (one entry per round: the first, mean and
+    /// last step's losses); `[]` for pretraining.
+    fn server_log(&self) -> PyResult<String> {
+        let log = match &*self.inner {
+            Rounds::Pretrain(_) => vec![],
+            Rounds::Distill(d) => d.server_log(),
+        };
+        serde_json::to_string(&log).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    }
+}
+
+/// Server-side distillation (`fedhubert distill --mode server`) before its rounds: loads the
+/// teacher, the server-side set and the initial student; `server()` then makes the round loop.
+#[pyclass(unsendable, name = "ServerDistillation")]
+struct PyServerDistillation {
+    // Boxed for the same alignment reason as `Client`; None once `server()` took it.
+    inner: Option<Box<ServerDistillation>>,
+    client_run_file: String,
+    notes: Vec<String>,
+    server_set: PathBuf,
+}
+
+#[pymethods]
+impl PyServerDistillation {
+    /// `distill_run_file`: JSON from `load_distill_run_file`; `teacher` and `server_set` replace
+    /// `distillation.teacher` / `distillation.server_set` when given (as `--teacher` and
+    /// `--server-set` do for `fedhubert distill`).
+    #[new]
+    #[pyo3(signature = (distill_run_file, teacher = None, server_set = None))]
+    fn new(
+        py: Python<'_>,
+        distill_run_file: &str,
+        teacher: Option<PathBuf>,
+        server_set: Option<PathBuf>,
+    ) -> PyResult<Self> {
+        let mut rf = parse_distill_run_file(distill_run_file)?;
+        if teacher.is_some() {
+            rf.distillation.teacher = teacher;
+        }
+        if server_set.is_some() {
+            rf.distillation.server_set = server_set;
+        }
+        let sd = py.detach(|| ServerDistillation::new(rf))?;
+        let client_run_file = serde_json::to_string(&sd.client_run_file())
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        Ok(Self {
+            notes: sd.setup.notes.clone(),
+            client_run_file,
+            server_set: sd.rf.distillation.server_set.clone().unwrap_or_default(),
+            inner: Some(Box::new(sd)),
+        })
+    }
+
+    /// The run file (JSON) to give the clients: the student, its head following the teacher's.
+    #[getter]
+    fn client_run_file(&self) -> String {
+        self.client_run_file.clone()
+    }
+
+    /// The server-side audio set (a folder with manifest.csv).
+    #[getter]
+    fn server_set(&self) -> PathBuf {
+        self.server_set.clone()
+    }
+
+    /// What the setup changed from the configuration (student head, initialisation), for the log.
+    #[getter]
+    fn notes(&self) -> Vec<String> {
+        self.notes.clone()
+    }
+
+    /// The round loop over clients 0..num_clients, checkpointing into `out`; `resume` continues
+    /// from `out/checkpoint.safetensors` when it exists. Once per ServerDistillation.
+    fn server(
+        &mut self,
+        py: Python<'_>,
+        out: PathBuf,
+        num_clients: usize,
+        resume: bool,
+    ) -> PyResult<Server> {
+        let sd = self.inner.take().ok_or_else(|| {
+            PyRuntimeError::new_err("ServerDistillation.server() was already called")
+        })?;
+        let d = py.detach(move || sd.server(&out, num_clients, resume))?;
+        Ok(Server {
+            inner: Box::new(Rounds::Distill(d)),
+        })
     }
 }
 
 /// A round checkpoint (`checkpoint.safetensors` of either runner) as a dict: round, seed,
-/// strategy (JSON), history (JSON), global (dict of arrays).
+/// strategy (JSON), history (JSON), global (dict of arrays), state (the strategy's state, e.g.
+/// server optimizer moments or server distillation's heads: {name: dict of arrays}).
 #[pyfunction]
 fn read_checkpoint<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
     let ck = py
@@ -376,6 +558,11 @@ fn read_checkpoint<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, P
         serde_json::to_string(&ck.history).map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
     )?;
     d.set_item("global", weights_to_py(py, ck.global)?)?;
+    let state = PyDict::new(py);
+    for (k, w) in ck.state {
+        state.set_item(k, weights_to_py(py, w)?)?;
+    }
+    d.set_item("state", state)?;
     Ok(d)
 }
 
@@ -405,10 +592,12 @@ fn fedhubert(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PAYLOAD_KEY", PAYLOAD_KEY)?;
     m.add_function(wrap_pyfunction!(load_run_file, m)?)?;
+    m.add_function(wrap_pyfunction!(load_distill_run_file, m)?)?;
     m.add_function(wrap_pyfunction!(read_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(export_hf, m)?)?;
     m.add_class::<Client>()?;
     m.add_class::<Server>()?;
+    m.add_class::<PyServerDistillation>()?;
     m.add_class::<kmeans::KmeansClient>()?;
     m.add_class::<kmeans::KmeansServer>()?;
     Ok(())

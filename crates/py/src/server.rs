@@ -75,15 +75,27 @@ impl RoundServer {
         num_clients: usize,
         resume: bool,
     ) -> Result<Self, BridgeError> {
-        let dev = fedhubert_model::cpu_device();
         let template = HubertForPretraining::new(
             &rf.model_config()?,
             &rf.pretrain_config()?,
             rf.federated.seed,
-            &dev,
+            &fedhubert_model::cpu_device(),
         )?;
+        let strategy = rf.strategy()?.build()?;
+        Self::with_model(rf, template, strategy, out, num_clients, resume)
+    }
+
+    /// As [`RoundServer::new`], for a run whose initial model (`template`'s weights) and strategy
+    /// the caller built, e.g. server-side distillation's student and `ServerDistill`.
+    pub fn with_model(
+        rf: RunFile,
+        template: HubertForPretraining,
+        mut strategy: Box<dyn Strategy>,
+        out: &Path,
+        num_clients: usize,
+        resume: bool,
+    ) -> Result<Self, BridgeError> {
         let mut global = to_weights(fedhubert_model::collect_tensors(&template));
-        let mut strategy = rf.strategy()?.build()?;
         let run_cfg = rf.run_config()?;
         run_cfg.validate(num_clients)?;
         std::fs::create_dir_all(out).map_err(|e| BridgeError::Io(out.to_path_buf(), e))?;
@@ -420,11 +432,22 @@ impl RoundServer {
         Ok(rec)
     }
 
+    /// The global model.
+    pub fn model(&self) -> Result<HubertForPretraining, BridgeError> {
+        Ok(fedhubert_model::load_tensors(
+            self.template.clone(),
+            from_weights(&self.global),
+        )?)
+    }
+
+    pub fn out(&self) -> &Path {
+        &self.out
+    }
+
     /// Writes the global model as `model.safetensors` (fedhubert checkpoint), `hf/` (HuggingFace
     /// `HubertModel` directory) and `summary.json`, as `fedhubert pretrain --simulation` does.
     pub fn export(&self, mode: &str) -> Result<serde_json::Value, BridgeError> {
-        let model =
-            fedhubert_model::load_tensors(self.template.clone(), from_weights(&self.global))?;
+        let model = self.model()?;
         model.save_checkpoint(self.out.join("model.safetensors"))?;
         model.save_hf(self.out.join("hf"))?;
         let last = self.history.last();

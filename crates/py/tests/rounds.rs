@@ -1,96 +1,12 @@
 //! The ServerApp's stepped round loop against `fedhubert_fl::run`: with the same clients they
 //! must sample, seed, aggregate and checkpoint identically, including across a resume.
 
+mod common;
+
 use std::collections::BTreeMap;
 
+use common::{Fake, drive, same_history};
 use fedhubert::{RoundServer, Upload, run_file};
-use fedhubert_fl::{ClientPool, EvalRes, FitConfig, FitRes, Weights};
-
-/// Clients whose update depends on everything the server decides: the global weights, the
-/// client, the round and the per-client seed. Client 2 always fails.
-struct Fake {
-    n: usize,
-}
-
-fn noise(seed: u64, i: usize) -> f32 {
-    let z = fedhubert_fl::rounds::mix(seed, &[i as u64]);
-    (z % 2001) as f32 / 1000.0 - 1.0
-}
-
-impl ClientPool for Fake {
-    fn num_clients(&self) -> usize {
-        self.n
-    }
-
-    fn fit(&mut self, client: usize, global: &Weights, cfg: &FitConfig) -> Result<FitRes, String> {
-        if client == 2 {
-            return Err("disk full".into());
-        }
-        let mut w = global.clone();
-        for (i, v) in w.iter_data_mut().enumerate().step_by(7) {
-            *v += 1e-3 * noise(cfg.seed, i);
-        }
-        let mut metrics = BTreeMap::new();
-        metrics.insert("loss".into(), (cfg.seed % 1000) as f64 / 100.0);
-        Ok(FitRes {
-            client,
-            weights: w,
-            num_examples: client as u64 + 1,
-            metrics,
-        })
-    }
-
-    fn evaluate(
-        &mut self,
-        client: usize,
-        global: &Weights,
-        cfg: &FitConfig,
-    ) -> Result<EvalRes, String> {
-        let mut metrics = BTreeMap::new();
-        let s: f64 = global.iter_data().take(1000).map(|&v| v as f64).sum();
-        metrics.insert("loss".into(), s + (cfg.seed % 17) as f64);
-        Ok(EvalRes {
-            client,
-            num_examples: 3,
-            metrics,
-        })
-    }
-}
-
-fn drive(server: &mut RoundServer, pool: &mut Fake, stop_after: Option<u64>) {
-    while let Some(round) = server.next_round() {
-        if stop_after.is_some_and(|s| round > s) {
-            return;
-        }
-        loop {
-            let plan = server.begin_attempt().unwrap();
-            // Replies computed in reverse (arrival order differs), handed over in client order.
-            let mut replies: Vec<_> = plan
-                .iter()
-                .rev()
-                .map(|(c, cfg)| (*c, pool.fit(*c, &server.global, cfg)))
-                .collect();
-            replies.sort_by_key(|(c, _)| *c);
-            for (c, r) in replies {
-                match r {
-                    Ok(r) => server
-                        .accumulate(c, Upload::Weights(r.weights), r.num_examples, r.metrics)
-                        .unwrap(),
-                    Err(e) => server.fail(c, e).unwrap(),
-                }
-            }
-            if server.end_attempt().unwrap() {
-                break;
-            }
-        }
-        let evals = server
-            .eval_plan()
-            .into_iter()
-            .map(|(c, cfg)| pool.evaluate(c, &server.global, &cfg).unwrap())
-            .collect();
-        server.finish_round(evals).unwrap();
-    }
-}
 
 fn config(strategy: &str, rounds: u64) -> fedhubert_train::RunFile {
     run_file(
@@ -128,32 +44,6 @@ fn native(rf: &fedhubert_train::RunFile, out: &std::path::Path) -> fedhubert_fl:
         |_| {},
     )
     .unwrap()
-}
-
-/// Exact, except metric values: a resumed history comes back through the checkpoint's JSON, whose
-/// float parsing (serde_json without `float_roundtrip`) may move the last bit.
-fn same_history(a: &[fedhubert_fl::RoundRecord], b: &[fedhubert_fl::RoundRecord]) {
-    assert_eq!(a.len(), b.len());
-    let close = |x: &BTreeMap<String, f64>, y: &BTreeMap<String, f64>| {
-        x.len() == y.len()
-            && x.iter()
-                .zip(y)
-                .all(|((k, u), (l, v))| k == l && (u - v).abs() <= 1e-12 * u.abs().max(1.0))
-    };
-    for (x, y) in a.iter().zip(b) {
-        let strip = |r: &fedhubert_fl::RoundRecord| fedhubert_fl::RoundRecord {
-            round_time_s: 0.0,
-            train: BTreeMap::new(),
-            eval: BTreeMap::new(),
-            ..r.clone()
-        };
-        assert_eq!(strip(x), strip(y), "round {}", x.round);
-        assert!(
-            close(&x.train, &y.train) && close(&x.eval, &y.eval),
-            "round {}: {x:?} vs {y:?}",
-            x.round
-        );
-    }
 }
 
 #[test]

@@ -9,15 +9,16 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use fedhubert_distill::config::Mode;
-use fedhubert_distill::data::{has_labels, load_audio_dir};
-use fedhubert_distill::student::{DistillStudent, hubert_param_count, init_from_teacher};
+use fedhubert_distill::data::load_audio_dir;
+use fedhubert_distill::setup::{read_server_log, write_server_log};
+use fedhubert_distill::student::{DistillStudent, hubert_param_count};
 use fedhubert_distill::{
-    DistillClients, DistillRunFile, DistillTrainer, Quantizer, QuantizerReport, ServerDistill,
-    StudentInit, Teacher,
+    DistillClients, DistillRunFile, DistillSetup, Quantizer, QuantizerReport, Teacher,
 };
+use fedhubert_fl::rounds::checkpoint_path;
 use fedhubert_fl::{RoundRecord, Strategy, Weights};
-use fedhubert_model::{Device, HubertForPretraining, collect_tensors, load_tensors};
-use fedhubert_train::{HubertClients, from_weights, to_weights};
+use fedhubert_model::{Device, load_tensors};
+use fedhubert_train::{HubertClients, from_weights};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -129,12 +130,10 @@ pub fn distill(
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let d = rf.distillation.clone();
     let seed = rf.federated.seed;
-    let teacher_path = d
-        .teacher
-        .clone()
-        .context("distillation.teacher: no teacher given (use --teacher PATH)")?;
-    let teacher = Teacher::load(&teacher_path, dev)
-        .with_context(|| format!("loading the teacher {}", teacher_path.display()))?;
+    if d.teacher.is_none() {
+        bail!("distillation.teacher: no teacher given (use --teacher PATH)");
+    }
+    let setup = DistillSetup::new(rf, dev)?;
     let mut dirs = crate::cmd::pretrain::client_dirs(clients)?;
     if rf.federated.num_clients > 0 {
         if rf.federated.num_clients > dirs.len() {
@@ -159,32 +158,13 @@ pub fn distill(
     }
     let base = rf.run_file();
     let student_cfg = base.model_config()?;
-    let mut pre = base.pretrain_config()?;
-    if teacher.has_head {
-        let tp = &teacher.model.pretrain;
-        if (pre.num_classes, pre.head, pre.label_rate) != (tp.num_classes, tp.head, tp.label_rate) {
-            println!(
-                "student head follows the teacher's: {} classes, {:?} head, labels at {} Hz",
-                tp.num_classes, tp.head, tp.label_rate
-            );
-        }
-        pre.num_classes = tp.num_classes;
-        pre.head = tp.head;
-        pre.label_rate = tp.label_rate;
+    for note in &setup.notes {
+        println!("{note}");
     }
+    let teacher = &setup.teacher;
     let (n_s, n_t) = (student_cfg.num_hidden_layers, teacher.num_layers());
-    let mut plan = d.layer_plan(n_s, n_t)?;
-    let mut student = HubertForPretraining::new(&student_cfg, &pre, seed, dev)?;
-    if d.student_init == StudentInit::Teacher {
-        let layers = d.init_layers.unwrap_or(n_s.min(n_t));
-        let (s, rep) = init_from_teacher(student, &teacher.model, layers)?;
-        println!(
-            "student initialised from the teacher: {} tensors copied, {} skipped (shape differs)",
-            rep.copied.len(),
-            rep.skipped_shape.len()
-        );
-        student = s;
-    }
+    let mut plan = setup.plan.clone();
+    let student = setup.student.clone();
     let student_params = hubert_param_count(&student_cfg);
     println!(
         "distillation ({mode:?}): teacher {} params ({} layers x {}), student {} encoder params ({} layers x {}), {} clients, {} rounds; layer plan {:?}",
@@ -230,51 +210,20 @@ pub fn distill(
     let mut server_log = None;
     let (final_student, aux_params, history) = match mode {
         Mode::Server => {
-            let set = server_set.context("distillation.server_set: server mode needs a server-side audio set (--server-set DIR)")?;
-            let data = load_audio_dir(&set, &rf.pretraining.label_stem, d.server_max_utterances)?;
-            if d.alpha < 1.0 && !has_labels(&data.train) {
+            if server_set.is_none() {
                 bail!(
-                    "distillation.alpha = {} < 1 blends in masked prediction, which needs labels: {} has no {}.npy (run `fedhubert kmeans` on it or set distillation.alpha=1)",
-                    d.alpha,
-                    set.display(),
-                    rf.pretraining.label_stem
+                    "distillation.server_set: server mode needs a server-side audio set (--server-set DIR)"
                 );
             }
-            let ds = DistillStudent::new(
-                student.clone(),
-                teacher.hidden_size(),
-                &plan,
-                d.feature_weight > 0.0,
-                d.pred_weight > 0.0,
-                None,
-                seed,
-            );
-            let aux = ds.aux_weights().num_params();
-            let server_train = fedhubert_train::TrainConfig {
-                learning_rate: d.server_learning_rate,
-                ..train_cfg.clone()
-            };
-            let trainer = DistillTrainer::new(
-                ds,
-                teacher.clone(),
-                d.clone(),
-                Mode::Server,
-                plan.clone(),
-                None,
-                server_train,
-                dev,
-            )?;
-            let initial = to_weights(collect_tensors(&student));
-            let mut strategy = ServerDistill::new(
-                strategy_cfg.build()?,
-                trainer,
-                data.train,
-                initial.clone(),
-                d.server_steps,
-                d.server_learning_rate,
-                seed,
-            );
+            let mut strategy = setup.server_strategy(rf, strategy_cfg.build()?, dev)?;
+            let aux = strategy.trainer().model.aux_weights().num_params();
+            let initial = setup.initial();
             let log = strategy.log_handle();
+            if resume {
+                // The log of the rounds before the checkpoint comes from the earlier run's file.
+                let done = fedhubert_fl::rounds::load_checkpoint(&checkpoint_path(out))?.round;
+                *log.lock().unwrap_or_else(|p| p.into_inner()) = read_server_log(out, done + 1)?;
+            }
             let mut pool = HubertClients::new(
                 dirs.clone(),
                 student.clone(),
@@ -292,12 +241,7 @@ pub fn distill(
                 on_round,
             )?;
             let log = log.lock().map(|l| l.clone()).unwrap_or_default();
-            let mut lines = String::new();
-            for r in &log {
-                lines.push_str(&serde_json::to_string(r)?);
-                lines.push('\n');
-            }
-            fedhubert_fl::atomic_write(&out.join("server_distill.jsonl"), lines.as_bytes())?;
+            write_server_log(out, &log)?;
             server_log = Some(log);
             (
                 load_tensors(student, from_weights(&res.weights))?,
@@ -383,32 +327,17 @@ pub fn distill(
     bar.finish_and_clear();
     final_student.save_checkpoint(out.join("student.safetensors"))?;
     final_student.save_hf(out.join("hf"))?;
-    let first = history.first().map(|r| &r.train);
-    let last = history.last().map(|r| &r.train);
-    let summary = serde_json::json!({
-        "mode": mode,
-        "rounds": history.len(),
-        "teacher": teacher_path,
-        "teacher_parameters": teacher.num_params(),
-        "student_encoder_parameters": student_params,
-        "student_parameters_with_head": final_student.num_params_total(),
-        "distillation_head_parameters": aux_params,
-        "layer_plan": {"feature": plan.feature, "pred": plan.pred, "mvq": plan.mvq},
-        "first_round_client_metrics": first,
-        "final_round_client_metrics": last,
-        "final_eval": history.last().map(|r| &r.eval),
-        "server_distillation": server_log.as_ref().map(|l| serde_json::json!({
-            "first_round_first_step": l.first().map(|r| &r.first),
-            "last_round_last_step": l.last().map(|r| &r.last),
-        })),
-        "quantizer": quantizer_report,
-        "bytes_up": history.iter().map(|r| r.bytes_up).sum::<u64>(),
-        "bytes_down": history.iter().map(|r| r.bytes_down).sum::<u64>(),
-        "failures": history.iter().map(|r| r.failures.len()).sum::<usize>(),
-        "wall_time_s": t0.elapsed().as_secs_f64(),
-        "student_checkpoint": out.join("student.safetensors"),
-        "hf_export": out.join("hf"),
-    });
+    let mut summary = setup.summary(
+        rf,
+        mode,
+        &final_student,
+        aux_params,
+        &history,
+        server_log.as_deref(),
+        out,
+    )?;
+    summary["quantizer"] = serde_json::to_value(&quantizer_report)?;
+    summary["wall_time_s"] = t0.elapsed().as_secs_f64().into();
     fedhubert_fl::atomic_write(
         &out.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
@@ -437,17 +366,4 @@ pub fn distill(
         &out.join("curves.png"),
     )?;
     Ok(summary)
-}
-
-trait NumParams {
-    fn num_params_total(&self) -> usize;
-}
-
-impl NumParams for HubertForPretraining {
-    fn num_params_total(&self) -> usize {
-        fedhubert_model::param_shapes(self)
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
-    }
 }
