@@ -228,21 +228,29 @@ fn walk_first_flac(dir: &Path) -> PathBuf {
 }
 
 fn distill(mode: &str) -> serde_json::Value {
+    distill_with(mode, mode, &[])
+}
+
+fn distill_with(mode: &str, name: &str, extra: &[&str]) -> serde_json::Value {
     let f = fixture();
-    let out = f.path.join(format!("distill-{mode}"));
+    let out = f.path.join(format!("distill-{name}"));
     let parts = f.path.join("parts");
-    let text = ok(&[
+    let (teacher, server_set) = (
+        f.path.join("teacher/model.safetensors"),
+        parts.join("client_3"),
+    );
+    let mut args = vec![
         "distill",
         "--mode",
         mode,
         "--config",
         "configs/tiny_student.yaml",
         "--teacher",
-        f.path.join("teacher/model.safetensors").to_str().unwrap(),
+        teacher.to_str().unwrap(),
         "--clients",
         parts.to_str().unwrap(),
         "--server-set",
-        parts.join("client_3").to_str().unwrap(),
+        server_set.to_str().unwrap(),
         "--num-clients",
         "3",
         "--num-rounds",
@@ -255,7 +263,9 @@ fn distill(mode: &str) -> serde_json::Value {
         "distillation.server_steps=3",
         "--set",
         "distillation.mvq.max_frames=4000",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let text = ok(&args);
     assert!(text.contains("round   2"), "{text}");
     for f in [
         "student.safetensors",
@@ -301,4 +311,93 @@ fn distill_mvq_mode_runs_from_the_cli() {
             .unwrap()
             .is_finite()
     );
+}
+
+#[test]
+fn distill_mvq_from_precomputed_codes() {
+    // MVQ-KD as icefall runs it: the teacher encodes every client's audio once (`mvq encode`),
+    // then the students train on the stored codes without a teacher pass.
+    let f = fixture();
+    let parts = f.path.join("parts");
+    let teacher = f.path.join("teacher/model.safetensors");
+    let q = f.path.join("codes-quantizer.safetensors");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    ok(&[
+        "mvq",
+        "train",
+        "--teacher",
+        &s(&teacher),
+        "--data",
+        &s(&parts.join("client_3")),
+        "--out",
+        &s(&q),
+        "--num-codebooks",
+        "4",
+        "--set",
+        "distillation.mvq.max_frames=4000",
+    ]);
+    // Short chunks, so that utterances span several teacher passes: the codes must still give
+    // exactly one frame per frame of each whole utterance (encode checks it and fails otherwise).
+    let text = ok(&[
+        "mvq",
+        "encode",
+        "--teacher",
+        &s(&teacher),
+        "--quantizer",
+        &s(&q),
+        "--clients",
+        &s(&parts),
+        "--stem",
+        "codes-test",
+        "--chunk-samples",
+        "16000",
+    ]);
+    assert!(text.contains("4 bytes/frame"), "{text}");
+    let len = std::fs::read_to_string(parts.join("client_0/codes-test.len")).unwrap();
+    let frames: usize = len.lines().map(|l| l.parse::<usize>().unwrap()).sum();
+    let bytes = std::fs::metadata(parts.join("client_0/codes-test.u8"))
+        .unwrap()
+        .len();
+    assert_eq!(bytes as usize, frames * 4);
+
+    let qs = s(&q);
+    let m = distill_with(
+        "mvq",
+        "mvq-codes",
+        &[
+            "--quantizer",
+            &qs,
+            "--set",
+            "distillation.mvq.codes=codes-test",
+        ],
+    );
+    let ce = m["final_round_client_metrics"]["mvq_ce"].as_f64().unwrap();
+    assert!(ce.is_finite() && ce > 0.0, "mvq_ce {ce}");
+
+    // Missing codes are an error naming the file, not a silent fall-back to the teacher.
+    let out = f.path.join("distill-mvq-nocodes");
+    let err = fail(&[
+        "distill",
+        "--mode",
+        "mvq",
+        "--config",
+        "configs/tiny_student.yaml",
+        "--teacher",
+        &s(&teacher),
+        "--quantizer",
+        &qs,
+        "--clients",
+        &s(&parts),
+        "--num-clients",
+        "3",
+        "--num-rounds",
+        "1",
+        "--out",
+        &s(&out),
+        "--set",
+        "pretraining.local_steps=1",
+        "--set",
+        "distillation.mvq.codes=no-such-codes",
+    ]);
+    assert!(err.contains("no-such-codes.u8"), "{err}");
 }

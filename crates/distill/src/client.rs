@@ -11,6 +11,7 @@ use fedhubert_fl::{ClientPool, EvalRes, FitConfig, FitRes, Weights};
 use fedhubert_train::{ClientCache, ClientData, SimConfig, TrainConfig};
 use rand::SeedableRng;
 
+use crate::codes::CodeTable;
 use crate::config::{DistillConfig, LayerPlan, Mode};
 use crate::data::load_audio_dir;
 use crate::quantizer::Quantizer;
@@ -66,7 +67,9 @@ impl DistillClients {
         self.clients.get(c, |dir| load_audio_dir(dir, stem, 0))
     }
 
-    fn trainer(&self, global: &Weights) -> Result<DistillTrainer, String> {
+    /// The trainer for client `c`: the global weights, and in MVQ mode with
+    /// `distillation.mvq.codes` the client's precomputed codes (the teacher then never runs).
+    fn trainer(&self, c: usize, global: &Weights) -> Result<DistillTrainer, String> {
         let mut tr = DistillTrainer::new(
             self.template.clone(),
             self.teacher.clone(),
@@ -83,6 +86,19 @@ impl DistillClients {
             .clone()
             .set_weights(global)
             .map_err(|e| e.to_string())?;
+        if self.mode == Mode::Mvq && !self.cfg.mvq.codes.is_empty() {
+            let q = self
+                .quantizer
+                .as_ref()
+                .ok_or("mode mvq needs a quantizer")?;
+            let dir = self
+                .clients
+                .dir(c)
+                .ok_or_else(|| format!("no client {c}"))?;
+            let table = CodeTable::load(dir, &self.cfg.mvq.codes, q.num_codebooks())
+                .map_err(|e| e.to_string())?;
+            tr.codes = Some(Arc::new(table));
+        }
         Ok(tr)
     }
 }
@@ -94,7 +110,7 @@ impl ClientPool for DistillClients {
 
     fn fit(&mut self, c: usize, global: &Weights, cfg: &FitConfig) -> Result<FitRes, String> {
         let data = self.data(c)?;
-        let mut tr = self.trainer(global)?;
+        let mut tr = self.trainer(c, global)?;
         let lr = cfg
             .extra
             .get("learning_rate")
@@ -133,7 +149,7 @@ impl ClientPool for DistillClients {
                 metrics: Default::default(),
             });
         }
-        let tr = self.trainer(global)?;
+        let tr = self.trainer(c, global)?;
         let m = tr
             .evaluate(&data.valid, cfg.seed)
             .map_err(|e| e.to_string())?;

@@ -62,6 +62,10 @@ pub struct MvqConfig {
     pub encode_passes: usize,
     /// Frames used to train the quantizer at most (random subset).
     pub max_frames: usize,
+    /// Precomputed codes in each client folder (`STEM.u8` + `STEM.len`, from `fedhubert mvq
+    /// encode --stem STEM`): the clients then never run the teacher. Empty: clients compute the
+    /// codes from the frozen teacher at every step.
+    pub codes: String,
 }
 
 impl Default for MvqConfig {
@@ -74,6 +78,7 @@ impl Default for MvqConfig {
             refine_iters: 4,
             encode_passes: 2,
             max_frames: 50_000,
+            codes: String::new(),
         }
     }
 }

@@ -25,6 +25,7 @@
 //!   embeddings, computed where the audio lives with a quantizer trained on the server-side set.
 
 pub mod client;
+pub mod codes;
 pub mod config;
 pub mod data;
 pub mod losses;
@@ -36,6 +37,7 @@ pub mod teacher;
 pub mod trainer;
 
 pub use client::DistillClients;
+pub use codes::CodeTable;
 pub use config::{DistillConfig, DistillRunFile, LayerPlan, Mode, MvqConfig, StudentInit};
 pub use quantizer::{Quantizer, QuantizerReport};
 pub use server::{ServerDistill, ServerRoundLog};

@@ -16,6 +16,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::codes::{CodeTable, crop_codes};
 use crate::config::{DistillConfig, LayerPlan, Mode};
 use crate::losses::{codebook_ce, distilhubert_loss, kl_loss, mse_loss, student_pass};
 use crate::quantizer::Quantizer;
@@ -106,6 +107,8 @@ pub struct DistillTrainer {
     pub quantizer: Option<Arc<Quantizer>>,
     pub train: TrainConfig,
     pub opt: AdamState,
+    /// MVQ mode: precomputed codes of the utterances trained on; the teacher then does not run.
+    pub codes: Option<Arc<CodeTable>>,
     device: Device,
 }
 
@@ -193,6 +196,7 @@ impl DistillTrainer {
             quantizer,
             train,
             opt: AdamState::default(),
+            codes: None,
             device: ad,
         })
     }
@@ -202,22 +206,43 @@ impl DistillTrainer {
     }
 
     /// Forward of one batch of equal-length crops: the total loss tensor and its components.
+    /// The precomputed codes of `utts` (MVQ mode with `distillation.mvq.codes`), else None.
+    fn utt_codes<'a>(&'a self, utts: &[&Utt]) -> Result<Option<Vec<&'a [u8]>>> {
+        let Some(table) = self.codes.as_ref().filter(|_| self.mode == Mode::Mvq) else {
+            return Ok(None);
+        };
+        let cfg = &self.teacher.model.hubert.config;
+        utts.iter()
+            .map(|u| table.get(&u.id, cfg.num_frames(u.wav.len())))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// Forward of one batch of equal-length crops: the total loss tensor and its components.
+    /// `codes`: per crop, the whole utterance's precomputed MVQ codes and the crop's start.
     fn losses(
         &self,
         model: &DistillStudent,
         wavs: &[Vec<f32>],
         labels: &[Vec<u32>],
+        codes: Option<(Vec<&[u8]>, &[usize])>,
         rng: &mut ChaCha8Rng,
     ) -> Result<(Tensor<1>, DistillMetrics)> {
         let device = model.student.hubert.masked_spec_embed.device();
         let use_kl = self.mode != Mode::Mvq && self.cfg.kl_weight > 0.0;
-        let tout = self.teacher.forward(wavs, use_kl)?;
+        // With precomputed codes the teacher's only job is already done.
+        let tout = match codes {
+            Some(_) => None,
+            None => Some(self.teacher.forward(wavs, use_kl)?),
+        };
         let (b, s) = (wavs.len(), wavs[0].len());
         let flat: Vec<f32> = wavs.iter().flat_map(|w| w.iter().copied()).collect();
         let wav = Tensor::<2>::from_data(TensorData::new(flat, [b, s]), &device);
         let pass = student_pass(&model.student, wav, labels, self.mlm_active(), rng)?;
         let t = pass.frames;
-        if tout.frames < t {
+        if let Some(tout) = &tout
+            && tout.frames < t
+        {
             return Err(DistillError::Data(format!(
                 "teacher gives {} frames, student {t}: conv front-ends differ",
                 tout.frames
@@ -240,14 +265,38 @@ impl DistillTrainer {
         match self.mode {
             Mode::Mvq => {
                 let q = self.quantizer.as_ref().expect("checked in new");
-                let emb = tout.hidden_states[self.plan.mvq + 1].clone();
-                let emb = if emb.dims()[1] > t {
-                    emb.narrow(1, 0, t)
-                } else {
-                    emb
+                let codes = match (&tout, codes) {
+                    (_, Some((utt_codes, starts))) => {
+                        let stride = self.teacher.model.hubert.config.total_stride();
+                        let mut v = Vec::with_capacity(b * t * q.num_codebooks());
+                        for (c, &start) in utt_codes.iter().zip(starts) {
+                            v.extend_from_slice(crop_codes(
+                                c,
+                                q.num_codebooks(),
+                                stride,
+                                start,
+                                t,
+                            )?);
+                        }
+                        v
+                    }
+                    (Some(tout), None) => {
+                        let emb = tout.hidden_states[self.plan.mvq + 1].clone();
+                        let emb = if emb.dims()[1] > t {
+                            emb.narrow(1, 0, t)
+                        } else {
+                            emb
+                        };
+                        let host: Vec<f32> =
+                            emb.into_data().try_into_vec_as::<f32>().expect("f32 data");
+                        q.encode(&host)?
+                    }
+                    (None, None) => {
+                        return Err(DistillError::Data(
+                            "MVQ: neither precomputed codes nor a teacher pass".into(),
+                        ));
+                    }
                 };
-                let host: Vec<f32> = emb.into_data().try_into_vec_as::<f32>().expect("f32 data");
-                let codes = q.encode(&host)?;
                 let head = model.mvq_head.as_ref().expect("checked in new");
                 let logits = head.forward(pass.last_hidden_state.clone().reshape([b * t, h]));
                 let (ce, correct, count) = codebook_ce(logits, &codes, q.num_codebooks())?;
@@ -256,6 +305,9 @@ impl DistillTrainer {
                 add(&mut distill, ce * self.cfg.mvq.loss_scale);
             }
             Mode::Client | Mode::Server => {
+                let tout = tout.ok_or_else(|| {
+                    DistillError::Data("precomputed codes are for mode mvq only".into())
+                })?;
                 if use_kl {
                     let tl = tout.logits.expect("teacher logits requested");
                     let k = tl.dims()[1];
@@ -333,7 +385,9 @@ impl DistillTrainer {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let label_rate = self.model.student.pretrain.label_rate;
         let batch = make_batch(utts, self.train.batch.max_sample_size, label_rate, &mut rng);
-        let (loss, mut m) = self.losses(&self.model, &batch.wavs, &batch.labels, &mut rng)?;
+        let codes = self.utt_codes(utts)?.map(|c| (c, &batch.starts[..]));
+        let (loss, mut m) =
+            self.losses(&self.model, &batch.wavs, &batch.labels, codes, &mut rng)?;
         let gp = GradientsParams::from_grads(loss.backward(), &self.model);
         let col_out = fedhubert_model::collect_grads(&self.model, &gp);
         let mut grads = col_out;
@@ -423,7 +477,8 @@ impl DistillTrainer {
                 model.student.pretrain.label_rate,
                 &mut rng,
             );
-            let (_, m) = self.losses(&model, &b.wavs, &b.labels, &mut rng)?;
+            let codes = self.utt_codes(&[u])?.map(|c| (c, &b.starts[..]));
+            let (_, m) = self.losses(&model, &b.wavs, &b.labels, codes, &mut rng)?;
             n += 1.0;
             total.running_mean(&DistillMetrics { steps: 0, ..m }, n);
         }

@@ -135,11 +135,7 @@ fn stepped_server_distillation_matches_the_native_loop_across_a_resume() {
         // gradient norm is summed in one fixed order.
         for (x, y) in [(&a.first, &b.first), (&a.mean, &b.mean), (&a.last, &b.last)] {
             for ((k, u), (_, v)) in x.to_map().iter().zip(y.to_map()) {
-                assert!(
-                    *u == v,
-                    "round {} {k}: stepped {u} native {v}",
-                    a.round
-                );
+                assert!(*u == v, "round {} {k}: stepped {u} native {v}", a.round);
             }
         }
     }

@@ -60,6 +60,11 @@ impl ClientCache {
         self.dirs.is_empty()
     }
 
+    /// Client `c`'s folder.
+    pub fn dir(&self, c: usize) -> Option<&Path> {
+        self.dirs.get(c).map(PathBuf::as_path)
+    }
+
     /// Client `c`'s data: from memory when kept, else read from its folder with `load`.
     pub fn get<E: std::fmt::Display>(
         &mut self,

@@ -102,6 +102,8 @@ impl Default for BatchConfig {
 pub struct Batch {
     pub wavs: Vec<Vec<f32>>,
     pub labels: Vec<Vec<u32>>,
+    /// Where each crop starts in its utterance (samples), to align other per-frame targets.
+    pub starts: Vec<usize>,
 }
 
 /// Groups utterance indices into batches for one epoch: shuffled, stable-sorted by length so a
@@ -147,6 +149,7 @@ pub fn make_batch<R: Rng>(
         .min(max_sample_size);
     let mut wavs = Vec::with_capacity(utts.len());
     let mut labels = Vec::with_capacity(utts.len());
+    let mut starts = Vec::with_capacity(utts.len());
     for u in utts {
         let start = if u.wav.len() > len {
             rng.random_range(0..=u.wav.len() - len)
@@ -154,10 +157,15 @@ pub fn make_batch<R: Rng>(
             0
         };
         wavs.push(u.wav[start..start + len].to_vec());
+        starts.push(start);
         let f0 = (start as f64 * label_rate / 16_000.0).round() as usize;
         let nf = (len as f64 * label_rate / 16_000.0).round() as usize;
         let f0 = f0.min(u.labels.len());
         labels.push(u.labels[f0..(f0 + nf).min(u.labels.len())].to_vec());
     }
-    Batch { wavs, labels }
+    Batch {
+        wavs,
+        labels,
+        starts,
+    }
 }

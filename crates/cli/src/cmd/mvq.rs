@@ -127,7 +127,14 @@ fn encode(a: EncodeArgs) -> anyhow::Result<()> {
             teacher.hidden_size()
         );
     }
-    let chunk = a.chunk_samples.max(16_000) / 320 * 320;
+    // Chunks start on the frame grid (multiples of the total stride) and overlap by the receptive
+    // field minus one stride, so the chunks' frames tile the utterance's: frame f of the whole
+    // utterance is frame f - start/stride of its chunk, and every utterance gets exactly
+    // `num_frames(len)` frames of codes, the alignment `distill --mode mvq` crops them by.
+    let tcfg = teacher.model.hubert.config.clone();
+    let stride = tcfg.total_stride();
+    let field = receptive_field(&tcfg.conv_kernel, &tcfg.conv_stride);
+    let chunk = (a.chunk_samples.max(16_000) / stride * stride).max(stride);
     let (mut frames_all, mut err_num, mut err_den) = (0usize, 0f64, 0f64);
     for dir in folders(&a.clients)? {
         let mpath = dir.join("manifest.csv");
@@ -138,7 +145,12 @@ fn encode(a: EncodeArgs) -> anyhow::Result<()> {
         for e in &m.entries {
             let audio = load_audio(&m.abs_path(e))?;
             let mut n_frames = 0;
-            for piece in audio.samples.chunks(chunk).filter(|p| p.len() >= 400) {
+            let n = audio.samples.len();
+            let pieces = (0..n)
+                .step_by(chunk)
+                .map(|s| &audio.samples[s..(s + chunk + field - stride).min(n)])
+                .filter(|p| tcfg.num_frames(p.len()) > 0);
+            for piece in pieces {
                 let out = teacher.forward(&[piece.to_vec()], false)?;
                 let x: Vec<f32> = out.hidden_states[q.layer + 1]
                     .clone()
@@ -155,6 +167,13 @@ fn encode(a: EncodeArgs) -> anyhow::Result<()> {
                 err_den += x.iter().map(|a| (*a as f64).powi(2)).sum::<f64>();
                 n_frames += codes.len() / q.num_codebooks();
                 codes_out.extend(codes);
+            }
+            if n_frames != tcfg.num_frames(n) {
+                anyhow::bail!(
+                    "{}: encoded {n_frames} frames, the teacher gives {} for the whole utterance",
+                    e.id,
+                    tcfg.num_frames(n)
+                );
             }
             frames_all += n_frames;
             lens.push_str(&format!("{n_frames}\n"));
@@ -179,4 +198,27 @@ fn encode(a: EncodeArgs) -> anyhow::Result<()> {
         err_num / err_den.max(1e-30)
     );
     Ok(())
+}
+
+/// Input samples one output frame of a conv stack sees.
+fn receptive_field(kernels: &[usize], strides: &[usize]) -> usize {
+    let (mut field, mut jump) = (1, 1);
+    for (&k, &s) in kernels.iter().zip(strides) {
+        field += (k - 1) * jump;
+        jump *= s;
+    }
+    field
+}
+
+#[cfg(test)]
+mod tests {
+    use super::receptive_field;
+
+    #[test]
+    fn hubert_front_end_sees_400_samples() {
+        assert_eq!(
+            receptive_field(&[10, 3, 3, 3, 3, 2, 2], &[5, 2, 2, 2, 2, 2, 2]),
+            400
+        );
+    }
 }
