@@ -19,6 +19,7 @@ import fedhubert
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
+from .messaging import exchange
 from .records import arrays_from_record, record_from_arrays
 
 # Message types ("query.<action>"): the ClientApp routes them to its k-means handlers.
@@ -33,22 +34,16 @@ def _say(text: str) -> None:
 
 
 def _exchange(grid: Grid, kind: str, targets: dict[int, int], content_for, rnd: int, timeout: float):
-    """One message per client {client: node}; returns ({client: reply}, [(client, why)])."""
-    client_of = {node: c for c, node in targets.items()}
-    msgs = [
-        Message(content_for(c), dst_node_id=node, message_type=kind, group_id=f"kmeans-{rnd}")
+    """One message per client {client: node}; returns ({client: reply}, [(client, why)]), each
+    failure also printed, since it makes the client a dropout of the round."""
+    sends = [
+        (c, Message(content_for(c), dst_node_id=node, message_type=kind, group_id=f"kmeans-{rnd}"))
         for c, node in sorted(targets.items())
     ]
-    ok, failed = {}, []
-    for r in grid.send_and_receive(msgs, timeout=timeout):
-        c = client_of[r.metadata.src_node_id]
-        if r.has_error():
-            failed.append((c, f"{kind} failed on the node: {r.error.reason}"))
-        else:
-            ok[c] = r
-    seen = set(ok) | {c for c, _ in failed}
-    failed += [(c, f"no {kind} reply (timeout {timeout} s)") for c in sorted(targets) if c not in seen]
-    return ok, failed
+    ok, failed = exchange(grid, sends, timeout, kind)
+    for c, why in sorted(failed.items()):
+        _say(f"client {c}: {why}")
+    return ok, sorted(failed.items())
 
 
 def _discover(grid: Grid, feature: str, min_nodes: int, wait_s: float) -> dict[int, int]:
@@ -64,13 +59,13 @@ def _discover(grid: Grid, feature: str, min_nodes: int, wait_s: float) -> dict[i
                            lambda _: RecordDict({"config": cfg}), 0, wait_s)
     problems = [f"node {nodes[i]}: {why}" for i, why in failed]
     node_of: dict[int, int] = {}
-    for r in ok.values():
-        info = r.content["info"]
+    for i, r in sorted(ok.items()):
+        info, node = r.content["info"], nodes[i]
         c = int(info["client-id"])
         if c in node_of:
-            problems.append(f"nodes {node_of[c]} and {r.metadata.src_node_id} both claim client {c}")
-        node_of[c] = r.metadata.src_node_id
-        _say(f"node {r.metadata.src_node_id} is client {c} ({info['partition']}, {info['frames']} frames x {info['dim']})")
+            problems.append(f"nodes {node_of[c]} and {node} both claim client {c}")
+        node_of[c] = node
+        _say(f"node {node} is client {c} ({info['partition']}, {info['frames']} frames x {info['dim']})")
     missing = [c for c in range(len(node_of)) if c not in node_of]
     if missing:
         problems.append(f"clients {missing} have no SuperNode (got {sorted(node_of)}); clients must be 0..N-1")

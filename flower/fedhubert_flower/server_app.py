@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from .kmeans import run_kmeans
+from .messaging import exchange
 from .records import arrays_from_record, record_from_arrays
 
 app = ServerApp()
@@ -50,19 +51,14 @@ def discover_clients(grid: Grid, run_file: str, min_nodes: int, wait_s: float, w
                 f"node-wait-s={wait_s:.0f} s"
             )
         time.sleep(1.0)
-    msgs = [
-        Message(RecordDict({"config": _config(run_file)}), dst_node_id=n, message_type=MessageType.QUERY)
+    sends = [
+        (n, Message(RecordDict({"config": _config(run_file)}), dst_node_id=n, message_type=MessageType.QUERY))
         for n in nodes
     ]
+    ok, failed = exchange(grid, sends, wait_s, "query")
     by_client: dict[int, int] = {}
-    problems = []
-    silent = set(nodes)
-    for r in grid.send_and_receive(msgs, timeout=wait_s):
-        node = r.metadata.src_node_id
-        silent.discard(node)
-        if r.has_error():
-            problems.append(f"node {node}: {r.error.reason}")
-            continue
+    problems = [f"node {n}: {why}" for n, why in sorted(failed.items())]
+    for node, r in sorted(ok.items()):
         info = r.content["info"]
         c = int(info["client-id"])
         if c in by_client:
@@ -71,7 +67,6 @@ def discover_clients(grid: Grid, run_file: str, min_nodes: int, wait_s: float, w
         if partitions is not None:
             partitions[c] = str(info["partition"])
         _say(f"node {node} is client {c} ({info['partition']})")
-    problems += [f"node {n}: no reply within node-wait-s={wait_s:.0f} s" for n in sorted(silent)]
     if problems or not by_client:
         raise RuntimeError("SuperNode discovery failed: " + ("; ".join(problems) or "no nodes"))
     n = want if want > 0 else len(by_client)
@@ -86,23 +81,11 @@ def discover_clients(grid: Grid, run_file: str, min_nodes: int, wait_s: float, w
 
 def _send(grid: Grid, plan, node_of, content_for, kind: str, rnd: int, timeout):
     """Sends one message per planned client; returns {client: reply} and {client: failure}."""
-    client_of = {}
-    msgs = []
-    for c, cfg in plan:
-        m = Message(content_for(cfg), dst_node_id=node_of[c], message_type=kind, group_id=str(rnd))
-        msgs.append(m)
-        client_of[node_of[c]] = c
-    ok, failed = {}, {}
-    for r in grid.send_and_receive(msgs, timeout=timeout):
-        c = client_of[r.metadata.src_node_id]
-        if r.has_error():
-            failed[c] = f"{kind} failed on the node: {r.error.reason}"
-        else:
-            ok[c] = r
-    for c, _ in plan:
-        if c not in ok and c not in failed:
-            failed[c] = f"no {kind} reply (timeout {timeout} s)"
-    return ok, failed
+    sends = [
+        (c, Message(content_for(cfg), dst_node_id=node_of[c], message_type=kind, group_id=str(rnd)))
+        for c, cfg in plan
+    ]
+    return exchange(grid, sends, timeout, kind)
 
 
 def _metrics(rec) -> tuple[int, dict]:

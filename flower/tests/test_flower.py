@@ -393,6 +393,8 @@ def test_federated_kmeans_over_flower_matches_native(work: Path, partitions: Pat
 def test_kmeans_bad_input_is_named(tmp_path: Path):
     with pytest.raises(ValueError, match="client_9.*mfcc"):
         fedhubert.KmeansClient(str(tmp_path / "client_9"))
+    with pytest.raises(ValueError, match="plain shard name"):
+        fedhubert.KmeansClient(str(tmp_path / "client_9"), "../../etc/x")
     with pytest.raises(ValueError, match="k = 0"):
         fedhubert.KmeansServer(0, 2)
     with pytest.raises(ValueError, match="update"):

@@ -231,10 +231,19 @@ pub fn read_server_log(out: &Path, next_round: u64) -> Result<Vec<ServerRoundLog
     let path = out.join(SERVER_LOG);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if next_round > 1 {
+                tracing::warn!(
+                    "{}: missing; the resumed log will lack rounds 1..{}",
+                    path.display(),
+                    next_round - 1
+                );
+            }
+            return Ok(vec![]);
+        }
         Err(e) => return Err(DistillError::Data(format!("{}: {e}", path.display()))),
     };
-    let mut rows = Vec::new();
+    let mut rows: Vec<ServerRoundLog> = Vec::new();
     for (i, line) in text
         .lines()
         .enumerate()
@@ -245,6 +254,16 @@ pub fn read_server_log(out: &Path, next_round: u64) -> Result<Vec<ServerRoundLog
         if r.round < next_round {
             rows.push(r);
         }
+    }
+    // A run stopped between writing its checkpoint and its log lacks the last rounds' rows.
+    let missing: Vec<u64> = (1..next_round)
+        .filter(|k| !rows.iter().any(|r| r.round == *k))
+        .collect();
+    if !missing.is_empty() {
+        tracing::warn!(
+            "{}: no server distillation rows for rounds {missing:?}; the resumed log will lack them",
+            path.display()
+        );
     }
     Ok(rows)
 }

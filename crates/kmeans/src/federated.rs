@@ -474,7 +474,7 @@ pub fn fit_federated_from(
     }
     let mut server = KmeansServer::new(cfg, init, clients.len())?;
     let mut dropouts = Vec::new();
-    while let Some(chosen) = server.next_round() {
+    while let Some(chosen) = server.next_round()? {
         let cb = server.codebook()?;
         let (agg, replied) = round_stats(clients, &chosen, server.round(), &cb, &mut dropouts);
         server.apply(&agg, replied)?;
@@ -489,6 +489,7 @@ pub fn fit_federated_from(
 /// loop of [`fit_federated_from`], or Flower's ServerApp through the Python module) runs the same
 /// rounds: `next_round` says which clients to ask, `apply` takes their aggregated replies, and
 /// `finish` takes the final evaluation round over all clients.
+#[derive(Clone)]
 pub struct KmeansServer {
     cfg: FederatedConfig,
     k: usize,
@@ -540,9 +541,15 @@ impl KmeansServer {
 
     /// Opens the next round and returns the (sorted) clients to ask, or `None` when the rounds
     /// are over (`cfg.rounds` reached, or converged): then evaluate with [`Self::finish`].
-    pub fn next_round(&mut self) -> Option<Vec<usize>> {
+    pub fn next_round(&mut self) -> Result<Option<Vec<usize>>> {
+        if self.open.is_some() {
+            return Err(KmError::Invalid(format!(
+                "round {} is still open: apply() its replies first",
+                self.history.len()
+            )));
+        }
         if self.converged || self.history.len() >= self.cfg.rounds {
-            return None;
+            return Ok(None);
         }
         let chosen: Vec<usize> = match self.cfg.clients_per_round {
             Some(m) if m < self.n_clients => {
@@ -553,7 +560,7 @@ impl KmeansServer {
             _ => (0..self.n_clients).collect(),
         };
         self.open = Some(chosen.len());
-        Some(chosen)
+        Ok(Some(chosen))
     }
 
     /// Closes the open round with the sum of the replies (`replied` of them) and updates the

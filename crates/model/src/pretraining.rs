@@ -390,7 +390,7 @@ impl HubertForPretraining {
                 let lab = batch.labels[bi][li] as usize;
                 if lab >= p.num_classes {
                     return Err(ModelError::InvalidInput(format!(
-                        "label {lab} of utterance {bi} is >= num_classes {}",
+                        "label {lab} of utterance {bi} is >= num_classes {} (pretraining.vocab_size must be at least the k-means k)",
                         p.num_classes
                     )));
                 }

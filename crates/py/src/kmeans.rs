@@ -41,6 +41,24 @@ fn array<'py, T: numpy::Element + Copy>(
     Ok((ro.as_array().iter().copied().collect(), shape))
 }
 
+/// A shard name from the server's message must stay a file name inside the partition: another
+/// organisation's ServerApp must not make this node write or read anywhere else.
+fn plain_stem(what: &str, stem: &str) -> PyResult<()> {
+    let ok = !stem.is_empty()
+        && stem != "."
+        && stem != ".."
+        && stem
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PyValueError::new_err(format!(
+            "{what} {stem:?}: expected a plain shard name (letters, digits, _ - .), not a path"
+        )))
+    }
+}
+
 fn codebook_from_py(a: &Bound<'_, PyArrayDyn<f32>>) -> PyResult<Codebook> {
     let ro = a.readonly();
     let shape = ro.shape().to_vec();
@@ -86,7 +104,8 @@ fn stats_from_py(d: &Bound<'_, PyDict>, k: usize, dim: usize, who: &str) -> PyRe
             counts.len()
         )));
     }
-    if counts.iter().any(|&c| c < 0) || inertia.len() != 1 || n_frames.len() != 1 {
+    if counts.iter().any(|&c| c < 0) || inertia.len() != 1 || n_frames.len() != 1 || n_frames[0] < 0
+    {
         return Err(PyValueError::new_err(format!(
             "{who}: malformed statistics (negative counts, or inertia/n_frames not one value)"
         )));
@@ -113,6 +132,7 @@ impl KmeansClient {
     #[new]
     #[pyo3(signature = (partition, feature = "mfcc"))]
     fn new(partition: &str, feature: &str) -> PyResult<Self> {
+        plain_stem("feature", feature)?;
         let dir = PathBuf::from(partition);
         let src = ShardSource::open(&dir, feature).map_err(|e| {
             PyValueError::new_err(format!(
@@ -190,6 +210,7 @@ impl KmeansClient {
         codebook: &Bound<'py, PyArrayDyn<f32>>,
         labels: &str,
     ) -> PyResult<Bound<'py, PyDict>> {
+        plain_stem("labels", labels)?;
         let cb = codebook_from_py(codebook)?;
         let rep = py
             .detach(|| label_client(&self.dir, &self.feature, &cb, Some(labels), None))
@@ -378,7 +399,7 @@ impl KmeansServer {
 
     /// The clients to ask this round (sorted), or None when the rounds are over.
     fn next_round(&mut self) -> PyResult<Option<Vec<usize>>> {
-        Ok(self.state()?.next_round())
+        self.state()?.next_round().map_err(km_err)
     }
 
     /// The round about to run (the evaluation round after the last).
@@ -428,9 +449,10 @@ impl KmeansServer {
             (cb.k, cb.dim, s.round())
         };
         let (agg, replied) = self.aggregate(replies, failures, k, d, round)?;
-        let server = self.server.take().expect("state() checked");
+        // On a failure (no replies, a bad out folder) the state stays, so the caller can retry.
+        let server = self.state()?.clone();
         let fit = server
-            .finish(&agg, replied, std::mem::take(&mut self.dropouts))
+            .finish(&agg, replied, self.dropouts.clone())
             .map_err(km_err)?;
         let path = Path::new(out).join("codebook.safetensors");
         let meta = CodebookMeta {
@@ -440,6 +462,8 @@ impl KmeansServer {
             n_frames: fit.n_frames,
         };
         fit.codebook.save(&path, &meta).map_err(km_err)?;
+        self.server = None;
+        self.dropouts.clear();
         let empty = fit.counts.iter().filter(|&&c| c == 0).count();
         Ok(serde_json::json!({
             "codebook": path,

@@ -224,6 +224,15 @@ pub fn distill(
                 let done = fedhubert_fl::rounds::load_checkpoint(&checkpoint_path(out))?.round;
                 *log.lock().unwrap_or_else(|p| p.into_inner()) = read_server_log(out, done + 1)?;
             }
+            // Written after every round, so a run that dies keeps the log of what it finished.
+            let round_log = log.clone();
+            let on_round = |r: &RoundRecord| {
+                on_round(r);
+                let rows = round_log.lock().map(|l| l.clone()).unwrap_or_default();
+                if let Err(e) = write_server_log(out, &rows) {
+                    tracing::warn!("round {}: {e}", r.round);
+                }
+            };
             let mut pool = HubertClients::new(
                 dirs.clone(),
                 student.clone(),
