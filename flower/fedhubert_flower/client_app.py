@@ -42,7 +42,7 @@ def partition_dir(context: Context) -> Path:
     )
 
 
-def client_index(context: Context, client: fedhubert.Client, part: Path) -> int:
+def client_index(context: Context, client: fedhubert.Client | fedhubert.KmeansClient, part: Path) -> int:
     """The client number K: node config `client-id`, else the folder name `client_K`."""
     if "client-id" in context.node_config:
         return int(context.node_config["client-id"])
@@ -118,20 +118,10 @@ def _km_client(msg: Message, context: Context) -> tuple[fedhubert.KmeansClient, 
     return _KM[key], part
 
 
-def _km_index(context: Context, client: fedhubert.KmeansClient, part: Path) -> int:
-    if "client-id" in context.node_config:
-        return int(context.node_config["client-id"])
-    if client.index_from_dir is not None:
-        return client.index_from_dir
-    if "partition-id" in context.node_config:
-        return int(context.node_config["partition-id"])
-    raise ValueError(f"partition {part}: the folder is not named client_K; set node config client-id=K")
-
-
 @app.query("kmeans_hello")
 def kmeans_hello(msg: Message, context: Context) -> Message:
     client, part = _km_client(msg, context)
-    info = ConfigRecord({"client-id": _km_index(context, client, part), "partition": str(part),
+    info = ConfigRecord({"client-id": client_index(context, client, part), "partition": str(part),
                          "frames": client.n_frames, "dim": client.dim})
     return Message(RecordDict({"info": info}), reply_to=msg)
 

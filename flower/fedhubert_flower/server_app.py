@@ -88,6 +88,20 @@ def _send(grid: Grid, plan, node_of, content_for, kind: str, rnd: int, timeout):
     return exchange(grid, sends, timeout, kind)
 
 
+def _send_global(grid: Grid, server, plan, node_of, run_file: str, kind: str, rnd: int, timeout):
+    """The global model and each planned client's round config, to train or evaluate."""
+    arrays = record_from_arrays(server.global_arrays())
+    return _send(
+        grid,
+        plan,
+        node_of,
+        lambda cfg: RecordDict({"arrays": arrays, "config": _config(run_file, **{"fit-config": cfg})}),
+        kind,
+        rnd,
+        timeout,
+    )
+
+
 def _metrics(rec) -> tuple[int, dict]:
     m = dict(rec.content["metrics"])
     n = int(m.pop("num-examples"))
@@ -160,17 +174,7 @@ def main(grid: Grid, context: Context) -> None:
     while (rnd := server.next_round()) is not None:
         while True:
             plan = server.begin_attempt()
-            arrays = record_from_arrays(server.global_arrays())
-            ok, failed = _send(
-                grid,
-                plan,
-                node_of,
-                lambda cfg: RecordDict({"arrays": arrays, "config": _config(run_file, **{"fit-config": cfg})}),
-                MessageType.TRAIN,
-                rnd,
-                timeout,
-            )
-            del arrays
+            ok, failed = _send_global(grid, server, plan, node_of, run_file, MessageType.TRAIN, rnd, timeout)
             # Client order, not arrival order: the float sums then match the native run bit for bit.
             for c, _ in plan:
                 if c in ok:
@@ -184,17 +188,7 @@ def main(grid: Grid, context: Context) -> None:
         evals = []
         plan = server.eval_plan()
         if plan:
-            arrays = record_from_arrays(server.global_arrays())
-            ok, failed = _send(
-                grid,
-                plan,
-                node_of,
-                lambda cfg: RecordDict({"arrays": arrays, "config": _config(run_file, **{"fit-config": cfg})}),
-                MessageType.EVALUATE,
-                rnd,
-                timeout,
-            )
-            del arrays
+            ok, failed = _send_global(grid, server, plan, node_of, run_file, MessageType.EVALUATE, rnd, timeout)
             for c, _ in plan:
                 if c in ok:
                     n, m = _metrics(ok[c])

@@ -8,6 +8,7 @@ Needs the `fedhubert` extension (maturin develop), flwr, and the `fedhubert` bin
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -313,11 +314,10 @@ def test_deployment_loopback(tls: bool, work: Path, partitions: Path, native: Pa
         procs.stop()
 
 
-def test_simulation_runtime_and_resume(work: Path, partitions: Path, native: Path):
-    """`flwr run` on a simulation SuperLink (Ray), stopped after round 1 and resumed: the same
-    weights as the native run, bit for bit."""
-    pytest.importorskip("ray", reason="the simulation runtime needs flwr[simulation]")
-    d = work / "simulation"
+@contextlib.contextmanager
+def simulation_superlink(d: Path):
+    """A simulation SuperLink (Ray) on loopback for `flwr run`, stopped on exit; yields
+    (env, procs, logs) for `flwr_run`."""
     logs = d / "logs"
     logs.mkdir(parents=True)
     home = d / "flwr-home"
@@ -330,6 +330,17 @@ def test_simulation_runtime_and_resume(work: Path, partitions: Path, native: Pat
                                   "--host", "127.0.0.1", "--port", str(port),
                                   "--disable-runtime-dependency-installation"], env)
         wait_port(port, procs)
+        yield env, procs, logs
+    finally:
+        procs.stop()
+
+
+def test_simulation_runtime_and_resume(work: Path, partitions: Path, native: Path):
+    """`flwr run` on a simulation SuperLink (Ray), stopped after round 1 and resumed: the same
+    weights as the native run, bit for bit."""
+    pytest.importorskip("ray", reason="the simulation runtime needs flwr[simulation]")
+    d = work / "simulation"
+    with simulation_superlink(d) as (env, procs, logs):
         out = d / "run"
         fed = "num-supernodes=2"
         first = dict(partitions=str(partitions), **{"set": " ".join(OVERRIDES + ["federated.num_rounds=1"])})
@@ -343,8 +354,6 @@ def test_simulation_runtime_and_resume(work: Path, partitions: Path, native: Pat
         print("\n[simulation] flower per-round metrics:")
         for h in hist:
             print(json.dumps({"round": h["round"], "train": h["train"], "eval": h["eval"]}))
-    finally:
-        procs.stop()
 
 
 def test_federated_kmeans_over_flower_matches_native(work: Path, partitions: Path):
@@ -353,29 +362,16 @@ def test_federated_kmeans_over_flower_matches_native(work: Path, partitions: Pat
     --mode federated` on the same partition (the `partitions` fixture made those)."""
     pytest.importorskip("ray", reason="the simulation runtime needs flwr[simulation]")
     d = work / "kmeans-flower"
-    logs = d / "logs"
-    logs.mkdir(parents=True)
     parts = d / "partition"
     for k in range(2):
         src, dst = partitions / f"client_{k}", parts / f"client_{k}"
         dst.mkdir(parents=True)
         for name in ("manifest.csv", "mfcc.npy", "mfcc.len"):
             shutil.copy(src / name, dst / name)
-    home = d / "flwr-home"
-    port = free_port()
-    env = flwr_env(home)
-    write_connection(home, port, None)
-    procs = Procs(logs)
-    try:
-        procs.start("superlink", [str(BIN_DIR / "flower-superlink"), "--insecure", "--simulation",
-                                  "--host", "127.0.0.1", "--port", str(port),
-                                  "--disable-runtime-dependency-installation"], env)
-        wait_port(port, procs)
+    with simulation_superlink(d) as (env, procs, logs):
         out = d / "run"
         log = flwr_run(env, out, {"mode": "kmeans", "partitions": str(parts), "kmeans-k": 50,
                                   "kmeans-seed": 0}, procs, logs, "num-supernodes=2")
-    finally:
-        procs.stop()
     assert (out / "kmeans_summary.json").is_file(), log[-4000:]
     summary = json.loads((out / "kmeans_summary.json").read_text())
     native = json.loads((work / "kmeans" / "summary.json").read_text())
@@ -486,23 +482,12 @@ def test_server_distillation_simulation(work: Path, kd_partitions: Path, native:
     `fedhubert distill --mode server`, which also resumes the Flower run's checkpoint."""
     pytest.importorskip("ray", reason="the simulation runtime needs flwr[simulation]")
     d = work / "kd-simulation"
-    logs = d / "logs"
-    logs.mkdir(parents=True)
-    home = d / "flwr-home"
-    port = free_port()
-    env = flwr_env(home)
-    write_connection(home, port, None)
-    procs = Procs(logs)
     teacher = native / "model.safetensors"
     server_set = kd_partitions / "client_2"
     kd_config = {"mode": "distill-server", "config": str(ROOT / "configs/tiny_student.yaml"),
                  "teacher": str(teacher), "server-set": str(server_set),
                  "partitions": str(kd_partitions)}
-    try:
-        procs.start("superlink", [str(BIN_DIR / "flower-superlink"), "--insecure", "--simulation",
-                                  "--host", "127.0.0.1", "--port", str(port),
-                                  "--disable-runtime-dependency-installation"], env)
-        wait_port(port, procs)
+    with simulation_superlink(d) as (env, procs, logs):
         out = d / "run"
         fed = "num-supernodes=2"
         first = {**kd_config, "set": " ".join(KD_OVERRIDES + ["federated.num_rounds=1"])}
@@ -513,8 +498,6 @@ def test_server_distillation_simulation(work: Path, kd_partitions: Path, native:
                        procs, logs, fed)
         assert "resuming after round 1" in log, log[-4000:]
         assert "server distillation 3 steps" in log, log[-4000:]
-    finally:
-        procs.stop()
     assert (out / "summary.json").is_file(), f"the Flower run wrote no summary; its log:\n{log[-6000:]}"
 
     ck = fedhubert.read_checkpoint(str(out / "checkpoint.safetensors"))

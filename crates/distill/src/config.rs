@@ -340,12 +340,14 @@ impl DistillRunFile {
             .unwrap_or_else(|| "config".into());
         let rf: DistillRunFile =
             serde_yaml::from_value(tree).map_err(|e| cfg_err(format!("{where_}: {e}")))?;
-        rf.distillation.validate()?;
-        let base = rf.run_file();
-        base.model_config()?;
-        base.strategy()?;
-        base.train_config()?.validate()?;
+        rf.validate()?;
         Ok(rf)
+    }
+
+    /// The distillation section and the student's run file (see [`RunFile::validate`]).
+    pub fn validate(&self) -> Result<()> {
+        self.distillation.validate()?;
+        Ok(self.run_file().validate()?)
     }
 
     /// The pretraining run file (federated + student sections), for its derived configs.

@@ -246,10 +246,12 @@ impl KmeansServer {
         &mut self,
         replies: &Bound<'_, PyDict>,
         failures: Vec<(usize, String)>,
-        k: usize,
-        d: usize,
-        round: usize,
     ) -> PyResult<(ClientStats, usize)> {
+        let (k, d, round) = {
+            let s = self.state()?;
+            let cb = s.codebook().map_err(km_err)?;
+            (cb.k, cb.dim, s.round())
+        };
         let mut by_client = BTreeMap::new();
         for (c, v) in replies.iter() {
             let c: usize = c.extract()?;
@@ -422,12 +424,7 @@ impl KmeansServer {
         replies: &Bound<'_, PyDict>,
         failures: Vec<(usize, String)>,
     ) -> PyResult<String> {
-        let (k, d, round) = {
-            let s = self.state()?;
-            let cb = s.codebook().map_err(km_err)?;
-            (cb.k, cb.dim, s.round())
-        };
-        let (agg, replied) = self.aggregate(replies, failures, k, d, round)?;
+        let (agg, replied) = self.aggregate(replies, failures)?;
         let s = self.state()?;
         s.apply(&agg, replied).map_err(km_err)?;
         serde_json::to_string(s.history().last().expect("apply logs the round"))
@@ -443,12 +440,7 @@ impl KmeansServer {
         out: &str,
         failures: Vec<(usize, String)>,
     ) -> PyResult<String> {
-        let (k, d, round) = {
-            let s = self.state()?;
-            let cb = s.codebook().map_err(km_err)?;
-            (cb.k, cb.dim, s.round())
-        };
-        let (agg, replied) = self.aggregate(replies, failures, k, d, round)?;
+        let (agg, replied) = self.aggregate(replies, failures)?;
         // On a failure (no replies, a bad out folder) the state stays, so the caller can retry.
         let server = self.state()?.clone();
         let fit = server
@@ -467,8 +459,8 @@ impl KmeansServer {
         let empty = fit.counts.iter().filter(|&&c| c == 0).count();
         Ok(serde_json::json!({
             "codebook": path,
-            "k": k,
-            "dim": d,
+            "k": fit.codebook.k,
+            "dim": fit.codebook.dim,
             "rounds": fit.rounds,
             "inertia": fit.inertia,
             "n_frames": fit.n_frames,

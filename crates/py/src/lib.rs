@@ -99,20 +99,14 @@ pub fn run_file(config: &str, overrides: &[String]) -> Result<RunFile, BridgeErr
 fn parse_run_file(json: &str) -> Result<RunFile, BridgeError> {
     let rf: RunFile = serde_json::from_str(json)
         .map_err(|e| BridgeError::Config(format!("run file from the server: {e}")))?;
-    rf.model_config()?;
-    rf.strategy()?;
-    rf.train_config()?.validate()?;
+    rf.validate()?;
     Ok(rf)
 }
 
 fn parse_distill_run_file(json: &str) -> Result<fedhubert_distill::DistillRunFile, BridgeError> {
     let rf: fedhubert_distill::DistillRunFile = serde_json::from_str(json)
         .map_err(|e| BridgeError::Config(format!("distillation run file: {e}")))?;
-    rf.distillation.validate()?;
-    let base = rf.run_file();
-    base.model_config()?;
-    base.strategy()?;
-    base.train_config()?.validate()?;
+    rf.validate()?;
     Ok(rf)
 }
 

@@ -201,10 +201,16 @@ impl RunFile {
             .unwrap_or_else(|| "config".into());
         let rf: RunFile =
             serde_yaml::from_value(tree).map_err(|e| cfg_err(format!("{where_}: {e}")))?;
-        rf.model_config()?;
-        rf.strategy()?;
-        rf.train_config()?.validate()?;
+        rf.validate()?;
         Ok(rf)
+    }
+
+    /// Every derived config builds and validates (model, strategy, trainer): what a run file
+    /// read from a file, or received over the wire, must pass before use.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        self.model_config()?;
+        self.strategy()?;
+        self.train_config()?.validate()
     }
 
     pub fn model_config(&self) -> Result<HubertConfig, TrainError> {
