@@ -7,6 +7,12 @@ use serde::{Deserialize, Serialize};
 use crate::error::ModelError;
 
 /// Normalisation used inside the convolutional feature extractor (`feat_extract_norm`).
+///
+/// HF `feat_extract_norm` (transformers v5.23.0,
+/// src/transformers/models/hubert/configuration_hubert.py:L139), dispatched in
+/// `HubertFeatureEncoder.__init__` (src/transformers/models/hubert/modeling_hubert.py:L187-L196);
+/// fairseq `extractor_mode` "default" / "layer_norm" (fairseq
+/// 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, fairseq/models/hubert/hubert.py:L40).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FeatExtractNorm {
@@ -20,6 +26,9 @@ pub enum FeatExtractNorm {
 /// `transformers.HubertConfig`, so a HF `config.json` deserialises directly (unknown keys are
 /// ignored, missing keys take HF's defaults) and [`HubertConfig::to_json`] writes a file that
 /// `HubertModel.from_pretrained` accepts.
+///
+/// Mirrors `HubertConfig` (transformers v5.23.0,
+/// src/transformers/models/hubert/configuration_hubert.py:L27; fields and defaults L124-L162).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct HubertConfig {
@@ -102,7 +111,8 @@ pub struct HubertConfig {
 }
 
 impl Default for HubertConfig {
-    /// HuggingFace `HubertConfig()` defaults (the Base architecture).
+    /// HuggingFace `HubertConfig()` defaults (the Base architecture): transformers v5.23.0,
+    /// src/transformers/models/hubert/configuration_hubert.py:L124-L162.
     fn default() -> Self {
         Self {
             model_type: "hubert".into(),
@@ -151,6 +161,10 @@ impl HubertConfig {
     /// HuBERT Base (768/12/12/3072, group-norm extractor, post-LN) with the fairseq
     /// `hubert_base_librispeech` pretraining regularisation: dropout 0.1, attention 0.1,
     /// activation 0.0, input (feat_proj) 0.1, layerdrop 0.05, mask_prob 0.80, span 10, 2 min spans.
+    ///
+    /// fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99,
+    /// examples/hubert/config/pretrain/hubert_base_librispeech.yaml:L65-L81 (span 10: default
+    /// `mask_length`, fairseq/models/hubert/hubert.py:L131; 2 min spans: `apply_mask`, L354).
     pub fn base() -> Self {
         Self {
             hidden_dropout: 0.1,
@@ -240,6 +254,9 @@ impl HubertConfig {
     }
 
     /// Check the configuration for consistency; the error names the offending field.
+    ///
+    /// A superset of `HubertConfig.validate_architecture` (transformers v5.23.0,
+    /// src/transformers/models/hubert/configuration_hubert.py:L168).
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad =
             |field: &'static str, reason: String| Err(ModelError::InvalidConfig { field, reason });
@@ -384,12 +401,18 @@ impl HubertConfig {
     }
 
     /// Total downsampling factor of the conv front-end (320 for HuBERT).
+    ///
+    /// HF `HubertConfig.inputs_to_logits_ratio` (transformers v5.23.0,
+    /// src/transformers/models/hubert/configuration_hubert.py:L183).
     pub fn total_stride(&self) -> usize {
         self.conv_stride.iter().product()
     }
 
     /// Number of frames the conv front-end produces for `num_samples` input samples
     /// (HF `_get_feat_extract_output_lengths`); 0 if the input is too short.
+    ///
+    /// `HubertPreTrainedModel._get_feat_extract_output_lengths` (transformers v5.23.0,
+    /// src/transformers/models/hubert/modeling_hubert.py:L612).
     pub fn num_frames(&self, num_samples: usize) -> usize {
         let mut len = num_samples;
         for (&k, &s) in self.conv_kernel.iter().zip(&self.conv_stride) {

@@ -10,8 +10,12 @@ use burn::tensor::{Bool, Distribution, Tensor};
 use crate::config::HubertConfig;
 use crate::nn::{Dropout, Init, LayerNorm, Linear, gelu, is_training};
 
-// Mirrors torch.nn.utils.parametrize's `parametrizations.weight` container of weight_norm(dim=2).
 /// Weight-norm parameters: `original0` = g `[1, 1, K]`, `original1` = v `[H, H/G, K]`.
+///
+/// Mirrors torch's `ParametrizationList` at `conv.parametrizations.weight`, which
+/// `torch.nn.utils.parametrizations.weight_norm(dim=2)` adds to `HubertPositionalConvEmbedding`'s
+/// conv (transformers v5.23.0, src/transformers/models/hubert/modeling_hubert.py:L81); a torch
+/// container, no HuBERT class.
 #[derive(Module, Debug)]
 pub struct WeightNormParams {
     /// Magnitude g, one per kernel position.
@@ -20,17 +24,25 @@ pub struct WeightNormParams {
     pub original1: Param<Tensor<3>>,
 }
 
-// Mirrors torch.nn.utils.parametrize's `ParametrizationList` (the `parametrizations` attribute).
 /// Holder so the module path reads `conv.parametrizations.weight.original{0,1}`.
+///
+/// Mirrors torch's `parametrizations` attribute (a `ModuleDict` of `ParametrizationList`s) that
+/// weight norm adds to the positional conv (transformers v5.23.0,
+/// src/transformers/models/hubert/modeling_hubert.py:L81); a torch container, no HuBERT class.
 #[derive(Module, Debug)]
 pub struct Parametrizations {
     /// The parametrised `weight`.
     pub weight: WeightNormParams,
 }
 
-// Mirrors torch.nn.Conv1d wrapped by weight_norm(name="weight", dim=2) (HF pos_conv_embed.conv).
 /// Grouped 1-D conv whose weight is `g * v / ||v||`, the norm taken over dims 0 and 1 for each
 /// kernel position (torch `weight_norm(dim=2)`).
+///
+/// Mirrors `torch.nn.Conv1d` wrapped by `weight_norm(name="weight", dim=2)`: HF
+/// `HubertPositionalConvEmbedding.conv` (transformers v5.23.0,
+/// src/transformers/models/hubert/modeling_hubert.py:L51, weight norm at L81); fairseq
+/// `make_conv_pos` (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99,
+/// fairseq/models/wav2vec/wav2vec2.py:L925).
 #[derive(Module, Debug)]
 pub struct WeightNormConv1d {
     /// `[H]`.
@@ -63,8 +75,14 @@ impl WeightNormConv1d {
     }
 }
 
-// Mirrors HF HubertPositionalConvEmbedding (+ HubertSamePadLayer); fairseq encoder.pos_conv.
 /// Convolutional relative positional embedding: conv, drop the last frame for even kernels, GELU.
+///
+/// Mirrors `HubertPositionalConvEmbedding` (transformers v5.23.0,
+/// src/transformers/models/hubert/modeling_hubert.py:L48) with its `HubertSamePadLayer`
+/// (same file:L98) folded into `num_pad_remove`; the `conv_pos_batch_norm` branch is not
+/// supported. fairseq: `TransformerEncoder.pos_conv` built by `make_conv_pos` (fairseq
+/// 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, fairseq/models/wav2vec/wav2vec2.py:L925) with
+/// `SamePad` (fairseq/modules/same_pad.py:L10).
 #[derive(Module, Debug)]
 pub struct HubertPositionalConvEmbedding {
     /// The weight-normed grouped conv.
@@ -76,6 +94,9 @@ pub struct HubertPositionalConvEmbedding {
 impl HubertPositionalConvEmbedding {
     /// Init as HF / fairseq: v ~ N(0, 2 / sqrt(K * H)), g = ||v|| (so the initial weight is v),
     /// zero bias.
+    ///
+    /// fairseq `make_conv_pos` (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99,
+    /// fairseq/models/wav2vec/wav2vec2.py:L934: `std = sqrt(4 / (k * e))`).
     pub fn new(cfg: &HubertConfig, init: &mut Init) -> Self {
         let h = cfg.hidden_size;
         let k = cfg.num_conv_pos_embeddings;
@@ -112,8 +133,12 @@ impl HubertPositionalConvEmbedding {
     }
 }
 
-// Mirrors HF HubertAttention (fairseq MultiheadAttention, self-attention only).
 /// Multi-head self-attention with a key padding mask.
+///
+/// Mirrors `HubertAttention` (transformers v5.23.0,
+/// src/transformers/models/hubert/modeling_hubert.py:L265) with the eager kernel
+/// `eager_attention_forward` (same file:L237); fairseq `MultiheadAttention`, self-attention only
+/// (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, fairseq/modules/multihead_attention.py:L63).
 #[derive(Module, Debug)]
 pub struct HubertAttention {
     /// Key projection.
@@ -165,8 +190,12 @@ impl HubertAttention {
     }
 }
 
-// Mirrors HF HubertFeedForward (fairseq fc1 / fc2).
 /// Position-wise feed-forward: Linear, GELU, dropout, Linear, dropout.
+///
+/// Mirrors `HubertFeedForward` (transformers v5.23.0,
+/// src/transformers/models/hubert/modeling_hubert.py:L350); fairseq `fc1` / `fc2` of
+/// `TransformerSentenceEncoderLayer` (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99,
+/// fairseq/models/wav2vec/wav2vec2.py:L1309-L1310).
 #[derive(Module, Debug)]
 pub struct HubertFeedForward {
     /// `activation_dropout`.
@@ -205,9 +234,17 @@ impl HubertFeedForward {
     }
 }
 
-// Mirrors HF HubertEncoderLayer (stable = false) and HubertEncoderLayerStableLayerNorm
-// (stable = true); fairseq TransformerSentenceEncoderLayer with layer_norm_first = stable.
 /// One transformer block, post-LN or pre-LN.
+///
+/// No single reference class: one struct for two HF classes, chosen by `stable`:
+/// - `stable = false`: mirrors `HubertEncoderLayer` (transformers v5.23.0,
+///   src/transformers/models/hubert/modeling_hubert.py:L374);
+/// - `stable = true`: mirrors `HubertEncoderLayerStableLayerNorm` (transformers v5.23.0,
+///   src/transformers/models/hubert/modeling_hubert.py:L480), without its optional
+///   `adapter_layer`.
+///
+/// fairseq: `TransformerSentenceEncoderLayer` with `layer_norm_first = stable` (fairseq
+/// 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, fairseq/models/wav2vec/wav2vec2.py:L1268).
 #[derive(Module, Debug)]
 pub struct HubertEncoderLayer {
     /// Self-attention.
@@ -254,6 +291,11 @@ impl HubertEncoderLayer {
 }
 
 /// Encoder outputs.
+///
+/// Corresponds to the `BaseModelOutput` (transformers v5.23.0,
+/// src/transformers/modeling_outputs.py:L24) of `HubertEncoder` / `HubertEncoderStableLayerNorm`,
+/// whose `hidden_states` HF records through `_can_record_outputs` (transformers v5.23.0,
+/// src/transformers/models/hubert/modeling_hubert.py:L581).
 #[derive(Debug, Clone)]
 pub struct EncoderOutput {
     /// HF `hidden_states`: the input of each layer, then the last layer's output (before the
@@ -263,9 +305,16 @@ pub struct EncoderOutput {
     pub last_hidden_state: Tensor<3>,
 }
 
-// Mirrors HF HubertEncoder (stable = false) and HubertEncoderStableLayerNorm (stable = true);
-// fairseq TransformerEncoder.
 /// Positional conv, LayerNorm (before the layers in post-LN, after them in pre-LN), layers.
+///
+/// No single reference class: one struct for two HF classes, chosen by `stable`:
+/// - `stable = false`: mirrors `HubertEncoder` (transformers v5.23.0,
+///   src/transformers/models/hubert/modeling_hubert.py:L408);
+/// - `stable = true`: mirrors `HubertEncoderStableLayerNorm` (transformers v5.23.0,
+///   src/transformers/models/hubert/modeling_hubert.py:L519).
+///
+/// fairseq: `TransformerEncoder` (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99,
+/// fairseq/models/wav2vec/wav2vec2.py:L948), forward pass in `extract_features` (L1084).
 #[derive(Module, Debug)]
 pub struct HubertEncoder {
     /// Positional embedding.

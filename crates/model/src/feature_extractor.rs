@@ -10,9 +10,20 @@ use crate::nn::{Conv1d, Dropout, Init, LayerNorm, Linear, gelu};
 /// `layer_norm_eps` to them).
 const CONV_NORM_EPS: f64 = 1e-5;
 
-// Mirrors HF HubertNoLayerNormConvLayer / HubertGroupNormConvLayer / HubertLayerNormConvLayer
-// (fairseq ConvFeatureExtractionModel block).
 /// One conv block: conv, optional norm (GroupNorm(C, C) or channel LayerNorm), GELU.
+///
+/// No single reference class: one struct for HF's three conv-layer classes, told apart by
+/// `layer_norm` / `group_norm` (HF's group layout is one `HubertGroupNormConvLayer` followed by
+/// `HubertNoLayerNormConvLayer`s):
+/// - no norm: mirrors `HubertNoLayerNormConvLayer` (transformers v5.23.0,
+///   src/transformers/models/hubert/modeling_hubert.py:L109);
+/// - channel LayerNorm: mirrors `HubertLayerNormConvLayer` (transformers v5.23.0,
+///   src/transformers/models/hubert/modeling_hubert.py:L130);
+/// - GroupNorm(C, C): mirrors `HubertGroupNormConvLayer` (transformers v5.23.0,
+///   src/transformers/models/hubert/modeling_hubert.py:L157).
+///
+/// In fairseq, one `block` of `ConvFeatureExtractionModel` (fairseq
+/// 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, fairseq/models/wav2vec/wav2vec2.py:L856).
 #[derive(Module, Debug)]
 pub struct HubertConvLayer {
     /// The convolution.
@@ -38,8 +49,11 @@ impl HubertConvLayer {
     }
 }
 
-// Mirrors HF HubertFeatureEncoder (fairseq ConvFeatureExtractionModel).
 /// The stack of conv blocks: raw waveform `[B, S]` to features `[B, C, T]`.
+///
+/// Mirrors `HubertFeatureEncoder` (transformers v5.23.0,
+/// src/transformers/models/hubert/modeling_hubert.py:L181); fairseq `ConvFeatureExtractionModel`
+/// (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, fairseq/models/wav2vec/wav2vec2.py:L844).
 #[derive(Module, Debug)]
 pub struct HubertFeatureEncoder {
     /// The conv blocks.
@@ -48,6 +62,10 @@ pub struct HubertFeatureEncoder {
 
 impl HubertFeatureEncoder {
     /// Build from the config (kaiming-normal conv weights, unit / zero norms).
+    ///
+    /// Init as `HubertPreTrainedModel._init_weights` (transformers v5.23.0,
+    /// src/transformers/models/hubert/modeling_hubert.py:L587) and fairseq's `make_conv`
+    /// (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, fairseq/models/wav2vec/wav2vec2.py:L865).
     pub fn new(cfg: &HubertConfig, init: &mut Init) -> Self {
         let mut conv_layers = Vec::with_capacity(cfg.conv_dim.len());
         let mut c_in = 1;
@@ -88,8 +106,12 @@ impl HubertFeatureEncoder {
     }
 }
 
-// Mirrors HF HubertFeatureProjection (fairseq layer_norm + post_extract_proj + dropout_input).
 /// LayerNorm over conv channels, Linear to the hidden size, dropout.
+///
+/// Mirrors `HubertFeatureProjection` (transformers v5.23.0,
+/// src/transformers/models/hubert/modeling_hubert.py:L219). In fairseq these are three fields of
+/// `HubertModel`, `layer_norm`, `post_extract_proj` and `dropout_input` (fairseq
+/// 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, fairseq/models/hubert/hubert.py:L305, L270, L290).
 #[derive(Module, Debug)]
 pub struct HubertFeatureProjection {
     /// LayerNorm(conv_dim[-1]) if `feat_proj_layer_norm`.

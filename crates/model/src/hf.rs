@@ -253,6 +253,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
 
 /// Map legacy HF / torch weight-norm names (`weight_g`, `weight_v`) to the parametrization
 /// names this crate (and current transformers) uses.
+///
+/// As the `legacy` `WeightRenaming`s of transformers v5.23.0,
+/// src/transformers/conversion_mapping.py:L2162-L2170.
 pub fn normalize_hf_key(key: &str) -> String {
     if let Some(prefix) = key.strip_suffix(".weight_g") {
         format!("{prefix}.parametrizations.weight.original0")
@@ -266,6 +269,9 @@ pub fn normalize_hf_key(key: &str) -> String {
 /// `preprocessor_config.json` of a `Wav2Vec2FeatureExtractor` matching the model: 16 kHz mono,
 /// `do_normalize` / `return_attention_mask` false for the group-norm layout, true for the
 /// layer-norm layout (as HF's Base / Large checkpoints).
+///
+/// The fields of `Wav2Vec2FeatureExtractor` (transformers v5.23.0,
+/// src/transformers/models/wav2vec2/feature_extraction_wav2vec2.py:L28).
 pub fn preprocessor_config_json(config: &HubertConfig) -> String {
     let layer = config.feat_extract_norm == FeatExtractNorm::Layer;
     let v = serde_json::json!({
@@ -293,6 +299,9 @@ impl HubertModel {
     /// Load a HuggingFace `HubertModel` directory (`config.json` + `model.safetensors`). Accepts
     /// both `parametrizations.weight.original0/1` and legacy `weight_g` / `weight_v` names; any
     /// missing, unexpected or mis-shaped key is an error naming it.
+    ///
+    /// The counterpart of `PreTrainedModel.from_pretrained` (transformers v5.23.0,
+    /// src/transformers/modeling_utils.py:L3894), strict where it is lenient.
     pub fn from_hf_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self, ModelError> {
         let dir = dir.as_ref();
         let config = HubertConfig::from_json_file(dir.join("config.json"))?;
@@ -313,6 +322,9 @@ impl HubertModel {
     /// Write a HF `HubertModel` directory: `config.json`, `model.safetensors` (HF names, f32,
     /// metadata format=pt) and `preprocessor_config.json`, each atomically. The directory is
     /// created if needed.
+    ///
+    /// The counterpart of `PreTrainedModel.save_pretrained` (transformers v5.23.0,
+    /// src/transformers/modeling_utils.py:L3310).
     pub fn save_hf(&self, dir: impl AsRef<Path>) -> Result<(), ModelError> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;

@@ -11,6 +11,10 @@ use crate::feature_extractor::{HubertFeatureEncoder, HubertFeatureProjection};
 use crate::nn::Init;
 
 /// Outputs of [`HubertModel::forward`].
+///
+/// Corresponds to the `BaseModelOutput` that `HubertModel.forward` returns (transformers
+/// v5.23.0, src/transformers/models/hubert/modeling_hubert.py:L893), plus its local
+/// `extract_features` (L870) and the frame mask of `_get_feature_vector_attention_mask` (L627).
 #[derive(Debug, Clone)]
 pub struct HubertOutput {
     /// Conv front-end output, `[B, T, C]` (C = `conv_dim[-1]`, 512 for Base).
@@ -25,9 +29,13 @@ pub struct HubertOutput {
     pub padding_mask: Option<Tensor<2, Bool>>,
 }
 
-// Mirrors HF HubertModel (fairseq HubertModel without final_proj / label_embs_concat).
 /// HuBERT encoder: conv front-end, feature projection, optional masking with
 /// `masked_spec_embed`, transformer encoder.
+///
+/// Mirrors `HubertModel` (transformers v5.23.0,
+/// src/transformers/models/hubert/modeling_hubert.py:L760); fairseq `HubertModel` without
+/// `final_proj` / `label_embs_concat` (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99,
+/// fairseq/models/hubert/hubert.py:L248).
 #[derive(Module, Debug)]
 pub struct HubertModel {
     /// HF `masked_spec_embed` `[H]` (fairseq `mask_emb`).
@@ -45,6 +53,10 @@ pub struct HubertModel {
 
 impl HubertModel {
     /// A freshly initialised model (HF-style init, deterministic in `seed`) on `device`.
+    ///
+    /// HF init: `HubertPreTrainedModel._init_weights` (transformers v5.23.0,
+    /// src/transformers/models/hubert/modeling_hubert.py:L587); `masked_spec_embed` U(0, 1)
+    /// as at L769.
     pub fn new(config: &HubertConfig, seed: u64, device: &Device) -> Result<Self, ModelError> {
         config.validate()?;
         let mut init = Init::new(seed, device);
@@ -68,6 +80,9 @@ impl HubertModel {
 
     /// Frame padding mask `[B, T]` (true = padded) for per-utterance sample lengths, using HF's
     /// conv output-length formula.
+    ///
+    /// The negation of `HubertPreTrainedModel._get_feature_vector_attention_mask` (transformers
+    /// v5.23.0, src/transformers/models/hubert/modeling_hubert.py:L627).
     pub fn frame_padding_mask(
         &self,
         sample_lengths: &[usize],
@@ -84,6 +99,9 @@ impl HubertModel {
     }
 
     /// Conv front-end: waveform `[B, S]` to `[B, C, T]` (channels first, as fairseq).
+    ///
+    /// fairseq `HubertModel.forward_features` without the gradient scaling (fairseq
+    /// 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, fairseq/models/hubert/hubert.py:L396).
     pub fn extract_conv_features(&self, waveform: Tensor<2>) -> Tensor<3> {
         self.feature_extractor.forward(waveform)
     }
@@ -91,6 +109,10 @@ impl HubertModel {
     /// Everything after the conv front-end: `features [B, T, C]` to encoder outputs.
     /// `mask [B, T]` (true = replace by `masked_spec_embed`) and `padding [B, T]` (true = padded
     /// frame) are optional.
+    ///
+    /// `HubertModel.forward` after `feature_extractor`, with `_mask_hidden_states` given
+    /// `mask_time_indices` (transformers v5.23.0,
+    /// src/transformers/models/hubert/modeling_hubert.py:L828, L779).
     pub fn forward_from_features(
         &self,
         features: Tensor<3>,
@@ -137,6 +159,9 @@ impl HubertModel {
     /// attention key mask (HF `attention_mask`); `mask [B, T]` replaces the projected features
     /// of the true frames by `masked_spec_embed`. Dropout and LayerDrop act only in training
     /// (module not `valid()` and tensors on an autodiff device).
+    ///
+    /// Mirrors `HubertModel.forward` (transformers v5.23.0,
+    /// src/transformers/models/hubert/modeling_hubert.py:L828).
     pub fn forward(
         &self,
         waveform: Tensor<2>,

@@ -7,6 +7,11 @@ use serde::{Deserialize, Serialize};
 use crate::config::HubertConfig;
 
 /// Parameters of [`compute_mask_indices`].
+///
+/// The arguments of fairseq `compute_mask_indices` (fairseq
+/// 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, fairseq/data/data_utils.py:L399) that HuBERT
+/// sets: `mask_prob` / `mask_length` from fairseq `HubertConfig` (fairseq/models/hubert/hubert.py:
+/// L132, L131), `min_masks=2` as passed by `HubertModel.apply_mask` (same file:L354).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MaskConfig {
     /// Expected fraction of frames that *start* a span, times `mask_length` (fairseq
@@ -32,7 +37,8 @@ impl MaskConfig {
         }
     }
 
-    /// From the HF fields `mask_time_prob`, `mask_time_length`, `mask_time_min_masks`.
+    /// From the HF fields `mask_time_prob`, `mask_time_length`, `mask_time_min_masks`
+    /// (transformers v5.23.0, src/transformers/models/hubert/configuration_hubert.py:L150-L152).
     pub fn from_config(cfg: &HubertConfig) -> Self {
         Self {
             mask_prob: cfg.mask_time_prob,
@@ -51,6 +57,13 @@ impl MaskConfig {
 /// Span count per utterance is `int(mask_prob * len / mask_length + U[0,1))`, at least
 /// `min_masks`; span starts are drawn without replacement from `len - mask_length` positions
 /// and spans may overlap.
+///
+/// Mirrors fairseq `compute_mask_indices` (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99,
+/// fairseq/data/data_utils.py:L399) as called by `HubertModel.apply_mask`
+/// (fairseq/models/hubert/hubert.py:L344). Not transformers' `_compute_mask_indices`
+/// (transformers v5.23.0, src/transformers/models/hubert/modeling_hubert.py:L640), which samples
+/// differently (one rounding draw per batch, starts from `len - mask_length + 1` positions, no
+/// `require_same_masks`).
 pub fn compute_mask_indices<R: Rng + ?Sized>(
     batch_size: usize,
     num_frames: usize,

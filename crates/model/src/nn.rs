@@ -73,8 +73,9 @@ pub(crate) fn is_training(flag: &Param<Flag>, x_device: &Device) -> bool {
     flag.is_enabled() && x_device.is_autodiff()
 }
 
-// Mirrors torch.nn.Dropout.
 /// Inverted dropout, active only in training (see [`is_training`]).
+///
+/// Mirrors `torch.nn.Dropout`: a PyTorch building block, no HuBERT-specific reference class.
 #[derive(Module, Debug)]
 pub struct Dropout {
     /// Drop probability.
@@ -103,8 +104,9 @@ impl Dropout {
     }
 }
 
-// Mirrors torch.nn.Linear.
 /// Linear layer with torch layout: `weight` is `[out, in]`.
+///
+/// Mirrors `torch.nn.Linear`: a PyTorch building block, no HuBERT-specific reference class.
 #[derive(Module, Debug)]
 pub struct Linear {
     /// `[out_features, in_features]`.
@@ -115,6 +117,9 @@ pub struct Linear {
 
 impl Linear {
     /// N(0, std) weight, zero bias (HF / fairseq BERT-style init).
+    ///
+    /// HF: `PreTrainedModel._init_weights` (transformers v5.23.0,
+    /// src/transformers/modeling_utils.py:L2295), `std = initializer_range`.
     pub fn new(init: &mut Init, d_in: usize, d_out: usize, bias: bool, std: f64) -> Self {
         Self {
             weight: Param::from_tensor(init.normal([d_out, d_in], std)),
@@ -132,8 +137,9 @@ impl Linear {
     }
 }
 
-// Mirrors torch.nn.LayerNorm.
 /// LayerNorm over the last axis (biased variance, as torch).
+///
+/// Mirrors `torch.nn.LayerNorm`: a PyTorch building block, no HuBERT-specific reference class.
 #[derive(Module, Debug)]
 pub struct LayerNorm {
     /// Scale.
@@ -163,6 +169,11 @@ impl LayerNorm {
 
     /// torch `GroupNorm(C, C)` semantics on `[B, C, T]`: each (batch, channel) row is normalised
     /// over time, then scaled / shifted per channel.
+    ///
+    /// The norm of `HubertGroupNormConvLayer` (transformers v5.23.0,
+    /// src/transformers/models/hubert/modeling_hubert.py:L157); fairseq `Fp32GroupNorm` in
+    /// `ConvFeatureExtractionModel` (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99,
+    /// fairseq/models/wav2vec/wav2vec2.py:L844).
     pub fn forward_group_per_channel(&self, x: Tensor<3>) -> Tensor<3> {
         let d = x.clone() - blocked_mean_time(x);
         let var = blocked_mean_time(d.clone() * d.clone());
@@ -197,8 +208,9 @@ fn blocked_mean_time(x: Tensor<3>) -> Tensor<3> {
         / t as f64
 }
 
-// Mirrors torch.nn.Conv1d.
 /// 1-D convolution with torch layout `weight [out, in/groups, k]`.
+///
+/// Mirrors `torch.nn.Conv1d`: a PyTorch building block, no HuBERT-specific reference class.
 #[derive(Module, Debug)]
 pub struct Conv1d {
     /// `[out, in / groups, kernel]`.
@@ -241,6 +253,9 @@ impl Conv1d {
 }
 
 /// Exact (erf) GELU, as `torch.nn.functional.gelu`.
+///
+/// HF `ACT2FN["gelu"]` = `GELUActivation` (transformers v5.23.0,
+/// src/transformers/activations.py:L70).
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     crate::kernels::gelu(x)
 }

@@ -18,6 +18,10 @@ use crate::masking::{MaskConfig, compute_mask_indices, mask_to_tensor};
 use crate::nn::{Init, Linear};
 
 /// How logits are computed from the final projection.
+///
+/// `Cosine` is fairseq `HubertModel`'s `compute_pred` / `compute_nce` (fairseq
+/// 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, fairseq/models/hubert/hubert.py:L482, L384);
+/// `Linear` has no fairseq or transformers counterpart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HeadKind {
@@ -28,6 +32,14 @@ pub enum HeadKind {
 }
 
 /// Pretraining-head hyper-parameters (fairseq `HubertConfig` / `HubertCriterion` names).
+///
+/// No single reference struct; the fields come from (fairseq
+/// 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99): `HubertConfig` (fairseq/models/hubert/hubert.py:
+/// L37; `final_dim` L93, `logit_temp` L119, `feature_grad_mult` L125), `HubertPretrainingConfig`
+/// (fairseq/tasks/hubert_pretraining.py:L38; `label_rate` L58, `sample_rate` L62),
+/// `HubertCriterionConfig` (fairseq/criterions/hubert_criterion.py:L20; `pred_masked_weight`
+/// L21, `pred_nomask_weight` L25, `loss_weights` L29 = `feature_pen_weight`) and
+/// `compute_mask_indices`'s `require_same_masks` (fairseq/data/data_utils.py:L399).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PretrainConfig {
@@ -118,6 +130,9 @@ impl PretrainConfig {
 /// fairseq `HubertModel.forward_targets`: with `ratio = label_rate * total_stride /
 /// sample_rate`, trim the frame count so that `ratio * frames <= label_frames`, then frame `i`
 /// takes label `floor(i * ratio)`. Returns (kept frames, label index of each kept frame).
+///
+/// Mirrors fairseq `HubertModel.forward_targets` (fairseq
+/// 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, fairseq/models/hubert/hubert.py:L406).
 pub fn align_labels(num_frames: usize, num_label_frames: usize, ratio: f64) -> (usize, Vec<usize>) {
     let mut frames = num_frames;
     if ratio * frames as f64 > num_label_frames as f64 {
@@ -142,6 +157,9 @@ pub struct PretrainBatch {
 }
 
 /// Loss and statistics of one pretraining forward.
+///
+/// Corresponds to fairseq `HubertCriterion.forward`'s loss and logging output (fairseq
+/// 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, fairseq/criterions/hubert_criterion.py:L55).
 #[derive(Debug, Clone)]
 pub struct PretrainOutput {
     /// Scalar `[1]` total loss, normalised by `sample_size` (fairseq's loss / sample_size):
@@ -177,6 +195,10 @@ impl PretrainOutput {
 }
 
 /// fairseq `GradMultiply`: forward identity, gradient scaled by `m` (`x*m + x.detach()*(1-m)`).
+///
+/// Mirrors `GradMultiply` (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99,
+/// fairseq/modules/grad_multiply.py:L9) as `HubertModel.forward_features` applies it with
+/// `feature_grad_mult` (fairseq/models/hubert/hubert.py:L396).
 pub fn grad_multiply<const D: usize>(x: Tensor<D>, m: f64) -> Tensor<D> {
     if m == 1.0 {
         x
@@ -187,10 +209,13 @@ pub fn grad_multiply<const D: usize>(x: Tensor<D>, m: f64) -> Tensor<D> {
     }
 }
 
-// Mirrors fairseq HubertModel (examples/hubert / fairseq/models/hubert/hubert.py) with its
-// encoder held as HF HubertModel under `hubert`.
 /// HuBERT with the masked-prediction head: `final_proj` and `label_embs_concat` (cosine head)
 /// or a linear classifier `final_proj` (linear head).
+///
+/// Mirrors fairseq `HubertModel` (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99,
+/// fairseq/models/hubert/hubert.py:L248), with its encoder held as HF `HubertModel`
+/// (transformers v5.23.0, src/transformers/models/hubert/modeling_hubert.py:L760) under
+/// `hubert`.
 #[derive(Module, Debug)]
 pub struct HubertForPretraining {
     /// The encoder (exported to HF as is).
@@ -206,6 +231,9 @@ pub struct HubertForPretraining {
 
 impl HubertForPretraining {
     /// Fresh model; fairseq init for the head (torch Linear default, label embeddings U(0,1)).
+    ///
+    /// fairseq `HubertModel.__init__` (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99,
+    /// fairseq/models/hubert/hubert.py:L313-L329).
     pub fn new(
         config: &HubertConfig,
         pretrain: &PretrainConfig,
@@ -253,12 +281,20 @@ impl HubertForPretraining {
     }
 
     /// `feat2tar_ratio = label_rate * total_stride / sample_rate` (2 for 100 Hz labels).
+    ///
+    /// As fairseq (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99,
+    /// fairseq/models/hubert/hubert.py:L268).
     pub fn feat2tar_ratio(&self) -> f64 {
         self.pretrain.label_rate * self.hubert.config.total_stride() as f64
             / self.pretrain.sample_rate
     }
 
     /// Class logits `[N, num_classes]` for encoder outputs `x [N, H]`.
+    ///
+    /// Cosine head: fairseq `compute_pred` / `compute_nce` (fairseq
+    /// 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, fairseq/models/hubert/hubert.py:L482, L384),
+    /// indexed by class instead of fairseq's (positive, all classes) layout with the duplicate
+    /// positive set to -inf (L391-L392), which gives the same cross-entropy.
     pub fn logits(&self, x: Tensor<2>) -> Tensor<2> {
         let proj = self.final_proj.forward(x);
         let temp = self.pretrain.logit_temp;
@@ -278,6 +314,10 @@ impl HubertForPretraining {
     /// Masked-prediction forward: conv front-end (gradient scaled by `feature_grad_mult`),
     /// label alignment and trimming, feature penalty, fairseq span masking drawn from `rng`
     /// (using the encoder config's `mask_time_*`), encoder, head, losses and accuracies.
+    ///
+    /// fairseq `HubertModel.forward` then `HubertCriterion.forward` (fairseq
+    /// 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, fairseq/models/hubert/hubert.py:L433,
+    /// fairseq/criterions/hubert_criterion.py:L55).
     pub fn forward_pretrain<R: Rng + ?Sized>(
         &self,
         batch: &PretrainBatch,
@@ -548,7 +588,9 @@ impl HubertForPretraining {
     }
 }
 
-// Mirrors the head half of fairseq HubertModel (final_proj, label_embs_concat), for export.
+/// The head half of fairseq `HubertModel`, for export: no single reference class, its
+/// `final_proj` and `label_embs_concat` fields (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99,
+/// fairseq/models/hubert/hubert.py:L313-L319, L326).
 #[derive(Module, Debug)]
 struct HeadOnly {
     final_proj: Linear,
