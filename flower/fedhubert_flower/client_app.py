@@ -81,7 +81,7 @@ def train(msg: Message, context: Context) -> Message:
     client, _ = _client(context, _run_file(msg))
     global_arrays = arrays_from_record(msg.content["arrays"])
     arrays, num_examples, metrics = client.fit(
-        global_arrays, str(msg.content["config"]["fit-config"])
+        global_arrays, str(msg.content["config"]["instructions"])
     )
     del global_arrays
     metrics["num-examples"] = int(num_examples)
@@ -95,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     client, _ = _client(context, _run_file(msg))
     num_examples, metrics = client.evaluate(
-        arrays_from_record(msg.content["arrays"]), str(msg.content["config"]["fit-config"])
+        arrays_from_record(msg.content["arrays"]), str(msg.content["config"]["instructions"])
     )
     metrics["num-examples"] = int(num_examples)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,8 +1,10 @@
 """ServerApp: fedhubert's federated rounds over Flower's Grid.
 
-The round logic (client sampling, per-client seeds, the strategy, checkpoints, resume, export)
-is `fedhubert.Server`, the Rust loop of ``fedhubert pretrain --simulation``; this file only moves
-messages. Clients are numbered by their partition folder (``client_K`` -> K), so client K on
+The round logic (client sampling, per-client seeds, retries, the strategy, evaluation,
+checkpoints, resume, export) is `fedhubert.Server`, the round engine of ``fedhubert pretrain
+--simulation``; this file only moves messages: it asks the engine for the next exchange, sends
+each listed client the global model and its instructions, hands every reply back, and closes the
+exchange. Clients are numbered by their partition folder (``client_K`` -> K), so client K on
 Flower gets exactly the seeds and sampling client K gets in the native simulation.
 
 Run config ``mode`` picks the run: ``pretrain`` (default), or ``distill-server``, the rounds of
@@ -88,14 +90,17 @@ def _send(grid: Grid, plan, node_of, content_for, kind: str, rnd: int, timeout):
     return exchange(grid, sends, timeout, kind)
 
 
+_KIND = {"fit": MessageType.TRAIN, "evaluate": MessageType.EVALUATE}
+
+
 def _send_global(grid: Grid, server, plan, node_of, run_file: str, kind: str, rnd: int, timeout):
-    """The global model and each planned client's round config, to train or evaluate."""
+    """The global model and each planned client's instructions, to train or evaluate."""
     arrays = record_from_arrays(server.global_arrays())
     return _send(
         grid,
         plan,
         node_of,
-        lambda cfg: RecordDict({"arrays": arrays, "config": _config(run_file, **{"fit-config": cfg})}),
+        lambda ins: RecordDict({"arrays": arrays, "config": _config(run_file, instructions=ins)}),
         kind,
         rnd,
         timeout,
@@ -130,6 +135,25 @@ def _setup(rc) -> tuple[str, "fedhubert.ServerDistillation | None"]:
             _say(note)
         return kd.client_run_file, kd
     raise ValueError(f"run config mode={mode!r}: expected pretrain, distill-server or kmeans")
+
+
+def _report(rec: dict) -> None:
+    rnd = rec["round"]
+    _say(
+        f"round {rnd:>3}: train loss {_fmt(rec['train'].get('loss'))} "
+        f"acc_masked {_fmt(rec['train'].get('acc_masked'))} | eval loss "
+        f"{_fmt(rec['eval'].get('loss'))} | clients {len(rec['participated'])} ok, "
+        f"{len(rec['failures'])} failed | up {rec['bytes_up'] / 1e6:.2f} MB "
+        f"down {rec['bytes_down'] / 1e6:.2f} MB | {rec['round_time_s']:.1f} s"
+    )
+    kd_log = rec.get("server_distill")
+    if kd_log:
+        first, last = kd_log["first"], kd_log["last"]
+        _say(
+            f"round {rnd:>3}: server distillation {kd_log['mean']['steps']} steps, loss "
+            f"{_fmt(first['loss'])} -> {_fmt(last['loss'])} (kl {_fmt(last['kl'])}, "
+            f"feature {_fmt(last['feature_mse'])})"
+        )
 
 
 @app.main()
@@ -171,45 +195,20 @@ def main(grid: Grid, context: Context) -> None:
         f"{rf['federated']['strategy']}, out {out}"
     )
     timeout = server.round_timeout_s
-    while (rnd := server.next_round()) is not None:
-        while True:
-            plan = server.begin_attempt()
-            ok, failed = _send_global(grid, server, plan, node_of, run_file, MessageType.TRAIN, rnd, timeout)
-            # Client order, not arrival order: the float sums then match the native run bit for bit.
-            for c, _ in plan:
-                if c in ok:
-                    n, m = _metrics(ok[c])
-                    server.accumulate(c, arrays_from_record(ok.pop(c).content["arrays"]), n, m)
-                else:
-                    server.fail(c, failed[c])
-            if server.end_attempt():
-                break
-            _say(f"round {rnd}: too few replies, retrying with a fresh sample")
-        evals = []
-        plan = server.eval_plan()
-        if plan:
-            ok, failed = _send_global(grid, server, plan, node_of, run_file, MessageType.EVALUATE, rnd, timeout)
-            for c, _ in plan:
-                if c in ok:
-                    n, m = _metrics(ok[c])
-                    evals.append((c, n, m))
-                else:
-                    _say(f"round {rnd}: evaluation on client {c} failed: {failed[c]}")
-        rec = json.loads(server.finish_round(evals))
-        _say(
-            f"round {rnd:>3}: train loss {_fmt(rec['train'].get('loss'))} "
-            f"acc_masked {_fmt(rec['train'].get('acc_masked'))} | eval loss "
-            f"{_fmt(rec['eval'].get('loss'))} | clients {len(rec['participated'])} ok, "
-            f"{len(rec['failures'])} failed | up {rec['bytes_up'] / 1e6:.2f} MB "
-            f"down {rec['bytes_down'] / 1e6:.2f} MB | {rec['round_time_s']:.1f} s"
-        )
-        kd_log = rec.get("server_distill")
-        if kd_log:
-            first, last = kd_log["first"], kd_log["last"]
-            _say(
-                f"round {rnd:>3}: server distillation {kd_log['mean']['steps']} steps, loss "
-                f"{_fmt(first['loss'])} -> {_fmt(last['loss'])} (kl {_fmt(last['kl'])}, "
-                f"feature {_fmt(last['feature_mse'])})"
-            )
+    while (ex := server.next_exchange()) is not None:
+        kind, rnd, plan = ex
+        ok, failed = _send_global(grid, server, plan, node_of, run_file, _KIND[kind], rnd, timeout)
+        for c, reply in ok.items():
+            n, m = _metrics(reply)
+            if kind == "fit":
+                server.deliver_fit(c, arrays_from_record(reply.content["arrays"]), n, m)
+            else:
+                server.deliver_evaluate(c, n, m)
+        for c, why in failed.items():
+            server.fail(c, why)
+        if (done := server.close_exchange()) is not None:
+            _report(json.loads(done))
+        elif failed:
+            _say(f"round {rnd}: {kind}: {len(failed)} of {len(plan)} clients failed")
     summary = json.loads(server.export())
     _say(f"done: {json.dumps(summary)}")

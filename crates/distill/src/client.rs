@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use burn::tensor::Device;
-use fedhubert_fl::{ClientPool, EvalRes, FitConfig, FitRes, Weights};
+use fedhubert_fl::{ClientInstructions, ClientPool, EvalRes, FitRes, Weights};
+use fedhubert_train::client::local_updates;
 use fedhubert_train::{ClientCache, ClientData, SimConfig, TrainConfig};
-use rand::SeedableRng;
 
 use crate::codes::CodeTable;
 use crate::config::{DistillConfig, LayerPlan, Mode};
@@ -108,29 +108,19 @@ impl ClientPool for DistillClients {
         self.clients.len()
     }
 
-    fn fit(&mut self, c: usize, global: &Weights, cfg: &FitConfig) -> Result<FitRes, String> {
+    fn fit(
+        &mut self,
+        c: usize,
+        global: &Weights,
+        cfg: &ClientInstructions,
+    ) -> Result<FitRes, String> {
         let data = self.data(c)?;
         let mut tr = self.trainer(c, global)?;
-        let lr = cfg
-            .extra
-            .get("learning_rate")
-            .copied()
-            .unwrap_or(self.train.learning_rate);
-        let steps = match (cfg.extra.get("local_steps"), cfg.extra.get("local_epochs")) {
-            (Some(&s), _) => s as u64,
-            (None, Some(&e)) => {
-                let per_epoch = fedhubert_train::data::epoch_batches(
-                    &data.train,
-                    &self.train.batch,
-                    &mut rand_chacha::ChaCha8Rng::seed_from_u64(0),
-                )
-                .len();
-                (per_epoch.max(1) as f64 * e).round() as u64
-            }
-            (None, None) => self.sim.local_steps,
-        };
+        let work = &cfg.settings;
+        // Distillation steps are single batches (update_freq is not applied here).
+        let steps = local_updates(work.local, &data.train, &self.train.batch, 1);
         let m = tr
-            .train_steps(&data.train, steps, lr, cfg.seed, |_, _| {})
+            .train_steps(&data.train, steps, work.learning_rate, cfg.seed, |_, _| {})
             .map_err(|e| e.to_string())?;
         Ok(FitRes {
             client: c,
@@ -140,7 +130,12 @@ impl ClientPool for DistillClients {
         })
     }
 
-    fn evaluate(&mut self, c: usize, global: &Weights, cfg: &FitConfig) -> Result<EvalRes, String> {
+    fn evaluate(
+        &mut self,
+        c: usize,
+        global: &Weights,
+        cfg: &ClientInstructions,
+    ) -> Result<EvalRes, String> {
         let data = self.data(c)?;
         if data.valid.is_empty() {
             return Ok(EvalRes {

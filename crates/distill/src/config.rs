@@ -416,7 +416,7 @@ mod tests {
         .unwrap();
         assert_eq!(rf.distillation.mvq.num_codebooks, 4);
         assert_eq!(rf.distillation.alpha, 1.0);
-        assert_eq!(rf.pretraining.preset, "student");
+        assert_eq!(rf.pretraining.preset, fedhubert_train::Preset::Student);
         let e = DistillRunFile::load(None, &["distillation.temprature=2".into()])
             .unwrap_err()
             .to_string();

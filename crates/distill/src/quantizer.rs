@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use fedhubert_model::{HostTensor, read_safetensors, write_safetensors};
+use fedhubert_model::{HostTensor, Weights, read_safetensors, write_safetensors};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -412,6 +412,7 @@ impl Quantizer {
     /// Writes `centers [B, 256, D]` with the layer and encode passes in the metadata.
     pub fn save(&self, path: &Path) -> Result<()> {
         let t = HostTensor {
+            name: "centers".into(),
             shape: vec![self.books.b, self.books.k, self.books.d],
             data: self.books.c.clone(),
         };
@@ -424,7 +425,7 @@ impl Quantizer {
             std::fs::create_dir_all(dir)
                 .map_err(|e| DistillError::Data(format!("{}: {e}", dir.display())))?;
         }
-        write_safetensors(path, &[("centers".to_string(), t)], meta)?;
+        write_safetensors(path, &Weights::new(vec![t]), meta)?;
         Ok(())
     }
 

@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use fedhubert_fl::rounds::mix;
 use fedhubert_fl::{FitRes, FlError, Strategy, StrategyConfig, Tensor, Weights};
+use fedhubert_io::seeds::{self, mix};
 use fedhubert_train::Utt;
 use serde::{Deserialize, Serialize};
 
@@ -92,7 +92,7 @@ impl ServerDistill {
             &self.data,
             self.steps,
             self.lr,
-            mix(self.seed, &[0x5E4D, self.round]),
+            mix(self.seed, &[seeds::SERVER_DISTILL, self.round]),
             |_, m| {
                 if first.is_none() {
                     first = Some(m.clone());
@@ -135,10 +135,6 @@ impl Strategy for ServerDistill {
 
     fn accumulate(&mut self, res: FitRes) -> Result<(), FlError> {
         self.inner.accumulate(res)
-    }
-
-    fn num_results(&self) -> usize {
-        self.inner.num_results()
     }
 
     fn end_round(&mut self) -> Result<Weights, FlError> {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use fedhubert_fl::{RoundRecord, Strategy};
-use fedhubert_model::{HeadKind, HubertForPretraining, collect_tensors, param_shapes};
-use fedhubert_train::{RunFile, TrainConfig, to_weights};
+use fedhubert_model::{HubertForPretraining, collect_tensors, param_shapes};
+use fedhubert_train::{RunFile, TrainConfig};
 
 use crate::config::{DistillRunFile, LayerPlan, Mode, StudentInit};
 use crate::data::{has_labels, load_audio_dir};
@@ -67,7 +67,8 @@ impl DistillSetup {
         }
         let (n_s, n_t) = (student_cfg.num_hidden_layers, teacher.num_layers());
         let plan = d.layer_plan(n_s, n_t)?;
-        let mut student = HubertForPretraining::new(&student_cfg, &pre, rf.federated.seed, dev)?;
+        let mut student =
+            HubertForPretraining::new(&student_cfg, &pre, rf.federated.run.seed, dev)?;
         if d.student_init == StudentInit::Teacher {
             let layers = d.init_layers.unwrap_or(n_s.min(n_t));
             let (s, rep) = init_from_teacher(student, &teacher.model, layers)?;
@@ -93,11 +94,7 @@ impl DistillSetup {
         let mut base = rf.run_file();
         let pre = &self.student.pretrain;
         base.pretraining.vocab_size = pre.num_classes;
-        base.pretraining.head = match pre.head {
-            HeadKind::Cosine => "cosine",
-            HeadKind::Linear => "linear",
-        }
-        .into();
+        base.pretraining.head = pre.head;
         base.pretraining.label_rate = pre.label_rate;
         base
     }
@@ -129,7 +126,7 @@ impl DistillSetup {
                 rf.pretraining.label_stem
             )));
         }
-        let seed = rf.federated.seed;
+        let seed = rf.federated.run.seed;
         let ds = DistillStudent::new(
             self.student.clone(),
             self.teacher.hidden_size(),
@@ -166,7 +163,7 @@ impl DistillSetup {
 
     /// The initial global weights (the student's own names).
     pub fn initial(&self) -> fedhubert_fl::Weights {
-        to_weights(collect_tensors(&self.student))
+        collect_tensors(&self.student)
     }
 
     /// `summary.json` of a finished run (the runner adds what only it knows, e.g. wall time).

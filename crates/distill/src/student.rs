@@ -7,7 +7,8 @@ use burn::module::{Module, Param};
 use burn::tensor::Device;
 use fedhubert_model::nn::{Init, Linear};
 use fedhubert_model::{
-    FeatExtractNorm, HostTensor, HubertConfig, HubertForPretraining, collect_tensors, load_tensors,
+    FeatExtractNorm, HostTensor, HubertConfig, HubertForPretraining, Weights, collect_tensors,
+    load_tensors,
 };
 
 use crate::config::LayerPlan;
@@ -80,12 +81,12 @@ impl DistillStudent {
 
     /// Every parameter by name (`student.*`, heads).
     pub fn weights(&self) -> fedhubert_fl::Weights {
-        fedhubert_train::to_weights(collect_tensors(self))
+        collect_tensors(self)
     }
 
     /// The student's own parameters, with its own names (what the exported model holds).
     pub fn student_weights(&self) -> fedhubert_fl::Weights {
-        fedhubert_train::to_weights(collect_tensors(&self.student))
+        collect_tensors(&self.student)
     }
 
     /// The distillation-only parameters.
@@ -95,7 +96,7 @@ impl DistillStudent {
 
     /// Replaces every parameter (strict).
     pub fn set_weights(self, w: &fedhubert_fl::Weights) -> Result<Self> {
-        Ok(load_tensors(self, fedhubert_train::from_weights(w))?)
+        Ok(load_tensors(self, w.clone())?)
     }
 
     /// Replaces the student's parameters (its own names) and, when given, the auxiliary ones.
@@ -104,15 +105,19 @@ impl DistillStudent {
         student: &fedhubert_fl::Weights,
         aux: Option<&fedhubert_fl::Weights>,
     ) -> Result<Self> {
-        let mut map: HashMap<String, HostTensor> = fedhubert_train::from_weights(student)
-            .into_iter()
-            .map(|(k, v)| (format!("{STUDENT_PREFIX}{k}"), v))
+        let mut all: Weights = student
+            .tensors
+            .iter()
+            .map(|t| HostTensor {
+                name: format!("{STUDENT_PREFIX}{}", t.name),
+                ..t.clone()
+            })
             .collect();
         match aux {
-            Some(a) => map.extend(fedhubert_train::from_weights(a)),
-            None => map.extend(fedhubert_train::from_weights(&self.aux_weights())),
+            Some(a) => all.tensors.extend(a.tensors.iter().cloned()),
+            None => all.tensors.extend(self.aux_weights().tensors),
         }
-        Ok(load_tensors(self, map)?)
+        Ok(load_tensors(self, all)?)
     }
 
     pub fn num_student_params(&self) -> usize {
@@ -143,9 +148,11 @@ pub fn init_from_teacher(
             "distillation.init_layers: {layers} exceeds min(student layers {n_s}, teacher layers {n_t})"
         )));
     }
-    let theirs: HashMap<String, HostTensor> =
-        collect_tensors(&teacher.hubert).into_iter().collect();
-    let mut mine: HashMap<String, HostTensor> = collect_tensors(&student).into_iter().collect();
+    let by_name = |w: Weights| -> HashMap<String, HostTensor> {
+        w.tensors.into_iter().map(|t| (t.name.clone(), t)).collect()
+    };
+    let theirs = by_name(collect_tensors(&teacher.hubert));
+    let mut mine = by_name(collect_tensors(&student));
     let mut rep = InitReport::default();
     let wanted = |name: &str| -> bool {
         let shared = [
@@ -185,7 +192,7 @@ pub fn init_from_teacher(
     }
     rep.copied.sort();
     rep.skipped_shape.sort();
-    Ok((load_tensors(student, mine)?, rep))
+    Ok((load_tensors(student, mine.into_values().collect())?, rep))
 }
 
 /// Parameters of a `HubertModel` with this configuration, from the architecture alone:

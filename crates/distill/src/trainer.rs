@@ -1,16 +1,17 @@
 //! The distillation trainer: frozen teacher forward (plain device), one student pass (autodiff
-//! device), the weighted losses, backward, global-norm clipping and host AdamW over the named
-//! parameters (the same optimizer as the pretraining trainer, on the student and its heads).
+//! device), the weighted losses and backward; clipping, AdamW and the step loop are the shared
+//! trainer core's (`fedhubert_train::core`), on the student and its heads.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use burn::module::Module;
-use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
-use fedhubert_fl::rounds::mix;
-use fedhubert_model::{collect_tensors, load_tensors};
-use fedhubert_train::data::{epoch_batches, make_batch};
+use fedhubert_io::seeds::{self, mix};
+use fedhubert_train::core::{
+    self, StepMetrics, StepPlan, apply_update, clip_grad_norm, engine_rng,
+};
+use fedhubert_train::data::make_batch;
 use fedhubert_train::{AdamState, TrainConfig, Utt};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -23,9 +24,6 @@ use crate::quantizer::Quantizer;
 use crate::student::DistillStudent;
 use crate::teacher::{Teacher, to_student};
 use crate::{DistillError, Result, cfg_err};
-
-/// burn's CPU random generator is process-global: one step at a time keeps dropout tied to seeds.
-static ENGINE_RNG: Mutex<()> = Mutex::new(());
 
 /// Loss components and statistics (means over steps or utterances).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -58,7 +56,9 @@ impl DistillMetrics {
             .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
             .collect()
     }
+}
 
+impl StepMetrics for DistillMetrics {
     fn running_mean(&mut self, m: &DistillMetrics, n: f64) {
         let upd = |a: &mut f64, b: f64| *a += (b - *a) / n;
         upd(&mut self.loss, m.loss);
@@ -380,37 +380,20 @@ impl DistillTrainer {
 
     /// One optimizer update on `utts` (cropped to the shortest, as pretraining batches).
     pub fn step(&mut self, utts: &[&Utt], lr: f64, seed: u64) -> Result<DistillMetrics> {
-        let _guard = ENGINE_RNG.lock().unwrap_or_else(|p| p.into_inner());
-        self.device.seed(mix(seed, &[0xD15]));
+        let _rng = engine_rng(&self.device, mix(seed, &[seeds::DISTILL_DROPOUT]));
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let label_rate = self.model.student.pretrain.label_rate;
         let batch = make_batch(utts, self.train.batch.max_sample_size, label_rate, &mut rng);
         let codes = self.utt_codes(utts)?.map(|c| (c, &batch.starts[..]));
         let (loss, mut m) =
             self.losses(&self.model, &batch.wavs, &batch.labels, codes, &mut rng)?;
-        let gp = GradientsParams::from_grads(loss.backward(), &self.model);
-        let col_out = fedhubert_model::collect_grads(&self.model, &gp);
-        let mut grads = col_out;
+        let mut grads = core::backward(loss, &self.model);
         if self.train.freeze_feature_extractor {
             grads.retain(|k, _| !k.starts_with(STUDENT_FEATURE_EXTRACTOR));
         }
-        let norm2: f64 = grads
-            .values()
-            .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-            .sum();
-        m.grad_norm = norm2.sqrt();
-        if self.train.clip_norm > 0.0 {
-            let factor = self.train.clip_norm / (m.grad_norm + 1e-6);
-            if factor < 1.0 {
-                grads
-                    .values_mut()
-                    .for_each(|g| g.iter_mut().for_each(|x| *x *= factor as f32));
-            }
-        }
-        let mut params = collect_tensors(&self.model);
-        self.opt.update(&mut params, &grads, lr, &self.train);
+        m.grad_norm = clip_grad_norm(&mut grads, 1, self.train.clip_norm);
         let model = self.model.clone();
-        self.model = load_tensors(model, params.into_iter().collect())?;
+        self.model = apply_update(model, &mut grads, lr, None, &mut self.opt, &self.train)?;
         m.lr = lr;
         m.steps = 1;
         Ok(m)
@@ -424,40 +407,16 @@ impl DistillTrainer {
         steps: u64,
         lr: f64,
         seed: u64,
-        mut on_step: impl FnMut(u64, &DistillMetrics),
+        on_step: impl FnMut(u64, &DistillMetrics),
     ) -> Result<DistillMetrics> {
-        let bcfg = self.train.batch.clone();
-        let plan = |epoch: u64| {
-            epoch_batches(
-                utts,
-                &bcfg,
-                &mut ChaCha8Rng::seed_from_u64(mix(seed, &[0xE90C, epoch])),
-            )
-        };
-        let mut batches = plan(0);
-        if batches.is_empty() {
-            return Err(DistillError::Data(format!(
-                "no utterance is at least min_sample_size = {} samples long",
-                self.train.batch.min_sample_size
-            )));
-        }
-        let per_epoch = batches.len() as u64;
-        let mut epoch = 0;
-        let mut total = DistillMetrics::default();
-        for k in 0..steps {
-            if k / per_epoch != epoch {
-                epoch = k / per_epoch;
-                batches = plan(epoch);
-            }
-            let batch: Vec<&Utt> = batches[(k % per_epoch) as usize % batches.len()]
-                .iter()
-                .map(|&i| &utts[i])
-                .collect();
-            let m = self.step(&batch, lr, mix(seed, &[0x57E9, k]))?;
-            on_step(k, &m);
-            total.running_mean(&m, (k + 1) as f64);
-        }
-        Ok(total)
+        let mut plan = StepPlan::new(utts, &self.train.batch, 1, seed)?;
+        core::run_steps(
+            &mut plan,
+            0,
+            steps,
+            |_, micro, step_seed| self.step(&micro[0], lr, step_seed),
+            on_step,
+        )
     }
 
     /// The losses on `utts` without updating (validation mode, one utterance at a time, cropped to
@@ -470,7 +429,7 @@ impl DistillTrainer {
             if u.wav.len() < self.train.batch.min_sample_size.min(16_000) {
                 continue;
             }
-            let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, &[0xE7A1, i as u64]));
+            let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, &[seeds::EVAL, i as u64]));
             let b = make_batch(
                 &[u],
                 self.train.batch.max_sample_size,
@@ -486,37 +445,17 @@ impl DistillTrainer {
     }
 
     /// Optimizer moments and step as weights (for checkpoints).
-    pub fn opt_state(&self) -> (fedhubert_fl::Weights, fedhubert_fl::Weights, u64) {
-        let to_w = |m: &BTreeMap<String, Vec<f32>>| {
-            fedhubert_fl::Weights::new(
-                m.iter()
-                    .map(|(k, v)| fedhubert_fl::Tensor {
-                        name: k.clone(),
-                        shape: vec![v.len()],
-                        data: v.clone(),
-                    })
-                    .collect(),
-            )
-        };
-        (to_w(&self.opt.m), to_w(&self.opt.v), self.opt.step)
+    pub fn opt_state(&self) -> (fedhubert_io::Weights, fedhubert_io::Weights, u64) {
+        let (m, v) = self.opt.moments();
+        (m, v, self.opt.step)
     }
 
     pub fn set_opt_state(
         &mut self,
-        m: &fedhubert_fl::Weights,
-        v: &fedhubert_fl::Weights,
+        m: &fedhubert_io::Weights,
+        v: &fedhubert_io::Weights,
         step: u64,
     ) {
-        let flat = |w: &fedhubert_fl::Weights| {
-            w.tensors
-                .iter()
-                .map(|t| (t.name.clone(), t.data.clone()))
-                .collect()
-        };
-        self.opt = AdamState {
-            step,
-            m: flat(m),
-            v: flat(v),
-        };
+        self.opt = AdamState::from_moments(m.clone(), v.clone(), step);
     }
 }

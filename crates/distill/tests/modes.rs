@@ -15,13 +15,13 @@ use fedhubert_distill::student::{DistillStudent, hubert_param_count, init_from_t
 use fedhubert_distill::{DistillConfig, DistillTrainer, Quantizer, ServerDistill, Teacher};
 use fedhubert_features::shard::ShardWriter;
 use fedhubert_features::{Mfcc, MfccConfig};
-use fedhubert_fl::{RunConfig, StrategyConfig};
+use fedhubert_fl::{ClientSettings, LocalWork, RunConfig, StrategyConfig};
 use fedhubert_model::{
     HeadKind, HubertConfig, HubertForPretraining, HubertModel, PretrainConfig, collect_tensors,
     cpu_device, param_shapes,
 };
 use fedhubert_train::data::BatchConfig;
-use fedhubert_train::{HubertClients, SimConfig, TrainConfig, to_weights};
+use fedhubert_train::{HubertClients, SimConfig, TrainConfig};
 
 const CLASSES: usize = 16;
 
@@ -213,15 +213,16 @@ fn client_dirs(f: &Fixture) -> Vec<PathBuf> {
 }
 
 fn run_cfg(rounds: u64, local_steps: u64, lr: f64) -> RunConfig {
-    let mut extra = std::collections::BTreeMap::new();
-    extra.insert("local_steps".into(), local_steps as f64);
-    extra.insert("learning_rate".into(), lr);
     RunConfig {
         num_rounds: rounds,
         min_fit_clients: 2,
         eval_every: 0,
         fraction_evaluate: 0.0,
-        client_extra: extra,
+        client: ClientSettings {
+            learning_rate: lr,
+            local: LocalWork::Steps(local_steps),
+            proximal_mu: 0.0,
+        },
         ..Default::default()
     }
 }
@@ -259,7 +260,7 @@ fn server_mode_distils_the_aggregate_and_losses_fall() {
     };
     let plan = cfg.layer_plan(2, teacher.num_layers()).unwrap();
     let student = HubertForPretraining::new(&student_cfg(), &student_pretrain(), 5, &dev).unwrap();
-    let initial = to_weights(collect_tensors(&student));
+    let initial = collect_tensors(&student);
     let ds = DistillStudent::new(
         student.clone(),
         teacher.hidden_size(),
@@ -282,8 +283,8 @@ fn server_mode_distils_the_aggregate_and_losses_fall() {
         &dev,
     )
     .unwrap();
-    let inner = StrategyConfig::FedAvg.build().unwrap();
-    let mut strategy = ServerDistill::new(
+    let inner = StrategyConfig::default().build().unwrap();
+    let strategy = ServerDistill::new(
         inner,
         trainer,
         server_data.train,
@@ -297,16 +298,13 @@ fn server_mode_distils_the_aggregate_and_losses_fall() {
         client_dirs(f),
         student,
         tiny_train(),
-        SimConfig {
-            local_steps: 2,
-            ..Default::default()
-        },
+        SimConfig::default(),
         dev.clone(),
     );
     let out = tempfile::tempdir().unwrap();
     let res = fedhubert_fl::run(
         &mut pool,
-        &mut strategy,
+        Box::new(strategy),
         initial.clone(),
         &run_cfg(3, 2, 1e-3),
         Some(out.path()),
@@ -346,7 +344,7 @@ fn server_mode_distils_the_aggregate_and_losses_fall() {
     assert_eq!(res.history[0].bytes_up, 2 * initial.nbytes() as u64);
     // Resume: the checkpoint carries the server heads and optimizer state.
     let ck =
-        fedhubert_fl::rounds::load_checkpoint(&out.path().join("checkpoint.safetensors")).unwrap();
+        fedhubert_fl::store::load_checkpoint(&out.path().join("checkpoint.safetensors")).unwrap();
     assert!(ck.state.contains_key("server_aux") && ck.state.contains_key("server_adam_m"));
 }
 
@@ -388,10 +386,9 @@ fn client_mode_losses_fall_and_student_exports_to_hf() {
         SimConfig::default(),
         dev.clone(),
     );
-    let mut strategy = StrategyConfig::FedAvg.build().unwrap();
     let res = fedhubert_fl::run(
         &mut pool,
-        strategy.as_mut(),
+        StrategyConfig::default().build().unwrap(),
         initial.clone(),
         &run_cfg(3, 4, 2e-3),
         None,
@@ -434,7 +431,7 @@ impl DistillStudentExport {
                 .collect(),
         );
         let m = HubertForPretraining::new(&student_cfg(), &student_pretrain(), 0, dev).unwrap();
-        fedhubert_model::load_tensors(m, fedhubert_train::from_weights(&own)).unwrap()
+        fedhubert_model::load_tensors(m, own).unwrap()
     }
 }
 
@@ -493,10 +490,9 @@ fn mvq_mode_quantizer_and_codebook_loss_falls() {
         SimConfig::default(),
         dev.clone(),
     );
-    let mut strategy = StrategyConfig::FedAvg.build().unwrap();
     let res = fedhubert_fl::run(
         &mut pool,
-        strategy.as_mut(),
+        StrategyConfig::default().build().unwrap(),
         initial,
         &run_cfg(3, 4, 2e-3),
         None,

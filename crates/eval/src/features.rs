@@ -132,7 +132,11 @@ pub fn hidden_states(
             .convert::<f32>()
             .try_to_vec::<f32>()
             .map_err(|e| EvalError::Config(format!("cannot read a hidden state: {e:?}")))?;
-        Ok(fedhubert_model::HostTensor { shape, data })
+        Ok(fedhubert_model::HostTensor {
+            name: String::new(),
+            shape,
+            data,
+        })
     };
     let hs = out
         .hidden_states

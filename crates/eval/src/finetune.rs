@@ -3,14 +3,14 @@
 //! detached), the transformer and head are updated with host AdamW (small lr for the upstream),
 //! and the epoch with the best validation accuracy is kept.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use burn::module::{Module, Param};
-use burn::optim::GradientsParams;
 use burn::tensor::activation::{log_softmax, relu, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
-use fedhubert_model::{HostTensor, HubertModel, collect_tensors, load_tensors};
+use fedhubert_model::{HostTensor, HubertModel, Weights, collect_tensors, load_tensors};
+use fedhubert_train::TrainConfig;
+use fedhubert_train::core::{AdamState, backward, engine_rng};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -96,10 +96,10 @@ impl FtHead {
 }
 
 /// Copies the head parameters of `tensors` (names `head.*`) into a clone of `template`.
-fn to_probe(template: &ProbeHead, tensors: &[(String, HostTensor)]) -> ProbeHead {
+fn to_probe(template: &ProbeHead, tensors: &Weights) -> ProbeHead {
     let mut h = template.clone();
-    for (name, t) in tensors {
-        let k = match name.as_str() {
+    for t in &tensors.tensors {
+        let k = match t.name.as_str() {
             "head.layer_logits" => 0,
             "head.w1" => 1,
             "head.b1" => 2,
@@ -227,9 +227,13 @@ pub fn finetune(
     let normalize = upstream.config.feat_extract_norm == fedhubert_model::FeatExtractNorm::Layer;
     let (va0, vl0, _) = accuracy_and_confusion(upstream, head, data, &split.valid)?;
     let mut best = (va0, vl0, collect_tensors(&model));
-    let mut m: HashMap<String, Vec<f32>> = HashMap::new();
-    let mut v: HashMap<String, Vec<f32>> = HashMap::new();
-    let mut t = 0i32;
+    let mut opt = AdamState::default();
+    let adam = TrainConfig {
+        adam_betas: (0.9, 0.999),
+        adam_eps: 1e-8,
+        weight_decay: 0.0,
+        ..Default::default()
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xF17E);
     let mut steps = 0usize;
     let mut epoch_train_loss = Vec::with_capacity(cfg.epochs);
@@ -255,7 +259,8 @@ pub fn finetune(
         batches.shuffle(&mut rng);
         let (mut sum, mut count) = (0f64, 0usize);
         for batch in batches {
-            ad.seed(
+            let _rng = engine_rng(
+                &ad,
                 cfg.seed
                     .wrapping_mul(1_000_003)
                     .wrapping_add((epoch * 100_000 + steps) as u64),
@@ -286,35 +291,19 @@ pub fn finetune(
             }
             sum += lv * batch.len() as f64;
             count += batch.len();
-            let gp = GradientsParams::from_grads(loss.backward(), &model);
-            let col_out = fedhubert_model::collect_grads(&model, &gp);
-            t += 1;
-            let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
-            let bc1 = 1.0 - b1.powi(t);
-            let bc2 = (1.0 - b2.powi(t)).sqrt();
+            // The trainer core's gradients and Adam (torch's defaults, no weight decay), with
+            // one learning rate for the head and another for the upstream.
+            let grads = backward(loss, &model);
             let mut params = collect_tensors(&model);
-            for (name, p) in params.iter_mut() {
-                let Some(g) = col_out.get(name) else { continue };
-                let lr = (if name.starts_with("head.") {
+            let lr_of = |name: &str| {
+                if name.starts_with("head.") {
                     cfg.head_lr
                 } else {
                     cfg.upstream_lr
-                }) as f32;
-                let mi = m.entry(name.clone()).or_insert_with(|| vec![0.0; g.len()]);
-                let vi = v.entry(name.clone()).or_insert_with(|| vec![0.0; g.len()]);
-                for (((w, &gi), mk), vk) in p
-                    .data
-                    .iter_mut()
-                    .zip(g)
-                    .zip(mi.iter_mut())
-                    .zip(vi.iter_mut())
-                {
-                    *mk = b1 * *mk + (1.0 - b1) * gi;
-                    *vk = b2 * *vk + (1.0 - b2) * gi * gi;
-                    *w -= lr / bc1 * *mk / (vk.sqrt() / bc2 + eps);
                 }
-            }
-            model = load_tensors(model, params.into_iter().collect())?;
+            };
+            opt.update_groups(&mut params, &grads, lr_of, &adam);
+            model = load_tensors(model, params)?;
             steps += 1;
         }
         epoch_train_loss.push(sum / count.max(1) as f64);
@@ -335,9 +324,13 @@ pub fn finetune(
     }
     let (valid_accuracy, _, tensors) = best;
     let head_ft = to_probe(head, &tensors);
-    let hubert_tensors: HashMap<String, HostTensor> = tensors
+    let hubert_tensors: Weights = tensors
+        .tensors
         .into_iter()
-        .filter_map(|(k, t)| k.strip_prefix("hubert.").map(|r| (r.to_string(), t)))
+        .filter_map(|t| {
+            let name = t.name.strip_prefix("hubert.")?.to_string();
+            Some(HostTensor { name, ..t })
+        })
         .collect();
     let upstream_ft = load_tensors(upstream.clone(), hubert_tensors)?;
     let (test_accuracy, _, confusion) =

@@ -1,11 +1,10 @@
 //! Which upstream to probe: a fedhubert checkpoint, an exported HuggingFace directory, or the
 //! same architecture at random initialisation (the baseline pretraining must beat).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use fedhubert_model::{
-    Device, HostTensor, HubertConfig, HubertForPretraining, HubertModel, load_tensors,
+    Device, HostTensor, HubertConfig, HubertForPretraining, HubertModel, Weights, load_tensors,
     read_safetensors,
 };
 
@@ -93,14 +92,17 @@ fn load_file(path: &Path, device: &Device) -> Result<HubertModel, EvalError> {
         ));
     };
     let cfg = HubertConfig::from_json_str(cfg)?;
-    let mut map: HashMap<String, HostTensor> = HashMap::new();
+    let mut map = Weights::default();
     for (k, v) in tensors {
         let k = k.strip_prefix("model/").unwrap_or(&k);
         if let Some(rest) = k.strip_prefix("hubert.") {
-            map.insert(rest.to_string(), v);
+            map.tensors.push(HostTensor {
+                name: rest.to_string(),
+                ..v
+            });
         }
     }
-    if map.is_empty() {
+    if map.tensors.is_empty() {
         return Err(err("no `hubert.*` tensors found".into()));
     }
     Ok(load_tensors(HubertModel::new(&cfg, 0, device)?, map)?)

@@ -407,17 +407,22 @@ fn finetuning_updates_the_transformer_lowers_train_loss_and_keeps_the_conv_front
     assert!(s.valid_accuracy >= frozen.valid_accuracy);
     let before = collect_tensors(&upstream);
     let after = collect_tensors(&ft.upstream);
-    for ((name, a), (_, b)) in before.iter().zip(&after) {
-        if name.starts_with("feature_extractor.") {
-            assert_eq!(a, b, "{name} changed although the conv front-end is frozen");
+    for (a, b) in before.tensors.iter().zip(&after.tensors) {
+        if a.name.starts_with("feature_extractor.") {
+            assert_eq!(
+                a, b,
+                "{} changed although the conv front-end is frozen",
+                a.name
+            );
         }
     }
     if s.valid_accuracy > frozen.valid_accuracy {
         assert!(
             before
+                .tensors
                 .iter()
-                .zip(&after)
-                .any(|((n, a), (_, b))| n.starts_with("encoder.") && a != b),
+                .zip(&after.tensors)
+                .any(|(a, b)| a.name.starts_with("encoder.") && a != b),
             "a better epoch was selected, so the encoder must differ"
         );
     }

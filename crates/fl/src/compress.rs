@@ -11,8 +11,10 @@ use crate::{FlError, Weights};
 pub enum Compression {
     /// Full weights as f32.
     #[default]
+    #[serde(alias = "f32")]
     None,
     /// Update delta as IEEE half floats.
+    #[serde(alias = "float16")]
     F16,
     /// Update delta as int8 with a per-tensor scale max|delta|/127 (round to nearest).
     Int8,

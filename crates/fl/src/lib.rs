@@ -1,20 +1,35 @@
-//! Federated rounds in the spirit of Flower: a `Strategy` (FedAvg, FedAvgM, FedAdam, FedYogi,
-//! FedAdagrad, FedProx, FedMedian, FedTrimmedAvg, Krum), client sampling, failures and stragglers,
-//! traffic accounting with optional update compression, and round checkpoints with exact resume.
+//! Federated rounds in the spirit of Flower.
 //!
-//! The crate knows nothing about HuBERT: clients are a `ClientPool` and weights are named f32
-//! tensors, so the same engine drives simulation, distillation and the Flower bridge.
+//! - [`engine`]: the one round engine, a state machine without I/O that every runner drives.
+//! - [`strategy`]: strategies as an aggregator times a server optimizer (FedAvg, FedAvgM,
+//!   FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg, Krum), wrappers around any of them.
+//! - [`instructions`]: the typed instructions a client gets, and its side of the upload.
+//! - [`rounds`]: the native runner over a [`ClientPool`]; [`store`]: checkpoints and metrics.
+//!
+//! The crate knows nothing about HuBERT (nor burn): clients are a `ClientPool` or messages, and
+//! weights are named f32 host tensors, so the same engine drives simulation, distillation and
+//! the Flower bridge.
 
 pub mod compress;
+pub mod engine;
+pub mod instructions;
 pub mod rounds;
+pub mod store;
 pub mod strategy;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
 
 pub use compress::Compression;
-pub use rounds::{ClientPool, EvalRes, FitConfig, RoundRecord, RunConfig, RunResult, run};
-pub use strategy::{FitRes, Strategy, StrategyConfig};
+pub use engine::{
+    EvalRes, Exchange, ExchangeKind, Failure, Progress, Reply, RoundEngine, RoundRecord,
+};
+pub use instructions::{
+    ClientInstructions, ClientSettings, LocalWork, MESSAGE_FORMAT, Upload, UploadPlan,
+    prepare_upload,
+};
+pub use rounds::{ClientPool, RunConfig, RunResult, run};
+pub use strategy::{FitRes, Strategy, StrategyConfig, StrategySpec};
 pub use weights::{Tensor, Weights};
 
 #[derive(Debug, thiserror::Error)]

@@ -2,10 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use fedhubert_fl::rounds::{load_checkpoint, sample_clients};
+use fedhubert_fl::rounds::sample_clients;
+use fedhubert_fl::store::load_checkpoint;
 use fedhubert_fl::{
-    ClientPool, Compression, EvalRes, FitConfig, FitRes, FlError, RunConfig, StrategyConfig,
-    Tensor, Weights, run,
+    ClientInstructions, ClientPool, Compression, EvalRes, FitRes, FlError, RunConfig,
+    StrategyConfig, Tensor, UploadPlan, Weights, run,
 };
 use rand::{Rng, SeedableRng};
 
@@ -37,7 +38,7 @@ impl ClientPool for Toy {
     fn num_clients(&self) -> usize {
         self.n
     }
-    fn fit(&mut self, c: usize, g: &Weights, cfg: &FitConfig) -> Result<FitRes, String> {
+    fn fit(&mut self, c: usize, g: &Weights, cfg: &ClientInstructions) -> Result<FitRes, String> {
         if self.fail.contains(&c) {
             return Err(format!("client {c} lost its disk"));
         }
@@ -49,9 +50,10 @@ impl ClientPool for Toy {
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
         let mut w = g.clone();
-        let lr = cfg.extra.get("lr").copied().unwrap_or(0.5) as f32;
+        let lr = 0.5f32;
         for x in w.iter_data_mut() {
-            *x += lr * (c as f32 - *x) + 0.01 * rng.random::<f32>() - cfg.proximal_mu * 0.0;
+            *x +=
+                lr * (c as f32 - *x) + 0.01 * rng.random::<f32>() - cfg.settings.proximal_mu * 0.0;
         }
         let mut m = BTreeMap::new();
         m.insert(
@@ -67,7 +69,12 @@ impl ClientPool for Toy {
             metrics: m,
         })
     }
-    fn evaluate(&mut self, c: usize, g: &Weights, _cfg: &FitConfig) -> Result<EvalRes, String> {
+    fn evaluate(
+        &mut self,
+        c: usize,
+        g: &Weights,
+        _cfg: &ClientInstructions,
+    ) -> Result<EvalRes, String> {
         let mut m = BTreeMap::new();
         m.insert(
             "loss".into(),
@@ -81,6 +88,10 @@ impl ClientPool for Toy {
             metrics: m,
         })
     }
+}
+
+fn fedavg() -> Box<dyn fedhubert_fl::Strategy> {
+    StrategyConfig::FedAvg(Default::default()).build().unwrap()
 }
 
 fn toy(n: usize) -> Toy {
@@ -124,10 +135,10 @@ fn sampling_follows_flower_rule_and_is_seeded() {
 fn resume_after_round_k_is_bit_exact() {
     let strategy = StrategyConfig::from_name("fedadam").unwrap();
     let full_dir = tempfile::tempdir().unwrap();
-    let mut s = strategy.build().unwrap();
+    let s = strategy.build().unwrap();
     let full = run(
         &mut toy(6),
-        s.as_mut(),
+        s,
         model(8),
         &cfg(5),
         Some(full_dir.path()),
@@ -137,10 +148,10 @@ fn resume_after_round_k_is_bit_exact() {
     .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let mut s = strategy.build().unwrap();
+    let s = strategy.build().unwrap();
     run(
         &mut toy(6),
-        s.as_mut(),
+        s,
         model(8),
         &cfg(2),
         Some(dir.path()),
@@ -155,10 +166,10 @@ fn resume_after_round_k_is_bit_exact() {
         2
     );
     // A fresh process: new strategy object (empty moments), resumed from the checkpoint.
-    let mut s = strategy.build().unwrap();
+    let s = strategy.build().unwrap();
     let resumed = run(
         &mut toy(6),
-        s.as_mut(),
+        s,
         model(8),
         &cfg(5),
         Some(dir.path()),
@@ -183,10 +194,10 @@ fn resume_after_round_k_is_bit_exact() {
     assert_eq!(lines.lines().count(), 5);
 
     // Resuming under another strategy is refused with a clear message.
-    let mut other = StrategyConfig::FedAvg.build().unwrap();
+    let other = StrategyConfig::FedAvg(Default::default()).build().unwrap();
     let e = run(
         &mut toy(6),
-        other.as_mut(),
+        other,
         model(8),
         &cfg(6),
         Some(dir.path()),
@@ -213,8 +224,8 @@ fn failures_and_stragglers_are_counted_and_excluded() {
         round_timeout_s: Some(0.2),
         ..Default::default()
     };
-    let mut s = StrategyConfig::FedAvg.build().unwrap();
-    let r = run(&mut pool, s.as_mut(), model(4), &c, None, false, |_| {}).unwrap();
+    let s = StrategyConfig::FedAvg(Default::default()).build().unwrap();
+    let r = run(&mut pool, s, model(4), &c, None, false, |_| {}).unwrap();
     let rec = &r.history[0];
     assert_eq!(rec.participated, vec![0, 4, 5]);
     let failed: Vec<usize> = rec.failures.iter().map(|f| f.client).collect();
@@ -235,7 +246,6 @@ fn failures_and_stragglers_are_counted_and_excluded() {
 #[test]
 fn too_few_replies_retries_then_stops_keeping_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = StrategyConfig::FedAvg.build().unwrap();
     let c = RunConfig {
         num_rounds: 1,
         fraction_fit: 1.0,
@@ -244,7 +254,7 @@ fn too_few_replies_retries_then_stops_keeping_the_checkpoint() {
     };
     run(
         &mut toy(4),
-        s.as_mut(),
+        fedavg(),
         model(4),
         &c,
         Some(dir.path()),
@@ -265,7 +275,7 @@ fn too_few_replies_retries_then_stops_keeping_the_checkpoint() {
     };
     let e = run(
         &mut pool,
-        s.as_mut(),
+        fedavg(),
         model(4),
         &c2,
         Some(dir.path()),
@@ -310,7 +320,7 @@ fn too_few_replies_retries_then_stops_keeping_the_checkpoint() {
         max_round_retries: 0,
         ..Default::default()
     };
-    assert!(run(&mut pool, s.as_mut(), model(4), &c3, None, false, |_| {}).is_err());
+    assert!(run(&mut pool, fedavg(), model(4), &c3, None, false, |_| {}).is_err());
 }
 
 #[test]
@@ -321,13 +331,15 @@ fn traffic_compression_and_frozen_front_end() {
             num_rounds: 2,
             fraction_fit: 1.0,
             min_fit_clients: 1,
-            compression: comp,
-            frozen_prefixes: frozen,
+            upload: UploadPlan {
+                compression: comp,
+                frozen_prefixes: frozen,
+            },
             eval_every: 0,
             ..Default::default()
         };
-        let mut s = StrategyConfig::FedAvg.build().unwrap();
-        run(&mut toy(3), s.as_mut(), model(dim), &c, None, false, |_| {}).unwrap()
+        let s = StrategyConfig::FedAvg(Default::default()).build().unwrap();
+        run(&mut toy(3), s, model(dim), &c, None, false, |_| {}).unwrap()
     };
     let full = go(Compression::None, vec![]);
     let r1 = &full.history[0];
@@ -381,17 +393,8 @@ fn hundred_clients_loss_falls_and_eval_is_weighted() {
         eval_every: 2,
         ..Default::default()
     };
-    let mut s = StrategyConfig::FedAvg.build().unwrap();
-    let r = run(
-        &mut toy(100),
-        s.as_mut(),
-        model(16),
-        &c,
-        None,
-        false,
-        |_| {},
-    )
-    .unwrap();
+    let s = StrategyConfig::FedAvg(Default::default()).build().unwrap();
+    let r = run(&mut toy(100), s, model(16), &c, None, false, |_| {}).unwrap();
     assert!(r.history.iter().all(|h| h.participated.len() == 10));
     assert!(
         r.history[0].eval.is_empty()
@@ -400,4 +403,50 @@ fn hundred_clients_loss_falls_and_eval_is_weighted() {
     );
     assert!(r.history[4].eval["loss"] < r.history[1].eval["loss"] * 1.5);
     assert!(r.history[4].train["loss"] < r.history[0].train["loss"]);
+}
+
+#[test]
+fn engine_accepts_replies_in_any_order_and_matches_run() {
+    // The native runner replies in client order; a driver handing replies over in reverse order
+    // (as they may arrive over the network) must make the same run.
+    let c = RunConfig {
+        num_rounds: 3,
+        fraction_fit: 0.6,
+        min_fit_clients: 2,
+        seed: 9,
+        ..Default::default()
+    };
+    let want = run(&mut toy(6), fedavg(), model(3), &c, None, false, |_| {}).unwrap();
+    let mut pool = toy(6);
+    let mut e = fedhubert_fl::RoundEngine::new(c.clone(), fedavg(), model(3), 6).unwrap();
+    while let Some(ex) = e.next_exchange().unwrap() {
+        for (client, ins) in ex.clients.iter().rev() {
+            let reply = match ex.kind {
+                fedhubert_fl::ExchangeKind::Fit => {
+                    let r = pool.fit(*client, e.global(), ins).unwrap();
+                    fedhubert_fl::Reply::Fit {
+                        upload: fedhubert_fl::prepare_upload(&r.weights, e.global(), &ins.upload)
+                            .unwrap(),
+                        num_examples: r.num_examples,
+                        metrics: r.metrics,
+                    }
+                }
+                fedhubert_fl::ExchangeKind::Evaluate => {
+                    fedhubert_fl::Reply::Evaluate(pool.evaluate(*client, e.global(), ins).unwrap())
+                }
+            };
+            e.deliver(*client, reply).unwrap();
+        }
+        e.close_exchange().unwrap();
+    }
+    assert_eq!(*e.global(), want.weights);
+    let strip = |h: &[fedhubert_fl::RoundRecord]| {
+        h.iter()
+            .map(|r| fedhubert_fl::RoundRecord {
+                round_time_s: 0.0,
+                ..r.clone()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(e.history()), strip(&want.history));
 }

@@ -1,5 +1,13 @@
-//! File output that every crate shares: atomic writes (a reader never sees half a file, a
-//! crash never leaves one) and safetensors files whose bytes depend only on their contents.
+//! What every crate shares and none of it needs burn for: the host tensor type ([`Weights`]),
+//! atomic writes (a reader never sees half a file, a crash never leaves one), safetensors files
+//! whose bytes depend only on their contents, and the named random streams ([`seeds`]).
+
+pub mod seeds;
+pub mod tensor;
+
+pub use tensor::{
+    Tensor, TensorError, Weights, load_safetensors, order_metadata, save_safetensors,
+};
 
 use std::collections::BTreeMap;
 use std::io::Write;

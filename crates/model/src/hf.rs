@@ -12,17 +12,10 @@ use crate::config::{FeatExtractNorm, HubertConfig};
 use crate::error::ModelError;
 use crate::hubert::HubertModel;
 
+pub use fedhubert_io::{Tensor as HostTensor, Weights};
+
 /// Tensors by name, sorted.
 pub type TensorMap = BTreeMap<String, HostTensor>;
-
-/// A host copy of one parameter: shape and row-major f32 values.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
-    /// Shape.
-    pub shape: Vec<usize>,
-    /// Values, row-major.
-    pub data: Vec<f32>,
-}
 
 struct PathTracker(Vec<String>);
 
@@ -52,7 +45,7 @@ impl ModuleVisitor for ShapeLister {
 
 struct TensorCollector {
     path: PathTracker,
-    out: Vec<(String, HostTensor)>,
+    out: Vec<HostTensor>,
 }
 
 impl ModuleVisitor for TensorCollector {
@@ -69,8 +62,11 @@ impl ModuleVisitor for TensorCollector {
             .into_data()
             .try_into_vec_as::<f32>()
             .expect("float tensor data converts to f32");
-        self.out
-            .push((self.path.name(), HostTensor { shape, data }));
+        self.out.push(HostTensor {
+            name: self.path.name(),
+            shape,
+            data,
+        });
     }
 }
 
@@ -121,24 +117,25 @@ pub fn param_shapes<M: Module>(module: &M) -> Vec<(String, Vec<usize>)> {
 }
 
 /// Every float parameter of `module` copied to the host, by dotted module path.
-pub fn collect_tensors<M: Module>(module: &M) -> Vec<(String, HostTensor)> {
+pub fn collect_tensors<M: Module>(module: &M) -> Weights {
     let mut v = TensorCollector {
         path: PathTracker(Vec::new()),
         out: Vec::new(),
     };
     module.visit(&mut v);
-    v.out
+    Weights::new(v.out)
 }
 
 /// Replace every float parameter of `module` by the tensor of the same name (strict: errors on
 /// any missing, unexpected or mis-shaped key). Parameter ids and gradient settings are kept.
-pub fn load_tensors<M: Module>(
-    module: M,
-    tensors: HashMap<String, HostTensor>,
-) -> Result<M, ModelError> {
+pub fn load_tensors<M: Module>(module: M, tensors: Weights) -> Result<M, ModelError> {
     let mut loader = TensorLoader {
         path: PathTracker(Vec::new()),
-        tensors,
+        tensors: tensors
+            .tensors
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect(),
         missing: Vec::new(),
         mismatched: Vec::new(),
     };
@@ -206,8 +203,9 @@ pub fn read_safetensors(
     for (name, view) in st.tensors() {
         let data = decode(&name, &view)?;
         out.insert(
-            name,
+            name.clone(),
             HostTensor {
+                name,
                 shape: view.shape().to_vec(),
                 data,
             },
@@ -219,15 +217,16 @@ pub fn read_safetensors(
 /// Write `(name, tensor)` pairs as an F32 safetensors file with the given metadata, atomically.
 pub fn write_safetensors(
     path: impl AsRef<Path>,
-    tensors: &[(String, HostTensor)],
+    tensors: &Weights,
     metadata: HashMap<String, String>,
 ) -> Result<(), ModelError> {
     let path = path.as_ref();
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .tensors
         .iter()
-        .map(|(n, t)| {
+        .map(|t| {
             (
-                n.clone(),
+                t.name.clone(),
                 t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
                 t.shape.clone(),
             )
@@ -312,11 +311,11 @@ impl HubertModel {
     /// Replace all weights by those of a HF `model.safetensors` file (strict).
     pub fn load_hf_weights(self, path: impl AsRef<Path>) -> Result<Self, ModelError> {
         let (tensors, _) = read_safetensors(path)?;
-        let mut map = HashMap::with_capacity(tensors.len());
-        for (k, v) in tensors {
-            map.insert(normalize_hf_key(&k), v);
-        }
-        load_tensors(self, map)
+        let renamed = tensors.into_values().map(|mut t| {
+            t.name = normalize_hf_key(&t.name);
+            t
+        });
+        load_tensors(self, renamed.collect())
     }
 
     /// Write a HF `HubertModel` directory: `config.json`, `model.safetensors` (HF names, f32,
@@ -359,6 +358,6 @@ pub fn load_checkpoint<M: Module>(
     path: impl AsRef<Path>,
 ) -> Result<(M, HashMap<String, String>), ModelError> {
     let (tensors, metadata) = read_safetensors(path)?;
-    let module = load_tensors(module, tensors.into_iter().collect())?;
+    let module = load_tensors(module, tensors.into_values().collect())?;
     Ok((module, metadata))
 }

@@ -21,7 +21,7 @@
 //!   [`PretrainOutput`] (loss tensor + components + accuracies), `save_checkpoint(path)` /
 //!   `load_checkpoint(path, &device)` (all params by name, configs in metadata), `save_hf(dir)`.
 //! - [`compute_mask_indices`] (fairseq semantics), [`align_labels`] (fairseq `forward_targets`).
-//! - [`clip_grad_norm`]: global-norm clipping of `burn::optim::GradientsParams`.
+//! - [`collect_grads`]: gradients copied to the host by parameter name, in name order.
 //! - Generic helpers: [`param_shapes`], [`collect_tensors`], [`load_tensors`],
 //!   [`save_checkpoint`], [`load_checkpoint`].
 //!
@@ -43,9 +43,9 @@ pub mod pretraining;
 pub use burn::tensor::Device;
 pub use config::{FeatExtractNorm, HubertConfig};
 pub use error::ModelError;
-pub use grad::{clip_grad_norm, collect_grads, grad_norm};
+pub use grad::collect_grads;
 pub use hf::{
-    HostTensor, collect_tensors, load_checkpoint, load_tensors, param_shapes,
+    HostTensor, Weights, collect_tensors, load_checkpoint, load_tensors, param_shapes,
     preprocessor_config_json, read_safetensors, save_checkpoint, write_safetensors,
 };
 pub use hubert::{HubertModel, HubertOutput};

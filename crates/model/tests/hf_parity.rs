@@ -21,6 +21,7 @@ fn fixture(name: &str) -> PathBuf {
 
 fn to_host(t: Tensor<3>) -> HostTensor {
     HostTensor {
+        name: String::new(),
         shape: t.dims().to_vec(),
         data: t.into_data().try_into_vec_as::<f32>().unwrap(),
     }
@@ -89,7 +90,11 @@ fn copy_fixture_with(dir: &str, out: &Path, edit: impl FnOnce(&mut BTreeMap<Stri
     std::fs::copy(fixture(dir).join("config.json"), out.join("config.json")).unwrap();
     let (mut t, _) = read_safetensors(fixture(dir).join("model.safetensors")).unwrap();
     edit(&mut t);
-    let v: Vec<(String, HostTensor)> = t.into_iter().collect();
+    // The map's key is the name written.
+    let v: fedhubert_model::Weights = t
+        .into_iter()
+        .map(|(name, t)| HostTensor { name, ..t })
+        .collect();
     fedhubert_model::write_safetensors(out.join("model.safetensors"), &v, HashMap::new()).unwrap();
 }
 
@@ -136,6 +141,7 @@ fn import_errors_name_the_key() {
             t.insert(
                 "lm_head.weight".into(),
                 HostTensor {
+                    name: String::new(),
                     shape: vec![2],
                     data: vec![0.0, 1.0],
                 },
@@ -150,6 +156,7 @@ fn import_errors_name_the_key() {
         t.insert(
             "masked_spec_embed".into(),
             HostTensor {
+                name: String::new(),
                 shape: vec![47],
                 data: vec![0.0; 47],
             },

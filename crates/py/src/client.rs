@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fedhubert_fl::{ClientPool, EvalRes, FitConfig, FitRes, Weights};
+use fedhubert_fl::{ClientInstructions, ClientPool, EvalRes, FitRes, Weights};
 use fedhubert_model::HubertForPretraining;
 use fedhubert_train::{HubertClients, RunFile};
 
@@ -50,10 +50,10 @@ impl LocalClient {
         let template = HubertForPretraining::new(
             &rf.model_config()?,
             &rf.pretrain_config()?,
-            rf.federated.seed,
+            rf.federated.run.seed,
             &dev,
         )?;
-        let layout = fedhubert_train::to_weights(fedhubert_model::collect_tensors(&template));
+        let layout = fedhubert_model::collect_tensors(&template);
         let pool = HubertClients::new(
             vec![dir.to_path_buf()],
             template,
@@ -68,7 +68,11 @@ impl LocalClient {
         })
     }
 
-    pub fn fit(&mut self, global: &Weights, cfg: &FitConfig) -> Result<FitRes, BridgeError> {
+    pub fn fit(
+        &mut self,
+        global: &Weights,
+        cfg: &ClientInstructions,
+    ) -> Result<FitRes, BridgeError> {
         self.layout
             .check_layout(global, "weights from the server")?;
         self.pool
@@ -76,7 +80,11 @@ impl LocalClient {
             .map_err(|e| BridgeError::Client(format!("{}: {e}", self.dir.display())))
     }
 
-    pub fn evaluate(&mut self, global: &Weights, cfg: &FitConfig) -> Result<EvalRes, BridgeError> {
+    pub fn evaluate(
+        &mut self,
+        global: &Weights,
+        cfg: &ClientInstructions,
+    ) -> Result<EvalRes, BridgeError> {
         self.layout
             .check_layout(global, "weights from the server")?;
         self.pool

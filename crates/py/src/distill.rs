@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use fedhubert_distill::config::Mode;
 use fedhubert_distill::setup::{read_server_log, write_server_log};
 use fedhubert_distill::{DistillRunFile, DistillSetup, ServerDistill, ServerRoundLog};
-use fedhubert_fl::{EvalRes, RoundRecord};
+use fedhubert_fl::RoundRecord;
 use fedhubert_train::RunFile;
 
 use crate::{BridgeError, RoundServer};
@@ -84,7 +84,7 @@ impl ServerDistillation {
             num_clients,
             resume,
         )?;
-        let next = rounds.history.len() as u64 + 1;
+        let next = rounds.history().len() as u64 + 1;
         *log.lock().unwrap_or_else(|p| p.into_inner()) = read_server_log(out, next)?;
         Ok(DistillServer {
             rounds,
@@ -110,17 +110,19 @@ impl DistillServer {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// [`RoundServer::finish_round`], then `server_distill.jsonl`; returns the round's record and
-    /// what the server's distillation did in it.
-    pub fn finish_round(
+    /// [`RoundServer::close_exchange`]; after a round, also `server_distill.jsonl`, and the
+    /// round's record with what the server's distillation did in it.
+    #[allow(clippy::type_complexity)]
+    pub fn close_exchange(
         &mut self,
-        evals: Vec<EvalRes>,
-    ) -> Result<(RoundRecord, Option<ServerRoundLog>), BridgeError> {
-        let rec = self.rounds.finish_round(evals)?;
+    ) -> Result<Option<(RoundRecord, Option<ServerRoundLog>)>, BridgeError> {
+        let Some(rec) = self.rounds.close_exchange()? else {
+            return Ok(None);
+        };
         let log = self.server_log();
         write_server_log(self.rounds.out(), &log)?;
         let kd = log.iter().rev().find(|r| r.round == rec.round).cloned();
-        Ok((rec, kd))
+        Ok(Some((rec, kd)))
     }
 
     /// Writes `student.safetensors`, `hf/` and `summary.json` as `fedhubert distill` does.
@@ -135,7 +137,7 @@ impl DistillServer {
             Mode::Server,
             &student,
             self.aux_params,
-            &self.rounds.history,
+            self.rounds.history(),
             Some(&log),
             out,
         )?;

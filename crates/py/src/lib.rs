@@ -4,7 +4,8 @@
 //! evaluation, aggregation, checkpoints and export run in Rust with the GIL released.
 //!
 //! - [`Client`]: one SuperNode's partition (`client_K` folder): local training and evaluation.
-//! - [`Server`]: the round loop of `fedhubert pretrain --simulation`, stepped by the ServerApp.
+//! - [`Server`]: the round engine of `fedhubert pretrain --simulation`; the ServerApp moves its
+//!   exchanges' messages.
 //! - [`ServerDistillation`]: `fedhubert distill --mode server` (the server distils a teacher into
 //!   the aggregate after every round), whose `server()` is a [`Server`] like pretraining's.
 //! - [`kmeans::KmeansClient`], [`kmeans::KmeansServer`]: federated k-means (the global codebook
@@ -20,16 +21,20 @@ pub mod server;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use fedhubert_fl::{Compression, EvalRes, FitConfig, Tensor, Weights};
+use fedhubert_fl::instructions::check_format;
+use fedhubert_fl::{
+    ClientInstructions, EvalRes, Exchange, MESSAGE_FORMAT, Reply, Tensor, Upload, Weights,
+    prepare_upload,
+};
 use fedhubert_train::RunFile;
 use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::PyDict;
 
 pub use client::{LocalClient, index_from_dir};
 pub use distill::{DistillServer, ServerDistillation, distill_run_file};
-pub use server::{RoundServer, Upload};
+pub use server::RoundServer;
 
 /// Name of the single array a client sends when its update is compressed (f16/int8 bytes).
 pub const PAYLOAD_KEY: &str = "__fedhubert_payload__";
@@ -43,6 +48,8 @@ pub enum BridgeError {
     Train(#[from] fedhubert_train::TrainError),
     #[error(transparent)]
     Fl(#[from] fedhubert_fl::FlError),
+    #[error(transparent)]
+    Tensor(#[from] fedhubert_fl::weights::TensorError),
     #[error(transparent)]
     Model(#[from] fedhubert_model::ModelError),
     #[error(transparent)]
@@ -96,23 +103,37 @@ pub fn run_file(config: &str, overrides: &[String]) -> Result<RunFile, BridgeErr
     Ok(RunFile::load(Some(p), overrides)?)
 }
 
+/// A run file (or distillation run file) as it goes to the clients: its JSON with the message
+/// format beside the sections.
+fn wire_json(rf: &impl serde::Serialize) -> Result<String, BridgeError> {
+    let mut v = serde_json::to_value(rf).map_err(|e| BridgeError::Config(e.to_string()))?;
+    v["format"] = MESSAGE_FORMAT.into();
+    Ok(v.to_string())
+}
+
+/// The sections of a run file received from the server, after checking its message format.
+fn from_wire<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T, BridgeError> {
+    let mut v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| BridgeError::Config(format!("{what}: {e}")))?;
+    let format = v.as_object_mut().and_then(|m| m.remove("format"));
+    check_format(format.and_then(|f| f.as_u64()), what)?;
+    serde_json::from_value(v).map_err(|e| BridgeError::Config(format!("{what}: {e}")))
+}
+
 fn parse_run_file(json: &str) -> Result<RunFile, BridgeError> {
-    let rf: RunFile = serde_json::from_str(json)
-        .map_err(|e| BridgeError::Config(format!("run file from the server: {e}")))?;
+    let rf: RunFile = from_wire(json, "run file from the server")?;
     rf.validate()?;
     Ok(rf)
 }
 
 fn parse_distill_run_file(json: &str) -> Result<fedhubert_distill::DistillRunFile, BridgeError> {
-    let rf: fedhubert_distill::DistillRunFile = serde_json::from_str(json)
-        .map_err(|e| BridgeError::Config(format!("distillation run file: {e}")))?;
+    let rf: fedhubert_distill::DistillRunFile = from_wire(json, "distillation run file")?;
     rf.validate()?;
     Ok(rf)
 }
 
-fn parse_fit_config(json: &str) -> Result<FitConfig, BridgeError> {
-    serde_json::from_str(json)
-        .map_err(|e| BridgeError::Config(format!("round config from the server: {e}")))
+fn parse_instructions(json: &str) -> Result<ClientInstructions, BridgeError> {
+    Ok(ClientInstructions::from_json(json)?)
 }
 
 /// `dict[str, ndarray]` → Weights, in dict order. The one copy here is unavoidable: the trainer
@@ -183,8 +204,7 @@ fn metrics_from_py(d: &Bound<'_, PyDict>) -> PyResult<BTreeMap<String, f64>> {
 #[pyfunction]
 #[pyo3(signature = (config, overrides = Vec::new()))]
 fn load_run_file(config: &str, overrides: Vec<String>) -> PyResult<String> {
-    let rf = run_file(config, &overrides)?;
-    serde_json::to_string(&rf).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    Ok(wire_json(&run_file(config, &overrides)?)?)
 }
 
 /// Reads and validates a distillation configuration (`tiny_student` for the built-in
@@ -193,8 +213,7 @@ fn load_run_file(config: &str, overrides: Vec<String>) -> PyResult<String> {
 #[pyfunction]
 #[pyo3(signature = (config, overrides = Vec::new()))]
 fn load_distill_run_file(config: &str, overrides: Vec<String>) -> PyResult<String> {
-    let rf = distill_run_file(config, &overrides)?;
-    serde_json::to_string(&rf).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    Ok(wire_json(&distill_run_file(config, &overrides)?)?)
 }
 
 /// One SuperNode's data and trainer.
@@ -203,8 +222,6 @@ struct Client {
     // Boxed: burn's device and model types are over-aligned (64 bytes), more than Python's
     // object allocator guarantees for a pyclass's inline contents.
     inner: Box<LocalClient>,
-    compression: Compression,
-    frozen: Vec<String>,
 }
 
 #[pymethods]
@@ -213,11 +230,8 @@ impl Client {
     #[new]
     fn new(partition: PathBuf, run_file: &str) -> PyResult<Self> {
         let rf = parse_run_file(run_file)?;
-        let run_cfg = rf.run_config().map_err(BridgeError::from)?;
         Ok(Self {
             inner: Box::new(LocalClient::new(&partition, &rf)?),
-            compression: run_cfg.compression,
-            frozen: run_cfg.frozen_prefixes,
         })
     }
 
@@ -227,31 +241,29 @@ impl Client {
         index_from_dir(&self.inner.dir)
     }
 
-    /// Local training from the global weights. Returns (arrays, num_examples, metrics): the
-    /// trainable weights, or one uint8 payload under `PAYLOAD_KEY` when compression is on.
+    /// Local training from the global weights as the instructions (JSON from the server) say.
+    /// Returns (arrays, num_examples, metrics): the trainable weights, or one uint8 payload
+    /// under `PAYLOAD_KEY` when compression is on (`fedhubert_fl::prepare_upload`).
     fn fit<'py>(
         &mut self,
         py: Python<'py>,
         arrays: &Bound<'py, PyDict>,
-        fit_config: &str,
+        instructions: &str,
     ) -> PyResult<(Bound<'py, PyDict>, u64, Bound<'py, PyDict>)> {
         let global = weights_from_py(arrays)?;
-        let cfg = parse_fit_config(fit_config)?;
+        let ins = parse_instructions(instructions)?;
         let inner = &mut self.inner;
-        let res = py.detach(|| inner.fit(&global, &cfg))?;
-        let frozen = &self.frozen;
-        let sent = res
-            .weights
-            .filter(|n| !frozen.iter().any(|p| n.starts_with(p.as_str())));
-        let out = if self.compression == Compression::None {
-            weights_to_py(py, sent)?
-        } else {
-            let current = global.filter(|n| !frozen.iter().any(|p| n.starts_with(p.as_str())));
-            let payload = fedhubert_fl::compress::encode(&sent, &current, self.compression)
-                .map_err(BridgeError::from)?;
-            let d = PyDict::new(py);
-            d.set_item(PAYLOAD_KEY, payload.into_pyarray(py))?;
-            d
+        let (upload, res) = py.detach(|| -> Result<_, BridgeError> {
+            let res = inner.fit(&global, &ins)?;
+            Ok((prepare_upload(&res.weights, &global, &ins.upload)?, res))
+        })?;
+        let out = match upload {
+            Upload::Weights(w) => weights_to_py(py, w)?,
+            Upload::Payload(p) => {
+                let d = PyDict::new(py);
+                d.set_item(PAYLOAD_KEY, p.into_pyarray(py))?;
+                d
+            }
         };
         Ok((out, res.num_examples, metrics_to_py(py, &res.metrics)?))
     }
@@ -261,12 +273,12 @@ impl Client {
         &mut self,
         py: Python<'py>,
         arrays: &Bound<'py, PyDict>,
-        eval_config: &str,
+        instructions: &str,
     ) -> PyResult<(u64, Bound<'py, PyDict>)> {
         let global = weights_from_py(arrays)?;
-        let cfg = parse_fit_config(eval_config)?;
+        let ins = parse_instructions(instructions)?;
         let inner = &mut self.inner;
-        let res = py.detach(|| inner.evaluate(&global, &cfg))?;
+        let res = py.detach(|| inner.evaluate(&global, &ins))?;
         Ok((res.num_examples, metrics_to_py(py, &res.metrics)?))
     }
 }
@@ -304,14 +316,24 @@ fn json_value(x: &impl serde::Serialize) -> PyResult<serde_json::Value> {
     serde_json::to_value(x).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
-fn plan_to_py(plan: Vec<(usize, FitConfig)>) -> PyResult<Vec<(usize, String)>> {
-    plan.into_iter()
-        .map(|(c, cfg)| {
-            serde_json::to_string(&cfg)
+/// An exchange for Python: (kind "fit" or "evaluate", round, [(client, instructions JSON)]).
+type PyExchange = (String, u64, Vec<(usize, String)>);
+
+fn exchange_to_py(ex: Exchange) -> PyResult<PyExchange> {
+    let kind = match ex.kind {
+        fedhubert_fl::ExchangeKind::Fit => "fit",
+        fedhubert_fl::ExchangeKind::Evaluate => "evaluate",
+    };
+    let clients = ex
+        .clients
+        .into_iter()
+        .map(|(c, ins)| {
+            serde_json::to_string(&ins)
                 .map(|s| (c, s))
                 .map_err(|e| PyRuntimeError::new_err(e.to_string()))
         })
-        .collect()
+        .collect::<PyResult<_>>()?;
+    Ok((kind.to_string(), ex.round, clients))
 }
 
 #[pymethods]
@@ -333,36 +355,41 @@ impl Server {
 
     #[getter]
     fn num_rounds(&self) -> u64 {
-        self.rounds().run_cfg.num_rounds
+        self.rounds().engine().config().num_rounds
     }
 
     #[getter]
     fn round_timeout_s(&self) -> Option<f64> {
-        self.rounds().run_cfg.round_timeout_s
+        self.rounds().engine().config().round_timeout_s
     }
 
     /// Rounds already completed (restored from the checkpoint on resume).
     #[getter]
     fn completed_rounds(&self) -> usize {
-        self.rounds().history.len()
+        self.rounds().history().len()
     }
 
+    /// The round in progress (or next), None when the run is complete.
     fn next_round(&self) -> Option<u64> {
         self.rounds().next_round()
     }
 
     /// The global weights as numpy arrays (a fresh copy: Flower serialises them).
     fn global_arrays<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        weights_to_py(py, self.rounds().global.clone())
+        weights_to_py(py, self.rounds().global().clone())
     }
 
-    /// Starts an attempt of the next round: [(client, fit config JSON)].
-    fn begin_attempt(&mut self) -> PyResult<Vec<(usize, String)>> {
-        plan_to_py(self.rounds_mut().begin_attempt()?)
+    /// The open exchange (opening the next one), or None when the run is complete: (kind,
+    /// round, [(client, instructions JSON)]); send each client the global model and its
+    /// instructions, then `deliver_fit`/`deliver_evaluate`/`fail` each reply as it arrives.
+    fn next_exchange(&mut self, py: Python<'_>) -> PyResult<Option<PyExchange>> {
+        let inner = self.rounds_mut();
+        let ex = py.detach(|| inner.next_exchange())?;
+        ex.map(exchange_to_py).transpose()
     }
 
-    /// One client's reply; call in increasing client order.
-    fn accumulate(
+    /// A client's training reply, in any order.
+    fn deliver_fit(
         &mut self,
         py: Python<'_>,
         client: usize,
@@ -370,52 +397,55 @@ impl Server {
         num_examples: u64,
         metrics: &Bound<'_, PyDict>,
     ) -> PyResult<()> {
-        let up = upload_from_py(arrays)?;
-        let m = metrics_from_py(metrics)?;
+        let reply = Reply::Fit {
+            upload: upload_from_py(arrays)?,
+            num_examples,
+            metrics: metrics_from_py(metrics)?,
+        };
         let inner = self.rounds_mut();
-        py.detach(|| inner.accumulate(client, up, num_examples, m))?;
+        py.detach(|| inner.deliver(client, reply))?;
         Ok(())
     }
 
+    /// A client's evaluation reply, in any order.
+    fn deliver_evaluate(
+        &mut self,
+        client: usize,
+        num_examples: u64,
+        metrics: &Bound<'_, PyDict>,
+    ) -> PyResult<()> {
+        let reply = Reply::Evaluate(EvalRes {
+            client,
+            num_examples,
+            metrics: metrics_from_py(metrics)?,
+        });
+        Ok(self.rounds_mut().deliver(client, reply)?)
+    }
+
+    /// A client of the open exchange that failed (error reply, lost node, no reply in time).
     fn fail(&mut self, client: usize, why: String) -> PyResult<()> {
-        Ok(self.rounds_mut().fail(client, why)?)
+        Ok(self.rounds_mut().deliver(client, Reply::Failed(why))?)
     }
 
-    /// True when the round is aggregated; False when it must be retried with a fresh sample.
-    fn end_attempt(&mut self, py: Python<'_>) -> PyResult<bool> {
-        let inner = self.rounds_mut();
-        Ok(py.detach(|| inner.end_attempt())?)
-    }
-
-    /// [(client, eval config JSON)] for this round (empty when it is not an evaluation round).
-    fn eval_plan(&self) -> PyResult<Vec<(usize, String)>> {
-        plan_to_py(self.rounds().eval_plan())
-    }
-
-    /// [(client, num_examples, metrics)] in client order → writes the checkpoint, returns the
-    /// round's record as JSON (one line of metrics.jsonl).
-    fn finish_round(&mut self, py: Python<'_>, evals: &Bound<'_, PyList>) -> PyResult<String> {
-        let mut rs = Vec::new();
-        for item in evals.iter() {
-            let (client, num_examples, metrics): (usize, u64, Bound<'_, PyDict>) =
-                item.extract()?;
-            rs.push(EvalRes {
-                client,
-                num_examples,
-                metrics: metrics_from_py(&metrics)?,
-            });
-        }
+    /// Closes the open exchange. When that completes a round: writes the checkpoint and returns
+    /// the round's record as JSON (one line of metrics.jsonl; in distillation with what the
+    /// server's distillation did); else None.
+    fn close_exchange(&mut self, py: Python<'_>) -> PyResult<Option<String>> {
         let v = match &mut *self.inner {
-            Rounds::Pretrain(r) => json_value(&py.detach(|| r.finish_round(rs))?)?,
-            // The record as metrics.jsonl has it, plus what the server's distillation did.
-            Rounds::Distill(d) => {
-                let (rec, kd) = py.detach(|| d.finish_round(rs))?;
-                let mut v = json_value(&rec)?;
-                v["server_distill"] = json_value(&kd)?;
-                v
-            }
+            Rounds::Pretrain(r) => match py.detach(|| r.close_exchange())? {
+                Some(rec) => json_value(&rec)?,
+                None => return Ok(None),
+            },
+            Rounds::Distill(d) => match py.detach(|| d.close_exchange())? {
+                Some((rec, kd)) => {
+                    let mut v = json_value(&rec)?;
+                    v["server_distill"] = json_value(&kd)?;
+                    v
+                }
+                None => return Ok(None),
+            },
         };
-        Ok(v.to_string())
+        Ok(Some(v.to_string()))
     }
 
     /// Writes the final model, hf/ and summary.json into the output folder (pretraining:
@@ -442,7 +472,7 @@ impl Server {
     /// The run file the clients train with, as JSON.
     #[getter]
     fn client_run_file(&self) -> PyResult<String> {
-        serde_json::to_string(&self.rounds().rf).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+        Ok(wire_json(&self.rounds().rf)?)
     }
 
     /// Server-side distillation's log so far as JSON (one entry per round: the first, mean and
@@ -488,8 +518,8 @@ impl PyServerDistillation {
             rf.distillation.server_set = server_set;
         }
         let sd = py.detach(|| ServerDistillation::new(rf))?;
-        let client_run_file = serde_json::to_string(&sd.client_run_file())
-            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        let client_run_file =
+            wire_json(&sd.client_run_file()).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
         Ok(Self {
             notes: sd.setup.notes.clone(),
             client_run_file,
@@ -541,7 +571,7 @@ impl PyServerDistillation {
 #[pyfunction]
 fn read_checkpoint<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
     let ck = py
-        .detach(|| fedhubert_fl::rounds::load_checkpoint(&path))
+        .detach(|| fedhubert_fl::store::load_checkpoint(&path))
         .map_err(BridgeError::from)?;
     let d = PyDict::new(py);
     d.set_item("round", ck.round)?;
@@ -565,16 +595,15 @@ fn read_checkpoint<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, P
 fn export_hf(py: Python<'_>, checkpoint: PathBuf, run_file: &str, out: PathBuf) -> PyResult<()> {
     let rf = parse_run_file(run_file)?;
     py.detach(|| -> Result<(), BridgeError> {
-        let ck = fedhubert_fl::rounds::load_checkpoint(&checkpoint)?;
+        let ck = fedhubert_fl::store::load_checkpoint(&checkpoint)?;
         let dev = fedhubert_model::cpu_device();
         let template = fedhubert_model::HubertForPretraining::new(
             &rf.model_config()?,
             &rf.pretrain_config()?,
-            rf.federated.seed,
+            rf.federated.run.seed,
             &dev,
         )?;
-        let model =
-            fedhubert_model::load_tensors(template, fedhubert_train::from_weights(&ck.global))?;
+        let model = fedhubert_model::load_tensors(template, ck.global)?;
         model.save_hf(&out)?;
         Ok(())
     })?;

@@ -6,7 +6,8 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{Fake, drive, same_history};
-use fedhubert::{RoundServer, Upload, run_file};
+use fedhubert::{RoundServer, run_file};
+use fedhubert_fl::{Reply, Upload};
 
 fn config(strategy: &str, rounds: u64) -> fedhubert_train::RunFile {
     run_file(
@@ -28,15 +29,14 @@ fn native(rf: &fedhubert_train::RunFile, out: &std::path::Path) -> fedhubert_fl:
     let template = fedhubert_model::HubertForPretraining::new(
         &rf.model_config().unwrap(),
         &rf.pretrain_config().unwrap(),
-        rf.federated.seed,
+        rf.federated.run.seed,
         &fedhubert_model::cpu_device(),
     )
     .unwrap();
-    let initial = fedhubert_train::to_weights(fedhubert_model::collect_tensors(&template));
-    let mut strategy = rf.strategy().unwrap().build().unwrap();
+    let initial = fedhubert_model::collect_tensors(&template);
     fedhubert_fl::run(
         &mut Fake { n: 5 },
-        strategy.as_mut(),
+        rf.strategy().unwrap().build().unwrap(),
         initial,
         &rf.run_config().unwrap(),
         Some(out),
@@ -63,7 +63,7 @@ fn stepped_rounds_match_the_native_loop_with_failures_and_resume() {
         let out = dir.path().join("stepped");
         let mut s = RoundServer::new(rf.clone(), &out, 5, false).unwrap();
         drive(&mut s, &mut Fake { n: 5 }, Some(1));
-        assert_eq!(s.history.len(), 1);
+        assert_eq!(s.history().len(), 1);
         drop(s);
         // A restarted ServerApp picks up after round 1 from the checkpoint.
         let mut s = RoundServer::new(rf.clone(), &out, 5, true).unwrap();
@@ -71,16 +71,14 @@ fn stepped_rounds_match_the_native_loop_with_failures_and_resume() {
         drive(&mut s, &mut Fake { n: 5 }, None);
         assert_eq!(s.next_round(), None);
         assert!(
-            s.global == want.weights,
+            *s.global() == want.weights,
             "{strategy}: global weights differ from fedhubert_fl::run"
         );
-        same_history(&s.history, &want.history);
-        let ck =
-            fedhubert_fl::rounds::load_checkpoint(&out.join("checkpoint.safetensors")).unwrap();
-        let ck_native = fedhubert_fl::rounds::load_checkpoint(
-            &dir.path().join("native/checkpoint.safetensors"),
-        )
-        .unwrap();
+        same_history(s.history(), &want.history);
+        let ck = fedhubert_fl::store::load_checkpoint(&out.join("checkpoint.safetensors")).unwrap();
+        let ck_native =
+            fedhubert_fl::store::load_checkpoint(&dir.path().join("native/checkpoint.safetensors"))
+                .unwrap();
         assert_eq!(ck.round, 3);
         assert!(
             ck.global == ck_native.global
@@ -93,23 +91,25 @@ fn stepped_rounds_match_the_native_loop_with_failures_and_resume() {
 }
 
 #[test]
-fn out_of_order_and_unsampled_replies_are_refused() {
+fn unsampled_and_repeated_replies_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = RoundServer::new(config("fedavg", 1), dir.path(), 5, false).unwrap();
-    let plan = s.begin_attempt().unwrap();
-    let sampled: Vec<usize> = plan.iter().map(|(c, _)| *c).collect();
+    let ex = s.next_exchange().unwrap().unwrap();
+    let sampled: Vec<usize> = ex.clients.iter().map(|(c, _)| *c).collect();
     let other = (0..5).find(|c| !sampled.contains(c)).unwrap();
-    let w = s.global.clone();
-    let e = s
-        .accumulate(other, Upload::Weights(w.clone()), 1, BTreeMap::new())
-        .unwrap_err();
+    let w = s.global().clone();
+    let reply = |w: &fedhubert_fl::Weights| Reply::Fit {
+        upload: Upload::Weights(w.clone()),
+        num_examples: 1,
+        metrics: BTreeMap::new(),
+    };
+    let e = s.deliver(other, reply(&w)).unwrap_err();
     assert!(e.to_string().contains("not sampled"), "{e}");
-    s.accumulate(sampled[1], Upload::Weights(w.clone()), 1, BTreeMap::new())
-        .unwrap();
-    let e = s
-        .accumulate(sampled[0], Upload::Weights(w), 1, BTreeMap::new())
-        .unwrap_err();
-    assert!(e.to_string().contains("increasing client order"), "{e}");
+    // Out of client order is fine (replies are buffered and aggregated in client order) ...
+    s.deliver(sampled[1], reply(&w)).unwrap();
+    // ... but a second reply from one client is refused.
+    let e = s.deliver(sampled[1], reply(&w)).unwrap_err();
+    assert!(e.to_string().contains("replied twice"), "{e}");
 }
 
 #[test]

@@ -6,19 +6,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::tensor::Device;
-use fedhubert_fl::{ClientPool, EvalRes, FitConfig, FitRes, Weights};
+use fedhubert_fl::{ClientInstructions, ClientPool, EvalRes, FitRes, LocalWork, Weights};
 use fedhubert_model::{HubertForPretraining, load_tensors};
 use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{ClientData, load_client_dir};
-use crate::trainer::{LocalTrainer, TrainConfig, evaluate_model, from_weights};
+use crate::data::{BatchConfig, ClientData, Utt, epoch_batches, load_client_dir};
+use crate::trainer::{LocalTrainer, TrainConfig, evaluate_model};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimConfig {
-    /// Local optimizer steps per round (overridden by the round config's `local_steps`).
-    pub local_steps: u64,
     /// Label shard name in each client folder (`km` → km.npy / km.len).
     pub label_stem: String,
     /// Keep decoded client audio in memory between rounds (fine for small corpora; turn off for
@@ -29,7 +28,6 @@ pub struct SimConfig {
 impl Default for SimConfig {
     fn default() -> Self {
         Self {
-            local_steps: 10,
             label_stem: "km".into(),
             cache_clients: true,
         }
@@ -83,6 +81,23 @@ impl ClientCache {
     }
 }
 
+/// Updates a round's [`LocalWork`] asks of a client with `utts`: steps as given, or epochs times
+/// the client's own updates per epoch (at least one).
+pub fn local_updates(
+    work: LocalWork,
+    utts: &[Utt],
+    batch: &BatchConfig,
+    update_freq: usize,
+) -> u64 {
+    match work {
+        LocalWork::Steps(s) => s,
+        LocalWork::Epochs(e) => {
+            let batches = epoch_batches(utts, batch, &mut ChaCha8Rng::seed_from_u64(0)).len();
+            ((batches / update_freq).max(1) as f64 * e).round() as u64
+        }
+    }
+}
+
 pub struct HubertClients {
     clients: ClientCache,
     template: HubertForPretraining,
@@ -120,33 +135,34 @@ impl ClientPool for HubertClients {
         self.clients.len()
     }
 
-    fn fit(&mut self, c: usize, global: &Weights, cfg: &FitConfig) -> Result<FitRes, String> {
+    fn fit(
+        &mut self,
+        c: usize,
+        global: &Weights,
+        cfg: &ClientInstructions,
+    ) -> Result<FitRes, String> {
         let data = self.data(c)?;
         let mut tr = LocalTrainer::new(self.template.clone(), self.train.clone(), &self.device)
             .map_err(|e| e.to_string())?;
         tr.set_weights(global).map_err(|e| e.to_string())?;
-        let lr = cfg
-            .extra
-            .get("learning_rate")
-            .copied()
-            .unwrap_or(self.train.learning_rate);
-        let steps = match (cfg.extra.get("local_steps"), cfg.extra.get("local_epochs")) {
-            (Some(&s), _) => s as u64,
-            (None, Some(&e)) => {
-                let per_epoch = crate::data::epoch_batches(
-                    &data.train,
-                    &self.train.batch,
-                    &mut rand_chacha::ChaCha8Rng::seed_from_u64(0),
-                )
-                .len()
-                    / self.train.update_freq;
-                (per_epoch.max(1) as f64 * e).round() as u64
-            }
-            (None, None) => self.sim.local_steps,
-        };
-        let prox = (cfg.proximal_mu > 0.0).then_some((global, cfg.proximal_mu));
+        let work = &cfg.settings;
+        let steps = local_updates(
+            work.local,
+            &data.train,
+            &self.train.batch,
+            self.train.update_freq,
+        );
+        let prox = (work.proximal_mu > 0.0).then_some((global, work.proximal_mu));
         let m = tr
-            .train(&data.train, 0, steps, Some(lr), cfg.seed, prox, |_, _| {})
+            .train(
+                &data.train,
+                0,
+                steps,
+                Some(work.learning_rate),
+                cfg.seed,
+                prox,
+                |_, _| {},
+            )
             .map_err(|e| e.to_string())?;
         Ok(FitRes {
             client: c,
@@ -156,7 +172,12 @@ impl ClientPool for HubertClients {
         })
     }
 
-    fn evaluate(&mut self, c: usize, global: &Weights, cfg: &FitConfig) -> Result<EvalRes, String> {
+    fn evaluate(
+        &mut self,
+        c: usize,
+        global: &Weights,
+        cfg: &ClientInstructions,
+    ) -> Result<EvalRes, String> {
         let data = self.data(c)?;
         if data.valid.is_empty() {
             return Ok(EvalRes {
@@ -166,7 +187,7 @@ impl ClientPool for HubertClients {
             });
         }
         let model =
-            load_tensors(self.template.clone(), from_weights(global)).map_err(|e| e.to_string())?;
+            load_tensors(self.template.clone(), global.clone()).map_err(|e| e.to_string())?;
         let m = evaluate_model(&model, &data.valid, &self.train.batch, cfg.seed)
             .map_err(|e| e.to_string())?;
         Ok(EvalRes {

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use fedhubert_fl::{Compression, RunConfig, StrategyConfig};
+use fedhubert_fl::{ClientSettings, Compression, LocalWork, RunConfig, StrategyConfig, UploadPlan};
 use fedhubert_model::{HeadKind, HubertConfig, PretrainConfig};
 use serde::{Deserialize, Serialize};
 
@@ -13,9 +13,23 @@ use crate::client::SimConfig;
 use crate::data::BatchConfig;
 use crate::trainer::{FEATURE_EXTRACTOR, TrainConfig};
 
+/// The `federated:` section. The seeds' YAML puts the strategy's settings beside the run's
+/// (`strategy: FedAdam`, `eta`, `beta1`, ... next to `num_rounds`); it is parsed in two stages:
+/// the keys of [`FederatedRun`] first, then every other key as a setting of the named strategy,
+/// so an unknown or misplaced key is an error naming it and the strategy.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(
+    try_from = "serde_json::Map<String, serde_json::Value>",
+    into = "serde_json::Map<String, serde_json::Value>"
+)]
+pub struct FederatedSection {
+    pub run: FederatedRun,
+    pub strategy: StrategyConfig,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
-pub struct FederatedSection {
+pub struct FederatedRun {
     /// Use the first `num_clients` client folders of the partition (0 = all).
     pub num_clients: usize,
     pub num_rounds: u64,
@@ -24,27 +38,18 @@ pub struct FederatedSection {
     pub min_fit_clients: usize,
     pub fraction_evaluate: f64,
     pub eval_every: u64,
-    /// fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox, fedmedian, fedtrimmedavg, krum.
-    pub strategy: String,
-    pub eta: Option<f32>,
-    pub tau: Option<f32>,
-    pub beta1: Option<f32>,
-    pub beta2: Option<f32>,
-    pub server_learning_rate: Option<f32>,
-    pub server_momentum: Option<f32>,
-    pub proximal_mu: Option<f32>,
-    pub trim_beta: Option<f32>,
-    pub num_malicious_clients: Option<usize>,
-    pub num_clients_to_keep: Option<usize>,
+    /// FedProx's mu, a client setting usable with any strategy (`strategy: FedProx` is FedAvg
+    /// with mu 0.01 unless given).
+    pub proximal_mu: f32,
     pub round_timeout_s: Option<f64>,
     pub accept_failures: bool,
     pub max_round_retries: u32,
-    /// none, f16 or int8 (update compression on the uplink).
-    pub compression: String,
+    /// Update compression on the uplink.
+    pub compression: Compression,
     pub seed: u64,
 }
 
-impl Default for FederatedSection {
+impl Default for FederatedRun {
     fn default() -> Self {
         Self {
             num_clients: 0,
@@ -53,31 +58,65 @@ impl Default for FederatedSection {
             min_fit_clients: 2,
             fraction_evaluate: 1.0,
             eval_every: 1,
-            strategy: "fedavg".into(),
-            eta: None,
-            tau: None,
-            beta1: None,
-            beta2: None,
-            server_learning_rate: None,
-            server_momentum: None,
-            proximal_mu: None,
-            trim_beta: None,
-            num_malicious_clients: None,
-            num_clients_to_keep: None,
+            proximal_mu: 0.0,
             round_timeout_s: None,
             accept_failures: true,
             max_round_retries: 2,
-            compression: "none".into(),
+            compression: Compression::None,
             seed: 0,
         }
+    }
+}
+
+type JsonMap = serde_json::Map<String, serde_json::Value>;
+
+impl TryFrom<JsonMap> for FederatedSection {
+    type Error = String;
+
+    fn try_from(mut keys: JsonMap) -> Result<Self, String> {
+        let name = match keys.remove("strategy") {
+            None => "fedavg".to_string(),
+            Some(serde_json::Value::String(s)) => s.to_ascii_lowercase(),
+            Some(v) => return Err(format!("strategy: expected a name, got {v}")),
+        };
+        let run_keys = serde_json::to_value(FederatedRun::default()).map_err(|e| e.to_string())?;
+        let run_keys = run_keys.as_object().ok_or("run keys")?;
+        let (mut run, settings): (JsonMap, JsonMap) = keys
+            .into_iter()
+            .partition(|(k, _)| run_keys.contains_key(k));
+        let name = if name == "fedprox" {
+            run.entry("proximal_mu").or_insert(0.01.into());
+            "fedavg".to_string()
+        } else {
+            name
+        };
+        let run: FederatedRun = serde_json::from_value(run.into()).map_err(|e| e.to_string())?;
+        let strategy = StrategyConfig::from_map(&name, settings).map_err(|e| match e {
+            fedhubert_fl::FlError::Config(s) => s,
+            e => e.to_string(),
+        })?;
+        Ok(Self { run, strategy })
+    }
+}
+
+impl From<FederatedSection> for JsonMap {
+    fn from(f: FederatedSection) -> JsonMap {
+        let mut m = match serde_json::to_value(f.run) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => JsonMap::new(),
+        };
+        if let Ok(serde_json::Value::Object(s)) = serde_json::to_value(f.strategy) {
+            m.extend(s);
+        }
+        m
     }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PretrainingSection {
-    /// Model size preset: tiny, student, base, large.
-    pub preset: String,
+    /// Model size preset.
+    pub preset: Preset,
     pub hidden_size: Option<usize>,
     pub num_hidden_layers: Option<usize>,
     pub num_attention_heads: Option<usize>,
@@ -89,7 +128,7 @@ pub struct PretrainingSection {
     pub final_dim: Option<usize>,
     pub logit_temp: f64,
     /// cosine (fairseq) or linear (icefall hubert_ce).
-    pub head: String,
+    pub head: HeadKind,
     pub label_rate: f64,
     /// fairseq semantics: the fraction of frames that start a span (0.8 => about half masked).
     pub mask_prob: f64,
@@ -117,7 +156,7 @@ pub struct PretrainingSection {
 impl Default for PretrainingSection {
     fn default() -> Self {
         Self {
-            preset: "base".into(),
+            preset: Preset::Base,
             hidden_size: None,
             num_hidden_layers: None,
             num_attention_heads: None,
@@ -126,7 +165,7 @@ impl Default for PretrainingSection {
             vocab_size: 100,
             final_dim: None,
             logit_temp: 0.1,
-            head: "cosine".into(),
+            head: HeadKind::Cosine,
             label_rate: 100.0,
             mask_prob: 0.8,
             mask_length: 10,
@@ -146,6 +185,27 @@ impl Default for PretrainingSection {
             freeze_feature_extractor: false,
             label_stem: "km".into(),
             cache_clients: true,
+        }
+    }
+}
+
+/// Model size presets (the architecture before the run file's own keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    Tiny,
+    Student,
+    Base,
+    Large,
+}
+
+impl Preset {
+    pub fn config(self) -> HubertConfig {
+        match self {
+            Preset::Tiny => HubertConfig::tiny(),
+            Preset::Student => HubertConfig::student(),
+            Preset::Base => HubertConfig::base(),
+            Preset::Large => HubertConfig::large(),
         }
     }
 }
@@ -215,17 +275,7 @@ impl RunFile {
 
     pub fn model_config(&self) -> Result<HubertConfig, TrainError> {
         let p = &self.pretraining;
-        let mut c = match p.preset.as_str() {
-            "tiny" => HubertConfig::tiny(),
-            "student" => HubertConfig::student(),
-            "base" => HubertConfig::base(),
-            "large" => HubertConfig::large(),
-            other => {
-                return Err(cfg_err(format!(
-                    "pretraining.preset {other:?}: expected tiny, student, base or large"
-                )));
-            }
-        };
+        let mut c = p.preset.config();
         if let Some(v) = p.hidden_size {
             c.hidden_size = v;
         }
@@ -255,22 +305,13 @@ impl RunFile {
 
     pub fn pretrain_config(&self) -> Result<PretrainConfig, TrainError> {
         let p = &self.pretraining;
-        let head = match p.head.as_str() {
-            "cosine" => HeadKind::Cosine,
-            "linear" => HeadKind::Linear,
-            o => {
-                return Err(cfg_err(format!(
-                    "pretraining.head {o:?}: expected cosine or linear"
-                )));
-            }
-        };
         let hidden = self.model_config()?.hidden_size;
         let c = PretrainConfig {
             num_classes: p.vocab_size,
             final_dim: p
                 .final_dim
                 .unwrap_or(if hidden >= 768 { 256 } else { hidden.min(256) }),
-            head,
+            head: p.head,
             logit_temp: p.logit_temp,
             label_rate: p.label_rate,
             feature_grad_mult: if p.freeze_feature_extractor {
@@ -301,86 +342,35 @@ impl RunFile {
                 max_sample_size: p.max_audio_length,
                 min_sample_size: p.min_audio_length,
             },
-            seed: self.federated.seed,
+            seed: self.federated.run.seed,
             ..Default::default()
         })
     }
 
     pub fn sim_config(&self) -> SimConfig {
         SimConfig {
-            local_steps: self.pretraining.local_steps,
             label_stem: self.pretraining.label_stem.clone(),
             cache_clients: self.pretraining.cache_clients,
         }
     }
 
     pub fn strategy(&self) -> Result<StrategyConfig, TrainError> {
-        let f = &self.federated;
-        let mut s = StrategyConfig::from_name(&f.strategy)
-            .map_err(|e| cfg_err(format!("federated.strategy: {e}")))?;
-        match &mut s {
-            StrategyConfig::FedAdam {
-                eta,
-                beta_1,
-                beta_2,
-                tau,
-            }
-            | StrategyConfig::FedYogi {
-                eta,
-                beta_1,
-                beta_2,
-                tau,
-            } => {
-                *eta = f.eta.unwrap_or(*eta);
-                *beta_1 = f.beta1.unwrap_or(*beta_1);
-                *beta_2 = f.beta2.unwrap_or(*beta_2);
-                *tau = f.tau.unwrap_or(*tau);
-            }
-            StrategyConfig::FedAdagrad { eta, tau } => {
-                *eta = f.eta.unwrap_or(*eta);
-                *tau = f.tau.unwrap_or(*tau);
-            }
-            StrategyConfig::FedAvgM {
-                server_learning_rate,
-                server_momentum,
-            } => {
-                *server_learning_rate = f.server_learning_rate.unwrap_or(*server_learning_rate);
-                *server_momentum = f.server_momentum.unwrap_or(*server_momentum);
-            }
-            StrategyConfig::FedProx { proximal_mu } => {
-                *proximal_mu = f.proximal_mu.unwrap_or(*proximal_mu)
-            }
-            StrategyConfig::FedTrimmedAvg { beta } => *beta = f.trim_beta.unwrap_or(*beta),
-            StrategyConfig::Krum {
-                num_malicious_clients,
-                num_clients_to_keep,
-            } => {
-                *num_malicious_clients = f.num_malicious_clients.unwrap_or(*num_malicious_clients);
-                *num_clients_to_keep = f.num_clients_to_keep.unwrap_or(*num_clients_to_keep);
-            }
-            StrategyConfig::FedAvg | StrategyConfig::FedMedian => {}
-        }
+        let s = self.federated.strategy.clone();
         s.validate()
             .map_err(|e| cfg_err(format!("federated: {e}")))?;
         Ok(s)
     }
 
-    /// The engine's run configuration; `learning_rate`, `local_steps`/`local_epochs` and
-    /// `warmup_rounds` travel to clients in the round config.
+    /// The engine's run configuration; the client settings (learning rate, local steps or
+    /// epochs, FedProx's mu) travel to clients in their instructions.
     pub fn run_config(&self) -> Result<RunConfig, TrainError> {
-        let f = &self.federated;
+        let f = &self.federated.run;
         let p = &self.pretraining;
-        let compression: Compression = f
-            .compression
-            .parse()
-            .map_err(|e| cfg_err(format!("federated.compression: {e}")))?;
-        let mut extra = std::collections::BTreeMap::new();
-        extra.insert("learning_rate".into(), p.learning_rate);
-        if p.local_steps > 0 {
-            extra.insert("local_steps".into(), p.local_steps as f64);
+        let local = if p.local_steps > 0 {
+            LocalWork::Steps(p.local_steps)
         } else {
-            extra.insert("local_epochs".into(), p.local_epochs as f64);
-        }
+            LocalWork::Epochs(p.local_epochs as f64)
+        };
         Ok(RunConfig {
             num_rounds: f.num_rounds,
             fraction_fit: f.client_fraction,
@@ -392,13 +382,80 @@ impl RunFile {
             round_timeout_s: f.round_timeout_s,
             accept_failures: f.accept_failures,
             max_round_retries: f.max_round_retries,
-            compression,
-            frozen_prefixes: if p.freeze_feature_extractor {
-                vec![FEATURE_EXTRACTOR.to_string()]
-            } else {
-                vec![]
+            upload: UploadPlan {
+                compression: f.compression,
+                frozen_prefixes: if p.freeze_feature_extractor {
+                    vec![FEATURE_EXTRACTOR.to_string()]
+                } else {
+                    vec![]
+                },
             },
-            client_extra: extra,
+            client: ClientSettings {
+                learning_rate: p.learning_rate,
+                local,
+                proximal_mu: f.proximal_mu,
+            },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(yaml: &str) -> Result<RunFile, TrainError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run.yaml");
+        std::fs::write(&p, yaml).unwrap();
+        RunFile::load(Some(&p), &[])
+    }
+
+    #[test]
+    fn strategy_keys_sit_beside_the_run_keys() {
+        let rf =
+            load("federated:\n  strategy: FedAdam\n  eta: 0.05\n  beta1: 0.8\n  num_rounds: 3\n")
+                .unwrap();
+        assert_eq!(rf.federated.run.num_rounds, 3);
+        assert_eq!(
+            rf.federated.strategy,
+            StrategyConfig::FedAdam(fedhubert_fl::strategy::FedAdam {
+                eta: 0.05,
+                beta1: 0.8,
+                beta2: 0.99,
+                tau: 1e-3,
+            })
+        );
+        // Serialized for the clients and read back: the same run file.
+        let json = serde_json::to_string(&rf).unwrap();
+        assert_eq!(serde_json::from_str::<RunFile>(&json).unwrap(), rf);
+    }
+
+    #[test]
+    fn fedprox_is_fedavg_with_the_client_setting() {
+        let rf = load("federated:\n  strategy: FedProx\n").unwrap();
+        assert_eq!(rf.federated.strategy, StrategyConfig::default());
+        assert_eq!(rf.run_config().unwrap().client.proximal_mu, 0.01);
+        let rf = load("federated:\n  strategy: fedprox\n  proximal_mu: 0.1\n").unwrap();
+        assert_eq!(rf.run_config().unwrap().client.proximal_mu, 0.1);
+        // mu works with any strategy.
+        let rf = load("federated:\n  strategy: fedmedian\n  proximal_mu: 0.2\n").unwrap();
+        assert_eq!(rf.federated.strategy.name(), "fedmedian");
+        assert_eq!(rf.run_config().unwrap().client.proximal_mu, 0.2);
+    }
+
+    #[test]
+    fn unknown_and_misplaced_keys_are_named() {
+        let e = load("federated:\n  strategy: fedavg\n  eta: 0.1\n").unwrap_err();
+        assert!(e.to_string().contains("`eta`"), "{e}");
+        let e = load("federated:\n  strategy: fedadam\n  etaa: 0.1\n").unwrap_err();
+        assert!(e.to_string().contains("`etaa`"), "{e}");
+        let e = load("federated:\n  strategy: fedfoo\n").unwrap_err();
+        assert!(e.to_string().contains("fedfoo"), "{e}");
+        let e = load("federated:\n  compression: bz2\n").unwrap_err();
+        assert!(e.to_string().contains("bz2"), "{e}");
+        let e = load("pretraining:\n  preset: huge\n").unwrap_err();
+        assert!(e.to_string().contains("huge"), "{e}");
+        let e = load("federated:\n  strategy: fedadam\n  beta1: 1.5\n").unwrap_err();
+        assert!(e.to_string().contains("beta1"), "{e}");
     }
 }

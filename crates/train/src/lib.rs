@@ -1,22 +1,23 @@
 //! The local HuBERT trainer and the federated client built on it.
 //!
 //! - [`data`]: a client's audio and labels in memory; fairseq-style batches with random crops.
-//! - [`trainer`]: masked-prediction training steps with AdamW, warm-up + linear decay,
-//!   global-norm clipping, gradient accumulation, FedProx, a frozen front-end, checkpoints.
+//! - [`core`]: the trainer core every trainer shares (engine RNG lock, gradient collection,
+//!   the one clipping function, FedProx, host AdamW, the epoch plan and the step loop).
+//! - [`trainer`]: masked-prediction training steps on it, warm-up + linear decay, gradient
+//!   accumulation, a frozen front-end, checkpoints.
 //! - [`client`]: a [`fedhubert_fl::ClientPool`] whose clients train on their own folders.
 
 pub mod client;
 pub mod config;
+pub mod core;
 pub mod data;
 pub mod trainer;
 
 pub use client::{ClientCache, HubertClients, SimConfig};
-pub use config::RunFile;
+pub use config::{FederatedRun, FederatedSection, Preset, RunFile};
+pub use core::{AdamState, Grads, StepMetrics, StepPlan};
 pub use data::{BatchConfig, ClientData, Utt, load_client_dir};
-pub use trainer::{
-    AdamState, FEATURE_EXTRACTOR, LocalTrainer, Metrics, TrainConfig, evaluate_model, from_weights,
-    to_weights,
-};
+pub use trainer::{FEATURE_EXTRACTOR, LocalTrainer, Metrics, TrainConfig, evaluate_model};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -28,6 +29,8 @@ pub enum TrainError {
     Model(#[from] fedhubert_model::ModelError),
     #[error(transparent)]
     Fl(#[from] fedhubert_fl::FlError),
+    #[error(transparent)]
+    Tensor(#[from] fedhubert_io::TensorError),
     #[error("data: {0}")]
     Data(String),
     #[error("config: {0}")]

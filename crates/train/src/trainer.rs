@@ -1,33 +1,23 @@
-//! The local trainer a client (or the centralized baseline) runs: masked-prediction loss, backward
-//! in burn, then global-norm clipping, FedProx's proximal gradient and AdamW on host copies of
-//! the parameters.
-//!
-//! Why the optimizer lives on the host: its state is then plain named arrays, so it checkpoints,
-//! resumes bit for bit, and skips frozen tensors without any engine support; its cost is one
-//! elementwise pass over the parameters per step, small next to forward and backward.
+//! The local trainer a client (or the centralized baseline) runs: the masked-prediction loss on
+//! the model, then the shared trainer core ([`crate::core`]): clipping, FedProx, host AdamW.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
 
 use burn::module::Module;
-use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
-use fedhubert_fl::rounds::mix;
-use fedhubert_fl::{Tensor as FlTensor, Weights};
-use fedhubert_model::{
-    HostTensor, HubertForPretraining, PretrainBatch, collect_tensors, load_tensors,
-};
+use fedhubert_io::Weights;
+use fedhubert_io::seeds::{self, mix};
+use fedhubert_model::{HubertForPretraining, PretrainBatch, collect_tensors, load_tensors};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
-use crate::data::{BatchConfig, Utt, epoch_batches, make_batch};
-
-/// burn's CPU random generator is process-global: one training step at a time per process keeps
-/// dropout draws tied to the step's seed, which exact resume relies on.
-static ENGINE_RNG: Mutex<()> = Mutex::new(());
+use crate::core::{
+    self, AdamState, Grads, StepMetrics, StepPlan, apply_update, clip_grad_norm, engine_rng,
+};
+use crate::data::{BatchConfig, Utt, make_batch};
 
 /// Optimizer, schedule and batching (fairseq HuBERT recipe defaults).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -113,55 +103,45 @@ impl TrainConfig {
     }
 }
 
-/// Prefix of the conv front-end's parameters (frozen with `freeze_feature_extractor`).
-pub const FEATURE_EXTRACTOR: &str = "hubert.feature_extractor.";
+const TRAINER_FORMAT: &str = "fedhubert-trainer";
+/// Version of the trainer checkpoint layout (version 1 wrote `format: fedhubert-trainer-v1` and
+/// has the same contents, so it is read as is).
+pub const TRAINER_VERSION: u32 = 2;
 
-/// Host AdamW state (torch `AdamW` semantics, decoupled weight decay).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct AdamState {
-    pub step: u64,
-    pub m: BTreeMap<String, Vec<f32>>,
-    pub v: BTreeMap<String, Vec<f32>>,
-}
-
-impl AdamState {
-    /// One AdamW update of `params` by `grads` (parameters without a gradient are left alone)
-    /// at learning rate `lr`, with `cfg`'s betas, epsilon and weight decay.
-    pub fn update(
-        &mut self,
-        params: &mut [(String, HostTensor)],
-        grads: &BTreeMap<String, Vec<f32>>,
-        lr: f64,
-        cfg: &TrainConfig,
-    ) {
-        self.step += 1;
-        let t = self.step as i32;
-        let (b1, b2) = cfg.adam_betas;
-        let bc1 = 1.0 - b1.powi(t);
-        let bc2_sqrt = (1.0 - b2.powi(t)).sqrt() as f32;
-        let step_size = (lr / bc1) as f32;
-        let (b1, b2, eps) = (b1 as f32, b2 as f32, cfg.adam_eps as f32);
-        let decay = (1.0 - lr * cfg.weight_decay) as f32;
-        for (name, p) in params.iter_mut() {
-            let Some(g) = grads.get(name) else { continue };
-            let m = self
-                .m
-                .entry(name.clone())
-                .or_insert_with(|| vec![0.0; g.len()]);
-            let v = self
-                .v
-                .entry(name.clone())
-                .or_insert_with(|| vec![0.0; g.len()]);
-            for (((w, &gi), mi), vi) in p.data.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
-            {
-                *w *= decay;
-                *mi = b1 * *mi + (1.0 - b1) * gi;
-                *vi = b2 * *vi + (1.0 - b2) * gi * gi;
-                *w -= step_size * *mi / (vi.sqrt() / bc2_sqrt + eps);
-            }
-        }
+fn check_trainer_format(path: &Path, meta: &BTreeMap<String, String>) -> Result<(), TrainError> {
+    let version = match meta.get("format").map(String::as_str) {
+        Some("fedhubert-trainer-v1") => 1,
+        Some(TRAINER_FORMAT) => meta
+            .get("format_version")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
+    };
+    match version {
+        0 => Err(TrainError::Data(format!(
+            "{}: not a fedhubert trainer checkpoint",
+            path.display()
+        ))),
+        v if v > TRAINER_VERSION => Err(TrainError::Data(format!(
+            "{}: trainer checkpoint format version {v} is newer than this fedhubert's ({TRAINER_VERSION}): upgrade fedhubert",
+            path.display()
+        ))),
+        _ => Ok(()),
     }
 }
+
+/// A scalar loss tensor's value.
+pub fn read_loss(loss: &Tensor<1>) -> Result<f64, TrainError> {
+    Ok(loss
+        .clone()
+        .into_data()
+        .convert::<f64>()
+        .try_to_vec::<f64>()
+        .map_err(|e| TrainError::Diverged(format!("cannot read the loss: {e:?}")))?[0])
+}
+
+/// Prefix of the conv front-end's parameters (frozen with `freeze_feature_extractor`).
+pub const FEATURE_EXTRACTOR: &str = "hubert.feature_extractor.";
 
 /// Aggregated numbers over some steps or an evaluation pass.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -177,6 +157,20 @@ pub struct Metrics {
     pub seconds_of_audio: f64,
 }
 
+impl StepMetrics for Metrics {
+    fn running_mean(&mut self, m: &Self, n: f64) {
+        self.loss += (m.loss - self.loss) / n;
+        self.loss_masked += (m.loss_masked - self.loss_masked) / n;
+        self.acc_masked += (m.acc_masked - self.acc_masked) / n;
+        self.acc_unmasked += (m.acc_unmasked - self.acc_unmasked) / n;
+        self.grad_norm += (m.grad_norm - self.grad_norm) / n;
+        self.lr = m.lr;
+        self.steps += 1;
+        self.utterances += m.utterances;
+        self.seconds_of_audio += m.seconds_of_audio;
+    }
+}
+
 impl Metrics {
     pub fn to_map(&self) -> BTreeMap<String, f64> {
         let v = serde_json::to_value(self).expect("metrics serialise");
@@ -186,34 +180,6 @@ impl Metrics {
             .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
             .collect()
     }
-}
-
-pub fn to_weights(named: Vec<(String, HostTensor)>) -> Weights {
-    Weights::new(
-        named
-            .into_iter()
-            .map(|(name, t)| FlTensor {
-                name,
-                shape: t.shape,
-                data: t.data,
-            })
-            .collect(),
-    )
-}
-
-pub fn from_weights(w: &Weights) -> HashMap<String, HostTensor> {
-    w.tensors
-        .iter()
-        .map(|t| {
-            (
-                t.name.clone(),
-                HostTensor {
-                    shape: t.shape.clone(),
-                    data: t.data.clone(),
-                },
-            )
-        })
-        .collect()
 }
 
 /// A model on an autodiff device plus its optimizer state.
@@ -250,12 +216,12 @@ impl LocalTrainer {
     }
 
     pub fn weights(&self) -> Weights {
-        to_weights(collect_tensors(&self.model))
+        collect_tensors(&self.model)
     }
 
     pub fn set_weights(&mut self, w: &Weights) -> Result<(), TrainError> {
         let m = self.model.clone();
-        self.model = load_tensors(m, from_weights(w))?;
+        self.model = load_tensors(m, w.clone())?;
         Ok(())
     }
 
@@ -274,104 +240,76 @@ impl LocalTrainer {
         seed: u64,
         prox: Option<(&Weights, f32)>,
     ) -> Result<Metrics, TrainError> {
-        let _guard = ENGINE_RNG.lock().unwrap_or_else(|p| p.into_inner());
-        self.device.seed(mix(seed, &[0xD80F]));
+        let _rng = engine_rng(&self.device, mix(seed, &[seeds::PRETRAIN_DROPOUT]));
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let label_rate = self.model.pretrain.label_rate;
-        let mut grads: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        let mut grads = Grads::new();
         let mut m = Metrics {
             lr,
             steps: 1,
             ..Default::default()
         };
-        let (mut cm, mut nm, mut cu, mut nu) = (0usize, 0usize, 0usize, 0usize);
+        let mut counts = [0usize; 4];
         for utts in micro {
-            let batch = make_batch(utts, self.cfg.batch.max_sample_size, label_rate, &mut rng);
-            let pb = PretrainBatch {
-                waveform: self.batch_tensor(&batch.wavs, &self.device),
-                sample_lengths: None,
-                labels: batch.labels,
-            };
-            let out = self.model.forward_pretrain(&pb, &mut rng)?;
-            let loss_val = out
-                .loss
-                .clone()
-                .into_data()
-                .convert::<f64>()
-                .try_to_vec::<f64>()
-                .map_err(|e| TrainError::Diverged(format!("cannot read the loss: {e:?}")))?[0];
-            if !loss_val.is_finite() {
-                return Err(TrainError::Diverged(format!(
-                    "loss is {loss_val} at lr {lr}"
-                )));
-            }
-            let gp = GradientsParams::from_grads(out.loss.backward(), &self.model);
-            let col_out = fedhubert_model::collect_grads(&self.model, &gp);
-            for (k, g) in col_out {
-                match grads.get_mut(&k) {
-                    Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
-                    None => {
-                        grads.insert(k, g);
-                    }
-                }
-            }
-            m.loss += loss_val / micro.len() as f64;
-            m.loss_masked += out.loss_masked / micro.len() as f64;
-            (cm, nm, cu, nu) = (
-                cm + out.correct_masked,
-                nm + out.count_masked,
-                cu + out.correct_unmasked,
-                nu + out.count_unmasked,
-            );
+            let (loss, out_counts, wav_len) = self.micro_loss(utts, lr, &mut rng)?;
+            m.loss += loss.0 / micro.len() as f64;
+            m.loss_masked += loss.1 / micro.len() as f64;
+            core::accumulate(&mut grads, core::backward(loss.2, &self.model));
+            counts.iter_mut().zip(out_counts).for_each(|(a, b)| *a += b);
             m.utterances += utts.len() as u64;
-            m.seconds_of_audio += utts.len() as f64 * pb.waveform.dims()[1] as f64 / 16_000.0;
+            m.seconds_of_audio += utts.len() as f64 * wav_len as f64 / 16_000.0;
         }
+        let [cm, nm, cu, nu] = counts;
         m.acc_masked = cm as f64 / nm.max(1) as f64;
         m.acc_unmasked = cu as f64 / nu.max(1) as f64;
-        let inv = 1.0 / micro.len() as f32;
         if self.cfg.freeze_feature_extractor {
             grads.retain(|k, _| !k.starts_with(FEATURE_EXTRACTOR));
         }
-        let mut norm2 = 0f64;
-        for g in grads.values_mut() {
-            g.iter_mut().for_each(|x| *x *= inv);
-            norm2 += g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
-        }
-        m.grad_norm = norm2.sqrt();
-        if self.cfg.clip_norm > 0.0 {
-            let factor = self.cfg.clip_norm / (m.grad_norm + 1e-6);
-            if factor < 1.0 {
-                grads
-                    .values_mut()
-                    .for_each(|g| g.iter_mut().for_each(|x| *x *= factor as f32));
-            }
-        }
-        let mut params = collect_tensors(&self.model);
-        if let Some((global, mu)) = prox
-            && mu > 0.0
-        {
-            let gmap: HashMap<&str, &Vec<f32>> = global
-                .tensors
-                .iter()
-                .map(|t| (t.name.as_str(), &t.data))
-                .collect();
-            for (name, p) in &params {
-                if let (Some(g), Some(w0)) = (grads.get_mut(name), gmap.get(name.as_str())) {
-                    g.iter_mut()
-                        .zip(p.data.iter().zip(w0.iter()))
-                        .for_each(|(g, (w, w0))| *g += mu * (w - w0));
-                }
-            }
-        }
-        self.opt.update(&mut params, &grads, lr, &self.cfg);
-        let m2 = self.model.clone();
-        self.model = load_tensors(m2, params.into_iter().collect())?;
+        m.grad_norm = clip_grad_norm(&mut grads, micro.len(), self.cfg.clip_norm);
+        let model = self.model.clone();
+        self.model = apply_update(model, &mut grads, lr, prox, &mut self.opt, &self.cfg)?;
         Ok(m)
+    }
+
+    /// The masked-prediction loss of one micro-batch: (loss value, masked loss, loss tensor),
+    /// the (correct masked, masked, correct unmasked, unmasked) counts and the crop length.
+    #[allow(clippy::type_complexity)]
+    fn micro_loss(
+        &self,
+        utts: &[&Utt],
+        lr: f64,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<((f64, f64, Tensor<1>), [usize; 4], usize), TrainError> {
+        let label_rate = self.model.pretrain.label_rate;
+        let batch = make_batch(utts, self.cfg.batch.max_sample_size, label_rate, rng);
+        let pb = PretrainBatch {
+            waveform: self.batch_tensor(&batch.wavs, &self.device),
+            sample_lengths: None,
+            labels: batch.labels,
+        };
+        let out = self.model.forward_pretrain(&pb, rng)?;
+        let loss_val = read_loss(&out.loss)?;
+        if !loss_val.is_finite() {
+            return Err(TrainError::Diverged(format!(
+                "loss is {loss_val} at lr {lr}"
+            )));
+        }
+        let counts = [
+            out.correct_masked,
+            out.count_masked,
+            out.correct_unmasked,
+            out.count_unmasked,
+        ];
+        Ok((
+            (loss_val, out.loss_masked, out.loss),
+            counts,
+            pb.waveform.dims()[1],
+        ))
     }
 
     /// Runs `steps` updates over `utts` starting at global step `start` (epochs are reshuffled
     /// with seeds derived from `seed`; step k's randomness from `(seed, k)`), at a fixed `lr` or
     /// the configured schedule when `lr` is None.
+    #[allow(clippy::too_many_arguments)]
     pub fn train(
         &mut self,
         utts: &[Utt],
@@ -380,56 +318,19 @@ impl LocalTrainer {
         lr: Option<f64>,
         seed: u64,
         prox: Option<(&Weights, f32)>,
-        mut on_step: impl FnMut(u64, &Metrics),
+        on_step: impl FnMut(u64, &Metrics),
     ) -> Result<Metrics, TrainError> {
-        let bcfg = self.cfg.batch.clone();
-        let plan = |epoch: u64| {
-            epoch_batches(
-                utts,
-                &bcfg,
-                &mut ChaCha8Rng::seed_from_u64(mix(seed, &[0xE90C, epoch])),
-            )
-        };
-        let first = plan(0);
-        if first.is_empty() {
-            return Err(TrainError::Data(format!(
-                "no utterance is at least min_sample_size = {} samples long",
-                self.cfg.batch.min_sample_size
-            )));
-        }
-        let per_epoch = (first.len() / self.cfg.update_freq).max(1) as u64;
-        let mut total = Metrics::default();
-        let mut cache: Option<(u64, Vec<Vec<usize>>)> = Some((0, first));
-        for k in start..start + steps {
-            let epoch = k / per_epoch;
-            if cache.as_ref().map(|c| c.0) != Some(epoch) {
-                cache = Some((epoch, plan(epoch)));
-            }
-            let batches = &cache.as_ref().unwrap().1;
-            let j = (k % per_epoch) as usize * self.cfg.update_freq;
-            let micro: Vec<Vec<&Utt>> = (0..self.cfg.update_freq)
-                .map(|u| {
-                    batches[(j + u) % batches.len()]
-                        .iter()
-                        .map(|&i| &utts[i])
-                        .collect()
-                })
-                .collect();
-            let lr_k = lr.unwrap_or_else(|| self.cfg.lr_at(k));
-            let m = self.step(&micro, lr_k, mix(seed, &[0x57E9, k]), prox)?;
-            on_step(k, &m);
-            let n = (k - start + 1) as f64;
-            total.loss += (m.loss - total.loss) / n;
-            total.loss_masked += (m.loss_masked - total.loss_masked) / n;
-            total.acc_masked += (m.acc_masked - total.acc_masked) / n;
-            total.acc_unmasked += (m.acc_unmasked - total.acc_unmasked) / n;
-            total.grad_norm += (m.grad_norm - total.grad_norm) / n;
-            total.lr = m.lr;
-            total.steps += 1;
-            total.utterances += m.utterances;
-            total.seconds_of_audio += m.seconds_of_audio;
-        }
-        Ok(total)
+        let mut plan = StepPlan::new(utts, &self.cfg.batch, self.cfg.update_freq, seed)?;
+        core::run_steps(
+            &mut plan,
+            start,
+            steps,
+            |k, micro, step_seed| {
+                let lr_k = lr.unwrap_or_else(|| self.cfg.lr_at(k));
+                self.step(micro, lr_k, step_seed, prox)
+            },
+            on_step,
+        )
     }
 
     /// Masked-prediction loss and accuracies on `utts` in evaluation mode (no dropout), one
@@ -441,31 +342,11 @@ impl LocalTrainer {
     /// Saves model, optimizer moments and step atomically to one safetensors file.
     pub fn save(&self, path: &Path, extra: BTreeMap<String, String>) -> Result<(), TrainError> {
         let model = self.weights();
-        let m = Weights::new(
-            self.opt
-                .m
-                .iter()
-                .map(|(k, v)| FlTensor {
-                    name: k.clone(),
-                    shape: vec![v.len()],
-                    data: v.clone(),
-                })
-                .collect(),
-        );
-        let v = Weights::new(
-            self.opt
-                .v
-                .iter()
-                .map(|(k, v)| FlTensor {
-                    name: k.clone(),
-                    shape: vec![v.len()],
-                    data: v.clone(),
-                })
-                .collect(),
-        );
+        let (m, v) = self.opt.moments();
         let groups = [("model/", &model), ("adam_m/", &m), ("adam_v/", &v)];
         let mut meta = extra;
-        meta.insert("format".into(), "fedhubert-trainer-v1".into());
+        meta.insert("format".into(), TRAINER_FORMAT.into());
+        meta.insert("format_version".into(), TRAINER_VERSION.to_string());
         meta.insert("adam_step".into(), self.opt.step.to_string());
         meta.insert("hubert_config".into(), self.model.hubert.config.to_json()?);
         meta.insert(
@@ -477,37 +358,28 @@ impl LocalTrainer {
             "train_config".into(),
             serde_json::to_string(&self.cfg).map_err(|e| TrainError::Config(e.to_string()))?,
         );
-        meta.insert(
-            "order".into(),
-            fedhubert_fl::weights::order_metadata(&groups),
-        );
-        fedhubert_fl::weights::save_safetensors(path, &groups, meta)?;
+        meta.insert("order".into(), fedhubert_io::order_metadata(&groups));
+        fedhubert_io::save_safetensors(path, &groups, meta)?;
         Ok(())
     }
 
     /// Restores what `save` wrote into this trainer (same architecture); returns the metadata.
     pub fn load(&mut self, path: &Path) -> Result<BTreeMap<String, String>, TrainError> {
-        let (mut groups, meta) = fedhubert_fl::weights::load_safetensors(path)?;
-        if meta.get("format").map(String::as_str) != Some("fedhubert-trainer-v1") {
-            return Err(TrainError::Data(format!(
-                "{}: not a fedhubert trainer checkpoint",
-                path.display()
-            )));
-        }
+        let (mut groups, meta) = fedhubert_io::load_safetensors(path)?;
+        check_trainer_format(path, &meta)?;
         let model = groups
             .remove("model")
             .ok_or_else(|| TrainError::Data(format!("{}: no model tensors", path.display())))?;
         self.set_weights(&model)?;
-        let flat = |w: Option<Weights>| -> BTreeMap<String, Vec<f32>> {
-            w.map(|w| w.tensors.into_iter().map(|t| (t.name, t.data)).collect())
-                .unwrap_or_default()
-        };
-        self.opt.m = flat(groups.remove("adam_m"));
-        self.opt.v = flat(groups.remove("adam_v"));
-        self.opt.step = meta
+        let step = meta
             .get("adam_step")
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
+        self.opt = AdamState::from_moments(
+            groups.remove("adam_m").unwrap_or_default(),
+            groups.remove("adam_v").unwrap_or_default(),
+            step,
+        );
         Ok(meta)
     }
 }
@@ -529,7 +401,7 @@ pub fn evaluate_model(
         if u.wav.len() < 400 * 2 || u.labels.is_empty() {
             continue;
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, &[0xE7A1, i as u64]));
+        let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, &[seeds::EVAL, i as u64]));
         let b = make_batch(&[u], batch.max_sample_size, label_rate, &mut rng);
         let len = b.wavs[0].len();
         let wav = Tensor::<2>::from_data(
@@ -544,12 +416,7 @@ pub fn evaluate_model(
             },
             &mut rng,
         )?;
-        let loss = out
-            .loss
-            .into_data()
-            .convert::<f64>()
-            .try_to_vec::<f64>()
-            .map_err(|e| TrainError::Diverged(format!("cannot read the loss: {e:?}")))?[0];
+        let loss = read_loss(&out.loss)?;
         let w = out.count_masked as f64;
         m.loss += loss * w;
         m.loss_masked += out.loss_masked * w;

@@ -2,10 +2,12 @@
 
 mod common;
 
-use fedhubert_fl::{RunConfig, StrategyConfig, Weights, run};
+use fedhubert_fl::{
+    ClientSettings, LocalWork, RunConfig, StrategyConfig, UploadPlan, Weights, run,
+};
 use fedhubert_model::{HubertConfig, HubertForPretraining, PretrainConfig, cpu_device};
 use fedhubert_train::{
-    BatchConfig, HubertClients, LocalTrainer, SimConfig, TrainConfig, load_client_dir, to_weights,
+    BatchConfig, HubertClients, LocalTrainer, SimConfig, TrainConfig, load_client_dir,
 };
 
 fn tiny() -> (HubertConfig, PretrainConfig) {
@@ -84,24 +86,24 @@ fn pool(
 ) -> (HubertClients, Weights) {
     let dev = cpu_device();
     let template = HubertForPretraining::new(cfg, pre, 3, &dev).unwrap();
-    let w = to_weights(fedhubert_model::collect_tensors(&template));
+    let w = fedhubert_model::collect_tensors(&template);
     let tc = TrainConfig {
         freeze_feature_extractor: freeze,
         ..train_cfg()
     };
     (
-        HubertClients::new(
-            dirs.to_vec(),
-            template,
-            tc,
-            SimConfig {
-                local_steps: 2,
-                ..Default::default()
-            },
-            dev,
-        ),
+        HubertClients::new(dirs.to_vec(), template, tc, SimConfig::default(), dev),
         w,
     )
+}
+
+/// Two local steps at the trainer's learning rate each round.
+fn two_steps() -> ClientSettings {
+    ClientSettings {
+        learning_rate: train_cfg().learning_rate,
+        local: LocalWork::Steps(2),
+        proximal_mu: 0.0,
+    }
 }
 
 #[test]
@@ -117,6 +119,7 @@ fn federated_resume_is_bit_exact_with_dropout_and_fedadam() {
         fraction_fit: 0.67,
         min_fit_clients: 2,
         seed: 5,
+        client: two_steps(),
         ..Default::default()
     };
 
@@ -124,7 +127,7 @@ fn federated_resume_is_bit_exact_with_dropout_and_fedadam() {
     let (mut p, w0) = pool(&dirs, &cfg, &pre, false);
     let full = run(
         &mut p,
-        strategy.build().unwrap().as_mut(),
+        strategy.build().unwrap(),
         w0.clone(),
         &rc(3),
         Some(full_dir.path()),
@@ -137,7 +140,7 @@ fn federated_resume_is_bit_exact_with_dropout_and_fedadam() {
     let (mut p, _) = pool(&dirs, &cfg, &pre, false);
     run(
         &mut p,
-        strategy.build().unwrap().as_mut(),
+        strategy.build().unwrap(),
         w0.clone(),
         &rc(1),
         Some(part.path()),
@@ -148,7 +151,7 @@ fn federated_resume_is_bit_exact_with_dropout_and_fedadam() {
     let (mut p, _) = pool(&dirs, &cfg, &pre, false);
     let resumed = run(
         &mut p,
-        strategy.build().unwrap().as_mut(),
+        strategy.build().unwrap(),
         w0.clone(),
         &rc(3),
         Some(part.path()),
@@ -177,13 +180,17 @@ fn frozen_front_end_is_untouched_and_not_sent() {
     let rc = RunConfig {
         num_rounds: 1,
         min_fit_clients: 2,
-        frozen_prefixes: vec![prefix.clone()],
+        upload: UploadPlan {
+            frozen_prefixes: vec![prefix.clone()],
+            ..Default::default()
+        },
+        client: two_steps(),
         ..Default::default()
     };
     let (mut p2, _) = pool(&dirs, &cfg, &pre, false);
     let r = run(
         &mut p,
-        StrategyConfig::FedAvg.build().unwrap().as_mut(),
+        StrategyConfig::default().build().unwrap(),
         w0.clone(),
         &rc,
         None,
@@ -193,10 +200,10 @@ fn frozen_front_end_is_untouched_and_not_sent() {
     .unwrap();
     let r_full = run(
         &mut p2,
-        StrategyConfig::FedAvg.build().unwrap().as_mut(),
+        StrategyConfig::default().build().unwrap(),
         w0.clone(),
         &RunConfig {
-            frozen_prefixes: vec![],
+            upload: UploadPlan::default(),
             ..rc.clone()
         },
         None,

@@ -14,7 +14,7 @@ use burn::tensor::{Tensor, TensorData};
 use fedhubert_fl::{FitRes, StrategyConfig};
 use fedhubert_model::{HubertConfig, HubertForPretraining, HubertModel, PretrainConfig};
 use fedhubert_train::data::{BatchConfig, Utt};
-use fedhubert_train::trainer::{LocalTrainer, TrainConfig, to_weights};
+use fedhubert_train::trainer::{LocalTrainer, TrainConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
@@ -356,14 +356,14 @@ impl Ctx<'_> {
             0,
             &fedhubert_model::cpu_device(),
         )?;
-        let w = to_weights(fedhubert_model::collect_tensors(&model));
+        let w = fedhubert_model::collect_tensors(&model);
         let params: usize = w.tensors.iter().map(|t| t.data.len()).sum();
         let clients = 10;
         let replies: Vec<_> = (0..clients).map(|_| w.clone()).collect();
         let mut err = None;
         let t = time_case(self.args.warmup, self.args.repeat.max(10), || {
             let run = || -> anyhow::Result<()> {
-                let mut s = StrategyConfig::FedAvg.build()?;
+                let mut s = StrategyConfig::default().build()?;
                 s.begin_round(1, &w)?;
                 for (i, r) in replies.iter().enumerate() {
                     s.accumulate(FitRes {

@@ -15,10 +15,10 @@ use fedhubert_distill::student::{DistillStudent, hubert_param_count};
 use fedhubert_distill::{
     DistillClients, DistillRunFile, DistillSetup, Quantizer, QuantizerReport, Teacher,
 };
-use fedhubert_fl::rounds::checkpoint_path;
-use fedhubert_fl::{RoundRecord, Strategy, Weights};
+use fedhubert_fl::store::checkpoint_path;
+use fedhubert_fl::{RoundRecord, Weights};
 use fedhubert_model::{Device, load_tensors};
-use fedhubert_train::{HubertClients, from_weights};
+use fedhubert_train::HubertClients;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -129,22 +129,22 @@ pub fn distill(
     let t0 = Instant::now();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let d = rf.distillation.clone();
-    let seed = rf.federated.seed;
+    let seed = rf.federated.run.seed;
     if d.teacher.is_none() {
         bail!("distillation.teacher: no teacher given (use --teacher PATH)");
     }
     let setup = DistillSetup::new(rf, dev)?;
     let mut dirs = crate::cmd::pretrain::client_dirs(clients)?;
-    if rf.federated.num_clients > 0 {
-        if rf.federated.num_clients > dirs.len() {
+    if rf.federated.run.num_clients > 0 {
+        if rf.federated.run.num_clients > dirs.len() {
             bail!(
                 "federated.num_clients = {} but {} has only {} client folders",
-                rf.federated.num_clients,
+                rf.federated.run.num_clients,
                 clients.display(),
                 dirs.len()
             );
         }
-        dirs.truncate(rf.federated.num_clients);
+        dirs.truncate(rf.federated.run.num_clients);
     }
     let server_set = d.server_set.clone();
     if let Some(s) = &server_set
@@ -175,7 +175,7 @@ pub fn distill(
         n_s,
         student_cfg.hidden_size,
         dirs.len(),
-        rf.federated.num_rounds,
+        rf.federated.run.num_rounds,
         plan
     );
     let run_cfg = base.run_config()?;
@@ -215,13 +215,13 @@ pub fn distill(
                     "distillation.server_set: server mode needs a server-side audio set (--server-set DIR)"
                 );
             }
-            let mut strategy = setup.server_strategy(rf, strategy_cfg.build()?, dev)?;
+            let strategy = setup.server_strategy(rf, strategy_cfg.build()?, dev)?;
             let aux = strategy.trainer().model.aux_weights().num_params();
             let initial = setup.initial();
             let log = strategy.log_handle();
             if resume {
                 // The log of the rounds before the checkpoint comes from the earlier run's file.
-                let done = fedhubert_fl::rounds::load_checkpoint(&checkpoint_path(out))?.round;
+                let done = fedhubert_fl::store::load_checkpoint(&checkpoint_path(out))?.round;
                 *log.lock().unwrap_or_else(|p| p.into_inner()) = read_server_log(out, done + 1)?;
             }
             // Written after every round, so a run that dies keeps the log of what it finished.
@@ -242,7 +242,7 @@ pub fn distill(
             );
             let res = fedhubert_fl::run(
                 &mut pool,
-                &mut strategy,
+                Box::new(strategy),
                 initial,
                 &run_cfg,
                 Some(out),
@@ -252,11 +252,7 @@ pub fn distill(
             let log = log.lock().map(|l| l.clone()).unwrap_or_default();
             write_server_log(out, &log)?;
             server_log = Some(log);
-            (
-                load_tensors(student, from_weights(&res.weights))?,
-                aux,
-                res.history,
-            )
+            (load_tensors(student, res.weights)?, aux, res.history)
         }
         Mode::Client | Mode::Mvq => {
             let mut q = None;
@@ -320,10 +316,9 @@ pub fn distill(
                 base.sim_config(),
                 dev.clone(),
             );
-            let mut strategy: Box<dyn Strategy> = strategy_cfg.build()?;
             let res = fedhubert_fl::run(
                 &mut pool,
-                strategy.as_mut(),
+                strategy_cfg.build()?,
                 initial,
                 &run_cfg,
                 Some(out),

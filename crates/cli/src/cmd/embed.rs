@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use fedhubert_eval::{UpstreamSpec, hidden_states, load_upstream, normalize_wave};
-use fedhubert_model::{FeatExtractNorm, HostTensor, write_safetensors};
+use fedhubert_model::{FeatExtractNorm, HostTensor, Weights, write_safetensors};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -60,19 +60,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let (hs, last) = hidden_states(&model, &wave)?;
-    let mut tensors = vec![(
-        "input_values".to_string(),
-        HostTensor {
-            shape: vec![1, wave.len()],
-            data: wave.clone(),
-        },
-    )];
+    let mut tensors = vec![HostTensor {
+        name: "input_values".to_string(),
+        shape: vec![1, wave.len()],
+        data: wave.clone(),
+    }];
     let n = hs.len();
     let (t, h) = (last.shape[1], last.shape[2]);
     for (i, x) in hs.into_iter().enumerate() {
-        tensors.push((format!("hidden_states.{i}"), x));
+        tensors.push(HostTensor {
+            name: format!("hidden_states.{i}"),
+            ..x
+        });
     }
-    tensors.push(("last_hidden_state".to_string(), last));
+    tensors.push(HostTensor {
+        name: "last_hidden_state".to_string(),
+        ..last
+    });
     let meta = HashMap::from([
         (
             "checkpoint".to_string(),
@@ -84,7 +88,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    write_safetensors(&args.out, &tensors, meta)?;
+    write_safetensors(&args.out, &Weights::new(tensors), meta)?;
     println!(
         "{}: {:.2} s of audio -> {t} frames x {h}; wrote input_values, hidden_states.0..{} and last_hidden_state to {}",
         args.audio.display(),

@@ -66,8 +66,8 @@ pub fn export(checkpoint: &Path, out: &Path) -> anyhow::Result<usize> {
             out.display()
         );
     }
-    let a = collect_tensors(&encoder);
-    let b = collect_tensors(&back);
+    let a = collect_tensors(&encoder).tensors;
+    let b = collect_tensors(&back).tensors;
     if a.len() != b.len() {
         bail!(
             "export round-trip: {} tensors written, {} read back",
@@ -75,8 +75,8 @@ pub fn export(checkpoint: &Path, out: &Path) -> anyhow::Result<usize> {
             b.len()
         );
     }
-    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
-        let same = na == nb
+    for (ta, tb) in a.iter().zip(&b) {
+        let same = ta.name == tb.name
             && ta.shape == tb.shape
             && ta
                 .data
@@ -85,7 +85,8 @@ pub fn export(checkpoint: &Path, out: &Path) -> anyhow::Result<usize> {
                 .all(|(x, y)| x.to_bits() == y.to_bits());
         if !same {
             bail!(
-                "export round-trip: tensor {na} differs after reading {} back",
+                "export round-trip: tensor {} differs after reading {} back",
+                ta.name,
                 out.display()
             );
         }

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use fedhubert_fl::{RoundRecord, Strategy};
+use fedhubert_fl::RoundRecord;
 use fedhubert_model::{Device, HubertForPretraining};
-use fedhubert_train::{HubertClients, LocalTrainer, RunFile, load_client_dir, to_weights};
+use fedhubert_train::{HubertClients, LocalTrainer, RunFile, load_client_dir};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -180,30 +180,29 @@ pub fn federated(
     resume: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let mut dirs = client_dirs(clients)?;
-    if rf.federated.num_clients > 0 {
-        if rf.federated.num_clients > dirs.len() {
+    if rf.federated.run.num_clients > 0 {
+        if rf.federated.run.num_clients > dirs.len() {
             bail!(
                 "federated.num_clients = {} but {} has only {} client folders",
-                rf.federated.num_clients,
+                rf.federated.run.num_clients,
                 clients.display(),
                 dirs.len()
             );
         }
-        dirs.truncate(rf.federated.num_clients);
+        dirs.truncate(rf.federated.run.num_clients);
     }
     let model_cfg = rf.model_config()?;
     let pre = rf.pretrain_config()?;
-    let template = HubertForPretraining::new(&model_cfg, &pre, rf.federated.seed, dev)?;
-    let initial = to_weights(fedhubert_model::collect_tensors(&template));
+    let template = HubertForPretraining::new(&model_cfg, &pre, rf.federated.run.seed, dev)?;
+    let initial = fedhubert_model::collect_tensors(&template);
     let n_params: usize = initial.num_params();
     let strategy_cfg = rf.strategy()?;
-    let mut strategy: Box<dyn Strategy> = strategy_cfg.build()?;
     let run_cfg = rf.run_config()?;
     println!(
         "federated pretraining: {} clients, {} rounds, strategy {}, model {} params ({:.1} MB per f32 transfer), {} threads",
         dirs.len(),
         run_cfg.num_rounds,
-        rf.federated.strategy,
+        strategy_cfg.name(),
         n_params,
         n_params as f64 * 4.0 / 1e6,
         rayon::current_num_threads()
@@ -219,7 +218,7 @@ pub fn federated(
     let bar = crate::progress::bar(run_cfg.num_rounds, "rounds");
     let res = fedhubert_fl::run(
         &mut pool,
-        strategy.as_mut(),
+        strategy_cfg.build()?,
         initial,
         &run_cfg,
         Some(out),
@@ -241,8 +240,7 @@ pub fn federated(
         },
     )?;
     bar.finish_and_clear();
-    let model =
-        fedhubert_model::load_tensors(template, fedhubert_train::from_weights(&res.weights))?;
+    let model = fedhubert_model::load_tensors(template, res.weights)?;
     model.save_checkpoint(out.join("model.safetensors"))?;
     model.save_hf(out.join("hf"))?;
     let last = res.history.last();
@@ -284,7 +282,7 @@ fn centralized(args: &Args, rf: &RunFile, dev: &Device) -> anyhow::Result<()> {
     let model = HubertForPretraining::new(
         &rf.model_config()?,
         &rf.pretrain_config()?,
-        rf.federated.seed,
+        rf.federated.run.seed,
         dev,
     )?;
     let mut tr = LocalTrainer::new(model, tcfg, dev)?;
@@ -303,7 +301,7 @@ fn centralized(args: &Args, rf: &RunFile, dev: &Device) -> anyhow::Result<()> {
     };
     let bar = crate::progress::bar(args.steps, "steps");
     bar.set_position(start);
-    let seed = rf.federated.seed;
+    let seed = rf.federated.run.seed;
     let every = 50.max(args.steps / 20);
     let mut k = start;
     while k < args.steps {

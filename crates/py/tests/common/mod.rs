@@ -5,8 +5,11 @@
 
 use std::collections::BTreeMap;
 
-use fedhubert::{DistillServer, RoundServer, Upload};
-use fedhubert_fl::{ClientPool, EvalRes, FitConfig, FitRes, Weights};
+use fedhubert::{DistillServer, RoundServer};
+use fedhubert_fl::{
+    ClientInstructions, ClientPool, EvalRes, ExchangeKind, FitRes, Reply, RoundRecord, Upload,
+    Weights,
+};
 
 /// Clients whose update depends on everything the server decides: the global weights, the
 /// client, the round and the per-client seed. Client 2 always fails.
@@ -15,7 +18,7 @@ pub struct Fake {
 }
 
 fn noise(seed: u64, i: usize) -> f32 {
-    let z = fedhubert_fl::rounds::mix(seed, &[i as u64]);
+    let z = fedhubert_io::seeds::mix(seed, &[i as u64]);
     (z % 2001) as f32 / 1000.0 - 1.0
 }
 
@@ -24,7 +27,12 @@ impl ClientPool for Fake {
         self.n
     }
 
-    fn fit(&mut self, client: usize, global: &Weights, cfg: &FitConfig) -> Result<FitRes, String> {
+    fn fit(
+        &mut self,
+        client: usize,
+        global: &Weights,
+        cfg: &ClientInstructions,
+    ) -> Result<FitRes, String> {
         if client == 2 {
             return Err("disk full".into());
         }
@@ -46,7 +54,7 @@ impl ClientPool for Fake {
         &mut self,
         client: usize,
         global: &Weights,
-        cfg: &FitConfig,
+        cfg: &ClientInstructions,
     ) -> Result<EvalRes, String> {
         let mut metrics = BTreeMap::new();
         let s: f64 = global.iter_data().take(1000).map(|&v| v as f64).sum();
@@ -62,15 +70,16 @@ impl ClientPool for Fake {
 /// A round loop whose rounds the tests step through.
 pub trait Stepped {
     fn rounds(&mut self) -> &mut RoundServer;
-    fn finish(&mut self, evals: Vec<EvalRes>);
+    /// Closes the open exchange: the round's record when that completed a round.
+    fn close(&mut self) -> Option<RoundRecord>;
 }
 
 impl Stepped for RoundServer {
     fn rounds(&mut self) -> &mut RoundServer {
         self
     }
-    fn finish(&mut self, evals: Vec<EvalRes>) {
-        self.finish_round(evals).unwrap();
+    fn close(&mut self) -> Option<RoundRecord> {
+        self.close_exchange().unwrap()
     }
 }
 
@@ -78,45 +87,41 @@ impl Stepped for DistillServer {
     fn rounds(&mut self) -> &mut RoundServer {
         &mut self.rounds
     }
-    fn finish(&mut self, evals: Vec<EvalRes>) {
-        self.finish_round(evals).unwrap();
+    fn close(&mut self) -> Option<RoundRecord> {
+        self.close_exchange().unwrap().map(|(rec, _)| rec)
     }
 }
 
-/// Steps `s` through its rounds as the ServerApp does (up to round `stop_after`).
+/// Steps `s` through its exchanges as the ServerApp does (up to round `stop_after`), handing the
+/// replies over in reverse client order: arrival order must not matter.
 pub fn drive(s: &mut impl Stepped, pool: &mut Fake, stop_after: Option<u64>) {
-    while let Some(round) = s.rounds().next_round() {
-        if stop_after.is_some_and(|s| round > s) {
+    loop {
+        if let (Some(round), Some(stop)) = (s.rounds().next_round(), stop_after)
+            && round > stop
+        {
             return;
         }
         let server = s.rounds();
-        loop {
-            let plan = server.begin_attempt().unwrap();
-            // Replies computed in reverse (arrival order differs), handed over in client order.
-            let mut replies: Vec<_> = plan
-                .iter()
-                .rev()
-                .map(|(c, cfg)| (*c, pool.fit(*c, &server.global, cfg)))
-                .collect();
-            replies.sort_by_key(|(c, _)| *c);
-            for (c, r) in replies {
-                match r {
-                    Ok(r) => server
-                        .accumulate(c, Upload::Weights(r.weights), r.num_examples, r.metrics)
-                        .unwrap(),
-                    Err(e) => server.fail(c, e).unwrap(),
+        let Some(ex) = server.next_exchange().unwrap() else {
+            return;
+        };
+        for (c, ins) in ex.clients.iter().rev() {
+            let reply = match ex.kind {
+                ExchangeKind::Fit => match pool.fit(*c, server.global(), ins) {
+                    Ok(r) => Reply::Fit {
+                        upload: Upload::Weights(r.weights),
+                        num_examples: r.num_examples,
+                        metrics: r.metrics,
+                    },
+                    Err(e) => Reply::Failed(e),
+                },
+                ExchangeKind::Evaluate => {
+                    Reply::Evaluate(pool.evaluate(*c, server.global(), ins).unwrap())
                 }
-            }
-            if server.end_attempt().unwrap() {
-                break;
-            }
+            };
+            server.deliver(*c, reply).unwrap();
         }
-        let evals = server
-            .eval_plan()
-            .into_iter()
-            .map(|(c, cfg)| pool.evaluate(c, &server.global, &cfg).unwrap())
-            .collect();
-        s.finish(evals);
+        s.close();
     }
 }
 

@@ -1,0 +1,582 @@
+//! The round engine: one federated run as a state machine with no I/O of its own. Every runner
+//! drives it the same way — the native simulation over a [`crate::ClientPool`], the Python
+//! bridge for Flower's ServerApp — so they make the same decisions by construction:
+//!
+//! ```text
+//! loop {
+//!     let ex = engine.next_exchange()?;      // None: the run is complete
+//!     send ex.clients their instructions, then for each reply, in any order:
+//!         engine.deliver(client, reply)?;
+//!     engine.close_exchange()?;              // RoundDone(record): write the checkpoint
+//! }
+//! ```
+//!
+//! A round is one or more exchanges with clients: training (retried with a fresh sample while
+//! too few replies arrive), then evaluation when due. More stages (secure aggregation's key,
+//! share and unmasking exchanges) are further [`ExchangeKind`]s of the same loop.
+//!
+//! Every random choice is derived from (seed, round, attempt, client) through
+//! [`fedhubert_io::seeds`], never from a generator threaded through the run, so a run resumed
+//! from round k's checkpoint makes exactly the choices an uninterrupted run makes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use fedhubert_io::seeds::{self, mix};
+use serde::{Deserialize, Serialize};
+
+use crate::compress::decode;
+use crate::instructions::{ClientInstructions, MESSAGE_FORMAT, Upload};
+use crate::rounds::{RunConfig, sample_clients};
+use crate::store::Checkpoint;
+use crate::strategy::{FitRes, Strategy, weighted_metrics};
+use crate::{FlError, Weights};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalRes {
+    pub client: usize,
+    pub num_examples: u64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Failure {
+    pub client: usize,
+    pub attempt: u32,
+    pub why: String,
+}
+
+/// Everything measured in one round: one line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RoundRecord {
+    pub round: u64,
+    pub sampled: Vec<usize>,
+    pub participated: Vec<usize>,
+    pub failures: Vec<Failure>,
+    pub attempts: u32,
+    /// Training metrics, weighted by examples.
+    pub train: BTreeMap<String, f64>,
+    /// Validation metrics, weighted by examples (empty when not evaluated this round).
+    pub eval: BTreeMap<String, f64>,
+    pub num_examples: u64,
+    pub bytes_down: u64,
+    pub bytes_up: u64,
+    /// Per client: (bytes received, bytes sent).
+    pub client_bytes: BTreeMap<usize, (u64, u64)>,
+    pub round_time_s: f64,
+}
+
+/// What the clients of an exchange are asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExchangeKind {
+    /// Train the global model locally and send the update.
+    Fit,
+    /// Evaluate the global model on the local validation split.
+    Evaluate,
+}
+
+/// One exchange: the global weights go to each listed client with its instructions.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub kind: ExchangeKind,
+    pub round: u64,
+    pub attempt: u32,
+    pub clients: Vec<(usize, ClientInstructions)>,
+}
+
+/// A client's answer to its instructions.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Fit {
+        upload: Upload,
+        num_examples: u64,
+        metrics: BTreeMap<String, f64>,
+    },
+    Evaluate(EvalRes),
+    /// Error reply, missed deadline, lost node, panic.
+    Failed(String),
+}
+
+/// What closing an exchange did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// Too few training replies: the next exchange retries the round with a fresh sample.
+    Retry,
+    /// Training aggregated; the next exchange evaluates the new global model.
+    Aggregated,
+    /// The round is complete (the caller writes the checkpoint now).
+    RoundDone(RoundRecord),
+}
+
+/// A training attempt in progress. Replies may arrive in any order; they are aggregated in
+/// client order (a reorder buffer), the order whose f32 sums match numpy's in Flower bit for bit.
+struct FitAttempt {
+    ex: Exchange,
+    /// The trainable part of the global weights the attempt started from.
+    current: Weights,
+    pending: BTreeMap<usize, Reply>,
+    /// Index into `ex.clients` of the next client to aggregate.
+    next: usize,
+    participated: Vec<usize>,
+    metrics: Vec<(u64, BTreeMap<String, f64>)>,
+    client_bytes: BTreeMap<usize, (u64, u64)>,
+    failures: Vec<Failure>,
+}
+
+struct EvalPass {
+    ex: Exchange,
+    record: RoundRecord,
+    replies: BTreeMap<usize, Reply>,
+}
+
+enum Open {
+    Nothing,
+    Fit(Box<FitAttempt>),
+    Evaluate(Box<EvalPass>),
+}
+
+pub struct RoundEngine {
+    cfg: RunConfig,
+    strategy: Box<dyn Strategy>,
+    num_clients: usize,
+    global: Weights,
+    history: Vec<RoundRecord>,
+    /// Clients that hold the frozen tensors already (sent once, then only trainable ones).
+    synced: BTreeSet<usize>,
+    round: u64,
+    attempt: u32,
+    round_failures: Vec<Failure>,
+    round_t0: Instant,
+    open: Open,
+}
+
+impl RoundEngine {
+    /// A fresh run from `initial` over clients 0..num_clients.
+    pub fn new(
+        cfg: RunConfig,
+        strategy: Box<dyn Strategy>,
+        initial: Weights,
+        num_clients: usize,
+    ) -> Result<Self, FlError> {
+        cfg.validate(num_clients)?;
+        Ok(Self {
+            cfg,
+            strategy,
+            num_clients,
+            global: initial,
+            history: Vec::new(),
+            synced: BTreeSet::new(),
+            round: 1,
+            attempt: 0,
+            round_failures: Vec::new(),
+            round_t0: Instant::now(),
+            open: Open::Nothing,
+        })
+    }
+
+    /// Continues the run `ck` was written by; `initial` fixes the layout the checkpoint must have.
+    pub fn resume(
+        cfg: RunConfig,
+        mut strategy: Box<dyn Strategy>,
+        initial: Weights,
+        num_clients: usize,
+        ck: Checkpoint,
+    ) -> Result<Self, FlError> {
+        initial.check_layout(&ck.global, "checkpoint global weights")?;
+        let here = serde_json::to_string(strategy.config()).unwrap_or_default();
+        if ck.strategy != here {
+            return Err(FlError::Config(format!(
+                "the checkpoint was made with strategy {} but this run uses {here}",
+                ck.strategy
+            )));
+        }
+        if ck.seed != cfg.seed {
+            return Err(FlError::Config(format!(
+                "the checkpoint's seed {} differs from federated.seed {} (--seed)",
+                ck.seed, cfg.seed
+            )));
+        }
+        strategy.load_state(ck.state)?;
+        let mut e = Self::new(cfg, strategy, ck.global, num_clients)?;
+        e.history = ck.history;
+        e.synced = ck.synced;
+        e.round = ck.round + 1;
+        Ok(e)
+    }
+
+    pub fn config(&self) -> &RunConfig {
+        &self.cfg
+    }
+
+    pub fn strategy(&self) -> &dyn Strategy {
+        self.strategy.as_ref()
+    }
+
+    pub fn num_clients(&self) -> usize {
+        self.num_clients
+    }
+
+    /// The global model (all tensors, frozen ones included).
+    pub fn global(&self) -> &Weights {
+        &self.global
+    }
+
+    pub fn into_global(self) -> Weights {
+        self.global
+    }
+
+    pub fn history(&self) -> &[RoundRecord] {
+        &self.history
+    }
+
+    /// The round in progress (or next), None when the run is complete.
+    pub fn next_round(&self) -> Option<u64> {
+        (self.round <= self.cfg.num_rounds).then_some(self.round)
+    }
+
+    /// What `--resume` needs to continue from here exactly (valid between rounds).
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            round: self.round - 1,
+            seed: self.cfg.seed,
+            strategy: serde_json::to_string(self.strategy.config()).unwrap_or_default(),
+            global: self.global.clone(),
+            state: self.strategy.state(),
+            history: self.history.clone(),
+            synced: self.synced.clone(),
+        }
+    }
+
+    /// The open exchange, opening the next one when none is: a training attempt of the next
+    /// round, or None when the run is complete.
+    pub fn next_exchange(&mut self) -> Result<Option<Exchange>, FlError> {
+        match &self.open {
+            Open::Fit(a) => return Ok(Some(a.ex.clone())),
+            Open::Evaluate(p) => return Ok(Some(p.ex.clone())),
+            Open::Nothing => {}
+        }
+        let Some(round) = self.next_round() else {
+            return Ok(None);
+        };
+        if self.attempt == 0 {
+            self.round_t0 = Instant::now();
+            self.round_failures.clear();
+        }
+        let sampled = sample_clients(
+            self.num_clients,
+            self.cfg.fraction_fit,
+            self.cfg.min_fit_clients,
+            self.cfg.seed,
+            round,
+            self.attempt,
+        );
+        let current = self.cfg.upload.trainable(&self.global);
+        self.strategy.begin_round(round, &current)?;
+        let attempt = self.attempt as u64;
+        let clients = sampled
+            .iter()
+            .map(|&c| {
+                let seed = mix(
+                    self.cfg.seed,
+                    &[seeds::CLIENT_FIT, round, attempt, c as u64],
+                );
+                (
+                    c,
+                    self.instructions(round, seed, self.cfg.client.proximal_mu),
+                )
+            })
+            .collect();
+        let ex = Exchange {
+            kind: ExchangeKind::Fit,
+            round,
+            attempt: self.attempt,
+            clients,
+        };
+        self.open = Open::Fit(Box::new(FitAttempt {
+            ex: ex.clone(),
+            current,
+            pending: BTreeMap::new(),
+            next: 0,
+            participated: vec![],
+            metrics: vec![],
+            client_bytes: BTreeMap::new(),
+            failures: vec![],
+        }));
+        Ok(Some(ex))
+    }
+
+    fn instructions(&self, round: u64, seed: u64, proximal_mu: f32) -> ClientInstructions {
+        let mut settings = self.cfg.client.clone();
+        settings.proximal_mu = proximal_mu;
+        ClientInstructions {
+            format: MESSAGE_FORMAT,
+            round,
+            seed,
+            settings,
+            upload: self.cfg.upload.clone(),
+        }
+    }
+
+    /// Bytes client `c` receives with the global model: trainable tensors, plus the frozen ones
+    /// until it has them.
+    fn down_bytes(&self, c: usize) -> u64 {
+        let trainable = self.cfg.upload.trainable(&self.global).nbytes() as u64;
+        let frozen = self.global.nbytes() as u64 - trainable;
+        trainable + if self.synced.contains(&c) { 0 } else { frozen }
+    }
+
+    /// A reply of a client of the open exchange, in any order.
+    pub fn deliver(&mut self, client: usize, reply: Reply) -> Result<(), FlError> {
+        let (ex, pending) = match &mut self.open {
+            Open::Fit(a) => (&a.ex, &mut a.pending),
+            Open::Evaluate(p) => (&p.ex, &mut p.replies),
+            Open::Nothing => return Err(FlError::Config("no exchange is open".into())),
+        };
+        if !ex.clients.iter().any(|(c, _)| *c == client) {
+            return Err(FlError::Config(format!(
+                "client {client} was not sampled for round {}'s {:?} exchange (sampled: {:?})",
+                ex.round,
+                ex.kind,
+                ex.clients.iter().map(|c| c.0).collect::<Vec<_>>()
+            )));
+        }
+        if pending.insert(client, reply).is_some() {
+            return Err(FlError::Config(format!("client {client} replied twice")));
+        }
+        if matches!(self.open, Open::Fit(_)) {
+            self.drain_fit(false)?;
+        }
+        Ok(())
+    }
+
+    /// Aggregates the buffered training replies that are next in client order; with `all`, every
+    /// client still missing counts as failed.
+    fn drain_fit(&mut self, all: bool) -> Result<(), FlError> {
+        if !matches!(self.open, Open::Fit(_)) {
+            return Ok(());
+        }
+        let Open::Fit(mut a) = std::mem::replace(&mut self.open, Open::Nothing) else {
+            unreachable!("checked above")
+        };
+        let result = (|| {
+            while let Some(&(c, _)) = a.ex.clients.get(a.next) {
+                let reply = match a.pending.remove(&c) {
+                    Some(r) => r,
+                    None if all => Reply::Failed("no reply before the exchange closed".into()),
+                    None => break,
+                };
+                a.next += 1;
+                self.aggregate_one(&mut a, c, reply)?;
+            }
+            Ok(())
+        })();
+        self.open = Open::Fit(a);
+        result
+    }
+
+    fn aggregate_one(&mut self, a: &mut FitAttempt, c: usize, reply: Reply) -> Result<(), FlError> {
+        let down = self.down_bytes(c);
+        let attempt = self.attempt;
+        let fail = |a: &mut FitAttempt, why: String| {
+            a.failures.push(Failure {
+                client: c,
+                attempt,
+                why,
+            });
+        };
+        let (upload, num_examples, metrics) = match reply {
+            Reply::Fit {
+                upload,
+                num_examples,
+                metrics,
+            } => (upload, num_examples, metrics),
+            Reply::Failed(why) => {
+                fail(a, why);
+                a.client_bytes.insert(c, (down, 0));
+                return Ok(());
+            }
+            Reply::Evaluate(_) => {
+                return Err(FlError::Config(format!(
+                    "client {c}: an evaluation reply to a training exchange"
+                )));
+            }
+        };
+        let received = match upload {
+            Upload::Payload(p) => {
+                decode(&p, &a.current, self.cfg.upload.compression).map(|w| (w, p.len() as u64))
+            }
+            // Uncompressed, the wire carries exactly the f32 values.
+            Upload::Weights(w) => a
+                .current
+                .check_layout(&w, "client update")
+                .map_err(FlError::from)
+                .map(|_| {
+                    let n = w.nbytes() as u64;
+                    (w, n)
+                }),
+        };
+        let (weights, up) = match received {
+            Ok(x) => x,
+            Err(e) => {
+                fail(a, e.to_string());
+                a.client_bytes.insert(c, (down, 0));
+                return Ok(());
+            }
+        };
+        a.client_bytes.insert(c, (down, up));
+        a.metrics.push((num_examples, metrics.clone()));
+        let res = FitRes {
+            client: c,
+            weights,
+            num_examples,
+            metrics,
+        };
+        match self.strategy.accumulate(res) {
+            Err(e) => fail(a, e.to_string()),
+            Ok(()) => {
+                a.participated.push(c);
+                self.synced.insert(c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the open exchange (clients that did not reply count as failed) and moves the run
+    /// on. Errors once a round has used up `max_round_retries`, keeping the last checkpoint.
+    pub fn close_exchange(&mut self) -> Result<Progress, FlError> {
+        self.drain_fit(true)?;
+        match std::mem::replace(&mut self.open, Open::Nothing) {
+            Open::Nothing => Err(FlError::Config("no exchange is open".into())),
+            Open::Fit(a) => self.close_fit(*a),
+            Open::Evaluate(p) => Ok(Progress::RoundDone(self.finish_round(*p))),
+        }
+    }
+
+    fn close_fit(&mut self, a: FitAttempt) -> Result<Progress, FlError> {
+        let cfg = &self.cfg;
+        let enough = a.participated.len() >= cfg.min_fit_clients
+            && (cfg.accept_failures || a.failures.is_empty());
+        self.round_failures.extend(a.failures);
+        if !enough {
+            return self.retry(a.participated.len(), a.ex.clients.len());
+        }
+        let new_trainable = self.strategy.end_round()?;
+        self.global.update_from(&new_trainable)?;
+        let record = RoundRecord {
+            round: self.round,
+            sampled: a.ex.clients.iter().map(|c| c.0).collect(),
+            num_examples: a.metrics.iter().map(|(n, _)| *n).sum(),
+            train: weighted_metrics(a.metrics.iter().map(|(n, m)| (*n, m))),
+            participated: a.participated,
+            failures: self.round_failures.clone(),
+            attempts: self.attempt + 1,
+            eval: BTreeMap::new(),
+            bytes_down: a.client_bytes.values().map(|b| b.0).sum(),
+            bytes_up: a.client_bytes.values().map(|b| b.1).sum(),
+            client_bytes: a.client_bytes,
+            round_time_s: 0.0,
+        };
+        let clients = self.eval_plan();
+        if clients.is_empty() {
+            let pass = EvalPass {
+                ex: self.eval_exchange(clients),
+                record,
+                replies: BTreeMap::new(),
+            };
+            return Ok(Progress::RoundDone(self.finish_round(pass)));
+        }
+        self.open = Open::Evaluate(Box::new(EvalPass {
+            ex: self.eval_exchange(clients),
+            record,
+            replies: BTreeMap::new(),
+        }));
+        Ok(Progress::Aggregated)
+    }
+
+    fn retry(&mut self, got: usize, sampled: usize) -> Result<Progress, FlError> {
+        let why = self
+            .round_failures
+            .iter()
+            .map(|f| format!("client {}: {}", f.client, f.why))
+            .collect::<Vec<_>>()
+            .join("; ");
+        tracing::warn!(
+            "round {} attempt {}: {got} of {sampled} sampled clients replied (min_fit_clients {}): {why}",
+            self.round,
+            self.attempt + 1,
+            self.cfg.min_fit_clients,
+        );
+        if self.attempt >= self.cfg.max_round_retries {
+            return Err(FlError::RoundFailed {
+                round: self.round,
+                attempts: self.attempt + 1,
+                got,
+                needed: self.cfg.min_fit_clients,
+                why,
+            });
+        }
+        self.attempt += 1;
+        Ok(Progress::Retry)
+    }
+
+    /// The clients that evaluate this round's new global model (none when not an eval round).
+    fn eval_plan(&self) -> Vec<(usize, ClientInstructions)> {
+        let (cfg, round) = (&self.cfg, self.round);
+        let due = (cfg.eval_every > 0 && round % cfg.eval_every == 0) || round == cfg.num_rounds;
+        if !(cfg.fraction_evaluate > 0.0 && due) {
+            return vec![];
+        }
+        let chosen = sample_clients(
+            self.num_clients,
+            cfg.fraction_evaluate,
+            cfg.min_evaluate_clients.min(self.num_clients),
+            cfg.seed ^ seeds::EVAL,
+            round,
+            0,
+        );
+        chosen
+            .into_iter()
+            .map(|c| {
+                let seed = mix(cfg.seed, &[seeds::EVAL, round, c as u64]);
+                (c, self.instructions(round, seed, 0.0))
+            })
+            .collect()
+    }
+
+    fn eval_exchange(&self, clients: Vec<(usize, ClientInstructions)>) -> Exchange {
+        Exchange {
+            kind: ExchangeKind::Evaluate,
+            round: self.round,
+            attempt: 0,
+            clients,
+        }
+    }
+
+    /// Records the evaluation (in client order; failed clients are reported, not fatal) and
+    /// closes the round.
+    fn finish_round(&mut self, p: EvalPass) -> RoundRecord {
+        let mut rec = p.record;
+        let mut evals = Vec::new();
+        for (c, _) in &p.ex.clients {
+            match p.replies.get(c) {
+                Some(Reply::Evaluate(r)) if r.num_examples > 0 => evals.push(r),
+                Some(Reply::Evaluate(_)) => {}
+                Some(Reply::Failed(e)) => {
+                    tracing::warn!("round {}: evaluation on client {c} failed: {e}", rec.round)
+                }
+                Some(Reply::Fit { .. }) => tracing::warn!(
+                    "round {}: client {c} sent a training reply to an evaluation",
+                    rec.round
+                ),
+                None => tracing::warn!("round {}: no evaluation reply from client {c}", rec.round),
+            }
+        }
+        rec.eval = weighted_metrics(evals.iter().map(|r| (r.num_examples, &r.metrics)));
+        rec.round_time_s = self.round_t0.elapsed().as_secs_f64();
+        self.history.push(rec.clone());
+        self.round += 1;
+        self.attempt = 0;
+        rec
+    }
+}

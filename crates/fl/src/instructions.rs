@@ -1,0 +1,140 @@
+//! What the server tells a client for one exchange (Flower's per-round `config` dict, typed), and
+//! the client's side of the upload: the one place a trained model becomes what is sent.
+
+use serde::{Deserialize, Serialize};
+
+use crate::compress::{Compression, encode};
+use crate::{FlError, Weights};
+
+/// Version of the messages between server and clients ([`ClientInstructions`] and the run file
+/// sent with them). A node that receives another version refuses it with an error saying which
+/// side to upgrade: data owners upgrade their nodes at different times.
+pub const MESSAGE_FORMAT: u32 = 2;
+
+/// How much local training one round asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalWork {
+    /// Optimizer updates.
+    Steps(u64),
+    /// Passes over the client's training split (rounded to whole updates by the client, which
+    /// alone knows its data).
+    Epochs(f64),
+}
+
+/// What every client of a run is told to do locally (the same each round today; the federated
+/// learning-rate schedule makes `learning_rate` per round).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSettings {
+    pub learning_rate: f64,
+    pub local: LocalWork,
+    /// FedProx: clients add `proximal_mu/2 * ||w - w_global||^2` to their loss (0: off). A
+    /// client setting that composes with any strategy, not a strategy of its own.
+    pub proximal_mu: f32,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        Self {
+            learning_rate: 5e-4,
+            local: LocalWork::Epochs(1.0),
+            proximal_mu: 0.0,
+        }
+    }
+}
+
+/// What leaves the client, in order: the trained weights minus the frozen tensors, then the
+/// update encoding. Transforms of the update before it is encoded (clipping for differential
+/// privacy, masking for secure aggregation) are stages of [`prepare_upload`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadPlan {
+    /// Tensors whose name starts with one of these are neither sent nor aggregated.
+    pub frozen_prefixes: Vec<String>,
+    pub compression: Compression,
+}
+
+impl UploadPlan {
+    pub fn is_frozen(&self, name: &str) -> bool {
+        self.frozen_prefixes
+            .iter()
+            .any(|p| name.starts_with(p.as_str()))
+    }
+
+    /// The part of `w` that travels.
+    pub fn trainable(&self, w: &Weights) -> Weights {
+        w.filter(|n| !self.is_frozen(n))
+    }
+}
+
+/// One client's instructions for one exchange.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientInstructions {
+    /// [`MESSAGE_FORMAT`] of the server that wrote it.
+    pub format: u32,
+    pub round: u64,
+    /// Seed of the client's local randomness this exchange (crops, masks, dropout).
+    pub seed: u64,
+    pub settings: ClientSettings,
+    pub upload: UploadPlan,
+}
+
+impl ClientInstructions {
+    /// Parses instructions received from a server, refusing another message format.
+    pub fn from_json(json: &str) -> Result<Self, FlError> {
+        let v: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| FlError::Config(format!("instructions from the server: {e}")))?;
+        check_format(v.get("format").and_then(|f| f.as_u64()), "instructions")?;
+        serde_json::from_value(v)
+            .map_err(|e| FlError::Config(format!("instructions from the server: {e}")))
+    }
+}
+
+/// Errors unless `found` is this build's [`MESSAGE_FORMAT`].
+pub fn check_format(found: Option<u64>, what: &str) -> Result<(), FlError> {
+    match found {
+        Some(f) if f == MESSAGE_FORMAT as u64 => Ok(()),
+        Some(f) => Err(FlError::Config(format!(
+            "{what} from the server use message format {f}, this node speaks format {MESSAGE_FORMAT}: {}",
+            if f > MESSAGE_FORMAT as u64 {
+                "upgrade fedhubert on this node"
+            } else {
+                "upgrade fedhubert on the server"
+            }
+        ))),
+        None => Err(FlError::Config(format!(
+            "{what} from the server carry no message format (a fedhubert server older than format {MESSAGE_FORMAT}): upgrade fedhubert on the server"
+        ))),
+    }
+}
+
+/// A client's reply weights, as they travel.
+#[derive(Debug, Clone)]
+pub enum Upload {
+    /// The trainable weights as f32 (no compression).
+    Weights(Weights),
+    /// [`crate::compress::encode`] of the trainable weights against the global ones.
+    Payload(Vec<u8>),
+}
+
+/// The client's side of the upload: the trainable part of `trained`, encoded against the trainable
+/// part of `global` (what the client received) as `plan` says.
+pub fn prepare_upload(
+    trained: &Weights,
+    global: &Weights,
+    plan: &UploadPlan,
+) -> Result<Upload, FlError> {
+    let sent = plan.trainable(trained);
+    if plan.compression == Compression::None {
+        plan.trainable(global)
+            .check_layout(&sent, "client update")?;
+        return Ok(Upload::Weights(sent));
+    }
+    Ok(Upload::Payload(encode(
+        &sent,
+        &plan.trainable(global),
+        plan.compression,
+    )?))
+}

@@ -1,0 +1,200 @@
+//! The run folder's files: the round checkpoint (`checkpoint.safetensors`: global weights, server
+//! optimizer state, round, seed, history) and `metrics.jsonl`. The engine has no I/O; its drivers
+//! write these after every round through this module.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use crate::engine::RoundRecord;
+use crate::weights::{load_safetensors, order_metadata, save_safetensors};
+use crate::{FlError, Weights};
+
+const CKPT: &str = "checkpoint.safetensors";
+const FORMAT: &str = "fedhubert-round-checkpoint";
+/// Version of the round checkpoint layout. 2: strategies as aggregator x server optimizer (the
+/// strategy settings use the run file's keys; FedProx's mu is a client setting).
+pub const CHECKPOINT_VERSION: u32 = 2;
+
+/// A round checkpoint: what `--resume` needs to continue exactly.
+pub struct Checkpoint {
+    pub round: u64,
+    pub seed: u64,
+    /// The strategy's configuration as JSON; a resumed run must use the same.
+    pub strategy: String,
+    pub global: Weights,
+    pub state: BTreeMap<String, Weights>,
+    pub history: Vec<RoundRecord>,
+    pub synced: BTreeSet<usize>,
+}
+
+pub fn checkpoint_path(dir: &Path) -> PathBuf {
+    dir.join(CKPT)
+}
+
+/// Writes the round checkpoint and `metrics.jsonl` into `dir`, each atomically.
+pub fn save_round(dir: &Path, ck: &Checkpoint) -> Result<(), FlError> {
+    save_checkpoint(&checkpoint_path(dir), ck)?;
+    write_jsonl(&dir.join("metrics.jsonl"), &ck.history)
+}
+
+pub fn write_jsonl(path: &Path, history: &[RoundRecord]) -> Result<(), FlError> {
+    let mut s = String::new();
+    for r in history {
+        s.push_str(&serde_json::to_string(r).map_err(|e| FlError::Format {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })?);
+        s.push('\n');
+    }
+    crate::atomic_write(path, s.as_bytes())
+}
+
+pub fn save_checkpoint(path: &Path, ck: &Checkpoint) -> Result<(), FlError> {
+    let mut groups: Vec<(String, &Weights)> = vec![("global/".into(), &ck.global)];
+    for (k, w) in &ck.state {
+        groups.push((format!("state.{k}/"), w));
+    }
+    let gref: Vec<(&str, &Weights)> = groups.iter().map(|(p, w)| (p.as_str(), *w)).collect();
+    let fmt = |e: serde_json::Error| FlError::Format {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    };
+    let mut meta = BTreeMap::new();
+    meta.insert("format".into(), FORMAT.into());
+    meta.insert("format_version".into(), CHECKPOINT_VERSION.to_string());
+    meta.insert("round".into(), ck.round.to_string());
+    meta.insert("seed".into(), ck.seed.to_string());
+    meta.insert("strategy".into(), ck.strategy.clone());
+    meta.insert(
+        "history".into(),
+        serde_json::to_string(&ck.history).map_err(fmt)?,
+    );
+    meta.insert(
+        "synced".into(),
+        serde_json::to_string(&ck.synced).map_err(fmt)?,
+    );
+    meta.insert("order".into(), order_metadata(&gref));
+    Ok(save_safetensors(path, &gref, meta)?)
+}
+
+/// The checkpoint's format version: 1 for the first layout (`format` ended in `-v1`).
+fn version_of(meta: &BTreeMap<String, String>) -> Option<u32> {
+    match meta.get("format").map(String::as_str) {
+        Some("fedhubert-round-checkpoint-v1") => Some(1),
+        Some(FORMAT) => meta.get("format_version").and_then(|v| v.parse().ok()),
+        _ => None,
+    }
+}
+
+/// Version 1 named the adaptive strategies' betas `beta_1`/`beta_2` and the trimmed mean's cut
+/// `beta`, and had FedProx as a strategy (FedAvg on the server, which it now is).
+fn migrate_strategy_v1(json: &str) -> Result<String, String> {
+    let mut v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let m = v.as_object_mut().ok_or("strategy is not a JSON object")?;
+    for (old, new) in [
+        ("beta_1", "beta1"),
+        ("beta_2", "beta2"),
+        ("beta", "trim_beta"),
+    ] {
+        if let Some(x) = m.remove(old) {
+            m.insert(new.into(), x);
+        }
+    }
+    if m.get("strategy").and_then(|s| s.as_str()) == Some("fedprox") {
+        m.clear();
+        m.insert("strategy".into(), "fedavg".into());
+    }
+    let s: crate::StrategyConfig = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    serde_json::to_string(&s).map_err(|e| e.to_string())
+}
+
+pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, FlError> {
+    let (mut groups, meta) = load_safetensors(path)?;
+    let bad = |why: String| FlError::Format {
+        path: path.to_path_buf(),
+        why,
+    };
+    let version = version_of(&meta).ok_or_else(|| {
+        bad("not a fedhubert round checkpoint (metadata `format` missing)".into())
+    })?;
+    if version > CHECKPOINT_VERSION {
+        return Err(bad(format!(
+            "round checkpoint format version {version} is newer than this fedhubert's ({CHECKPOINT_VERSION}): upgrade fedhubert"
+        )));
+    }
+    let field = |k: &str| {
+        meta.get(k)
+            .cloned()
+            .ok_or_else(|| bad(format!("metadata `{k}` missing")))
+    };
+    let round = field("round")?
+        .parse()
+        .map_err(|_| bad("bad round".into()))?;
+    let seed = field("seed")?.parse().map_err(|_| bad("bad seed".into()))?;
+    let history =
+        serde_json::from_str(&field("history")?).map_err(|e| bad(format!("history: {e}")))?;
+    let synced =
+        serde_json::from_str(&field("synced")?).map_err(|e| bad(format!("synced: {e}")))?;
+    let mut strategy = field("strategy")?;
+    if version == 1 {
+        strategy = migrate_strategy_v1(&strategy)
+            .map_err(|e| bad(format!("strategy of a version-1 checkpoint: {e}")))?;
+    }
+    let global = groups
+        .remove("global")
+        .ok_or_else(|| bad("no global weights".into()))?;
+    let state = groups
+        .into_iter()
+        .filter_map(|(k, w)| k.strip_prefix("state.").map(|s| (s.to_string(), w)))
+        .collect();
+    Ok(Checkpoint {
+        round,
+        seed,
+        strategy,
+        global,
+        state,
+        history,
+        synced,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_1_strategies_migrate() {
+        let m = |s: &str| migrate_strategy_v1(s).unwrap();
+        assert_eq!(
+            m(r#"{"strategy":"fedadam","eta":0.1,"beta_1":0.9,"beta_2":0.99,"tau":0.001}"#),
+            r#"{"strategy":"fedadam","eta":0.1,"beta1":0.9,"beta2":0.99,"tau":0.001}"#
+        );
+        assert_eq!(
+            m(r#"{"strategy":"fedprox","proximal_mu":0.01}"#),
+            r#"{"strategy":"fedavg"}"#
+        );
+        assert_eq!(
+            m(r#"{"strategy":"fedtrimmedavg","beta":0.1}"#),
+            r#"{"strategy":"fedtrimmedavg","trim_beta":0.1}"#
+        );
+        assert!(migrate_strategy_v1(r#"{"strategy":"fedfoo"}"#).is_err());
+    }
+
+    #[test]
+    fn newer_and_foreign_checkpoints_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.safetensors");
+        let w = Weights::default();
+        for (format, version, want) in [
+            (FORMAT, "3", "newer than this fedhubert"),
+            ("something-else", "2", "not a fedhubert round checkpoint"),
+        ] {
+            let mut meta = BTreeMap::new();
+            meta.insert("format".into(), format.to_string());
+            meta.insert("format_version".into(), version.to_string());
+            save_safetensors(&p, &[("global/", &w)], meta).unwrap();
+            let e = load_checkpoint(&p).err().unwrap().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+}
