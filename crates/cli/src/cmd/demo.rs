@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use fedhubert_distill::DistillRunFile;
 use fedhubert_distill::config::Mode;
-use fedhubert_eval::{ProbeReport, UpstreamSpec};
+use fedhubert_eval::UpstreamSpec;
 use fedhubert_features::ExtractOptions;
 use fedhubert_model::HubertConfig;
 use fedhubert_train::RunFile;
@@ -30,6 +30,7 @@ use super::pretrain::{FederatedSummary, PretrainMode, PretrainOutcome, PretrainR
 use super::probe::{ProbeRequest, print_report, probe};
 use crate::common::{bundled, device};
 use fedhubert_audio::partition::{Method, PartitionConfig};
+use report::{DataSummary, ProbeRow, Results, StageRow, fmt, mb};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -61,49 +62,10 @@ pub struct Args {
     pub seed: u64,
 }
 
-/// The data stage's record: what was partitioned.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DataSummary {
-    pub utterances: usize,
-    pub hours: f64,
-    /// Partitions: the federated clients and the server-side set.
-    pub clients: usize,
-}
-
 /// The features stage's record.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct FeaturesDone {
     clients: usize,
-}
-
-/// One upstream's speech-commands probe, as the summary reports it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ProbeRow {
-    pub upstream: String,
-    pub test_accuracy: Option<f64>,
-    /// 5-fold cross-validated accuracy.
-    pub cv_accuracy: Option<f64>,
-    pub cv_fold_std: Option<f64>,
-    pub valid_accuracy: Option<f64>,
-    pub classes: usize,
-    pub test_clips: usize,
-    pub majority_baseline: Option<f64>,
-}
-
-impl From<&ProbeReport> for ProbeRow {
-    fn from(r: &ProbeReport) -> Self {
-        let cv = r.cross_validation.as_ref();
-        Self {
-            upstream: r.upstream.clone(),
-            test_accuracy: Some(r.test_accuracy),
-            cv_accuracy: cv.map(|c| c.accuracy),
-            cv_fold_std: cv.map(|c| c.fold_std),
-            valid_accuracy: Some(r.valid_accuracy),
-            classes: r.classes.len(),
-            test_clips: r.split.clips[2],
-            majority_baseline: Some(r.majority_baseline),
-        }
-    }
 }
 
 /// A stage marker: `STAGE.done.json`.
@@ -113,9 +75,6 @@ struct Marker<T> {
     time_s: f64,
     result: T,
 }
-
-/// A stage's row in the summary: name, seconds, `ran` or `cached`.
-pub type StageRow = (String, f64, String);
 
 struct Stages {
     out: PathBuf,
@@ -153,14 +112,6 @@ impl Stages {
         self.rows.push((name.to_string(), time_s, "ran".into()));
         Ok(result)
     }
-}
-
-/// What the stages leave for the summary and the report.
-pub struct Results {
-    pub data: DataSummary,
-    pub pretrain: FederatedSummary,
-    pub distill: DistillOutcome,
-    pub probes: Vec<(&'static str, ProbeRow)>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -360,17 +311,6 @@ fn probe_stages(args: &Args, st: &mut Stages) -> anyhow::Result<Vec<(&'static st
         probes.push((name, row));
     }
     Ok(probes)
-}
-
-fn mb(bytes: u64) -> f64 {
-    bytes as f64 / 1e6
-}
-
-/// Four decimals, or `-` for a missing or non-finite number.
-pub fn fmt(v: Option<f64>) -> String {
-    v.filter(|x| x.is_finite())
-        .map(|x| format!("{x:.4}"))
-        .unwrap_or_else(|| "-".into())
 }
 
 fn print_summary_table(args: &Args, r: &Results, rows: &[StageRow], total_s: f64) {

@@ -43,7 +43,7 @@ pub struct Args {
     pub device: String,
 }
 
-pub fn build_run_file(args: &Args) -> anyhow::Result<RunFile> {
+fn build_run_file(args: &Args) -> anyhow::Result<RunFile> {
     Ok(RunFile::load(
         args.config.as_deref(),
         &args.overrides.pairs(),
@@ -88,6 +88,34 @@ pub struct FederatedSummary {
     pub failures: usize,
     pub wall_time_s: f64,
     pub hf_export: PathBuf,
+}
+
+impl FederatedSummary {
+    /// The summary of a finished run's `history`, its model exported to `out/hf`.
+    fn new(
+        history: &[RoundRecord],
+        strategy: StrategyConfig,
+        parameters: usize,
+        wall_time_s: f64,
+        out: &Path,
+    ) -> Self {
+        let last = history.last();
+        Self {
+            mode: "federated-simulation".into(),
+            rounds: history.len(),
+            strategy,
+            parameters,
+            first_round_train_loss: history.first().and_then(|r| r.train.get("loss").copied()),
+            final_train_loss: last.and_then(|r| r.train.get("loss").copied()),
+            final_eval_loss: last.and_then(|r| r.eval.get("loss").copied()),
+            final_eval_acc_masked: last.and_then(|r| r.eval.get("acc_masked").copied()),
+            bytes_up: history.iter().map(|r| r.bytes_up).sum::<u64>(),
+            bytes_down: history.iter().map(|r| r.bytes_down).sum::<u64>(),
+            failures: history.iter().map(|r| r.failures.len()).sum::<usize>(),
+            wall_time_s,
+            hf_export: out.join("hf"),
+        }
+    }
 }
 
 /// Where the centralized baseline left its model.
@@ -158,7 +186,7 @@ pub fn pretrain(req: &PretrainRequest) -> anyhow::Result<PretrainOutcome> {
 }
 
 /// Runs the federated simulation and exports the final model; returns the summary it writes.
-pub fn federated(
+fn federated(
     clients: &Path,
     out: &Path,
     rf: &RunFile,
@@ -220,25 +248,13 @@ pub fn federated(
         fedhubert_model::load_tensors(template, fedhubert_train::from_weights(&res.weights))?;
     model.save_checkpoint(out.join("model.safetensors"))?;
     model.save_hf(out.join("hf"))?;
-    let last = res.history.last();
-    let summary = FederatedSummary {
-        mode: "federated-simulation".into(),
-        rounds: res.history.len(),
-        strategy: strategy_cfg,
-        parameters: n_params,
-        first_round_train_loss: res
-            .history
-            .first()
-            .and_then(|r| r.train.get("loss").copied()),
-        final_train_loss: last.and_then(|r| r.train.get("loss").copied()),
-        final_eval_loss: last.and_then(|r| r.eval.get("loss").copied()),
-        final_eval_acc_masked: last.and_then(|r| r.eval.get("acc_masked").copied()),
-        bytes_up: res.history.iter().map(|r| r.bytes_up).sum::<u64>(),
-        bytes_down: res.history.iter().map(|r| r.bytes_down).sum::<u64>(),
-        failures: res.history.iter().map(|r| r.failures.len()).sum::<usize>(),
-        wall_time_s: t0.elapsed().as_secs_f64(),
-        hf_export: out.join("hf"),
-    };
+    let summary = FederatedSummary::new(
+        &res.history,
+        strategy_cfg,
+        n_params,
+        t0.elapsed().as_secs_f64(),
+        out,
+    );
     write_json(&out.join("summary.json"), &summary)?;
     crate::plot::curves(&res.history, &out.join("curves.svg"))?;
     Ok(summary)

@@ -6,7 +6,72 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use super::{Results, StageRow, fmt, mb};
+use fedhubert_eval::ProbeReport;
+use serde::{Deserialize, Serialize};
+
+use crate::cmd::distill::DistillOutcome;
+use crate::cmd::pretrain::FederatedSummary;
+
+/// The data stage's record: what was partitioned.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DataSummary {
+    pub utterances: usize,
+    pub hours: f64,
+    /// Partitions: the federated clients and the server-side set.
+    pub clients: usize,
+}
+
+/// One upstream's speech-commands probe, as the summary reports it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProbeRow {
+    pub upstream: String,
+    pub test_accuracy: Option<f64>,
+    /// 5-fold cross-validated accuracy.
+    pub cv_accuracy: Option<f64>,
+    pub cv_fold_std: Option<f64>,
+    pub valid_accuracy: Option<f64>,
+    pub classes: usize,
+    pub test_clips: usize,
+    pub majority_baseline: Option<f64>,
+}
+
+impl From<&ProbeReport> for ProbeRow {
+    fn from(r: &ProbeReport) -> Self {
+        let cv = r.cross_validation.as_ref();
+        Self {
+            upstream: r.upstream.clone(),
+            test_accuracy: Some(r.test_accuracy),
+            cv_accuracy: cv.map(|c| c.accuracy),
+            cv_fold_std: cv.map(|c| c.fold_std),
+            valid_accuracy: Some(r.valid_accuracy),
+            classes: r.classes.len(),
+            test_clips: r.split.clips[2],
+            majority_baseline: Some(r.majority_baseline),
+        }
+    }
+}
+
+/// A stage's row in the summary: name, seconds, `ran` or `cached`.
+pub type StageRow = (String, f64, String);
+
+/// What the stages leave for the summary and the report.
+pub struct Results {
+    pub data: DataSummary,
+    pub pretrain: FederatedSummary,
+    pub distill: DistillOutcome,
+    pub probes: Vec<(&'static str, ProbeRow)>,
+}
+
+pub fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+/// Four decimals, or `-` for a missing or non-finite number.
+pub fn fmt(v: Option<f64>) -> String {
+    v.filter(|x| x.is_finite())
+        .map(|x| format!("{x:.4}"))
+        .unwrap_or_else(|| "-".into())
+}
 
 /// Copies `from` to `to` if it exists (reports keep working when a stage wrote less).
 fn copy_if(from: &Path, to: &Path) -> anyhow::Result<()> {
