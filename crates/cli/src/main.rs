@@ -1,7 +1,10 @@
 //! `fedhubert`: a thin binary over the library crates. Each subcommand lives in `cmd/NAME.rs`
-//! as an `Args` struct (clap derive) and a `run(args) -> anyhow::Result<()>`.
+//! as an `Args` struct (clap derive), a typed request built from it, one library function
+//! `NAME(&request) -> anyhow::Result<Outcome>` and a `run(args)` that converts, calls and prints.
+//! `demo` calls the other commands' functions; the helpers they share live in `common`.
 
 mod cmd;
+mod common;
 mod plot;
 mod progress;
 

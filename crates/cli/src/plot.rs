@@ -5,6 +5,9 @@ use std::path::Path;
 
 use fedhubert_fl::RoundRecord;
 
+/// One curve: label, colour (`#rrggbb`) and `(x, y)` points.
+pub type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
 /// Plots train loss, eval loss and eval masked accuracy per round.
 pub fn curves(history: &[RoundRecord], path: &Path) -> anyhow::Result<()> {
     curves_with(history, vec![], "fedhubert federated pretraining", path)
@@ -13,11 +16,11 @@ pub fn curves(history: &[RoundRecord], path: &Path) -> anyhow::Result<()> {
 /// [`curves`] plus `extra` series, under `title`.
 pub fn curves_with(
     history: &[RoundRecord],
-    extra: Vec<(&str, &str, Vec<(f64, f64)>)>,
+    extra: Vec<Series<'_>>,
     title: &str,
     path: &Path,
 ) -> anyhow::Result<()> {
-    let mut series: Vec<(&str, &str, Vec<(f64, f64)>)> = vec![
+    let mut series: Vec<Series<'_>> = vec![
         (
             "train loss",
             "#1f77b4",
@@ -53,7 +56,7 @@ pub fn curves_with(
 
 /// Writes `path` with extension `.png` and `.svg` (atomically), the same chart in both.
 pub fn write_chart(
-    series: &[(&str, &str, Vec<(f64, f64)>)],
+    series: &[Series<'_>],
     xlabel: &str,
     title: &str,
     path: &Path,
@@ -67,7 +70,7 @@ pub fn write_chart(
 }
 
 /// A line chart of named series (x, y) with axes and a legend.
-pub fn svg(series: &[(&str, &str, Vec<(f64, f64)>)], xlabel: &str, title: &str) -> String {
+pub fn svg(series: &[Series<'_>], xlabel: &str, title: &str) -> String {
     let (w, h, m) = (720.0, 420.0, 60.0);
     let (x0, x1, y0, y1) = ranges(series);
     let sx = |x: f64| m + (x - x0) / (x1 - x0) * (w - 2.0 * m);
@@ -141,7 +144,7 @@ pub fn svg(series: &[(&str, &str, Vec<(f64, f64)>)], xlabel: &str, title: &str) 
 }
 
 /// Axis ranges over all finite points: x as is, y from min(0, y) to 5 % above the top.
-fn ranges(series: &[(&str, &str, Vec<(f64, f64)>)]) -> (f64, f64, f64, f64) {
+fn ranges(series: &[Series<'_>]) -> (f64, f64, f64, f64) {
     let pts: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.2.iter().copied())
@@ -181,11 +184,7 @@ fn tick(v: f64, decimals: usize) -> String {
 }
 
 /// The chart of [`svg`] rasterised to an RGB PNG.
-pub fn png(
-    series: &[(&str, &str, Vec<(f64, f64)>)],
-    xlabel: &str,
-    title: &str,
-) -> anyhow::Result<Vec<u8>> {
+pub fn png(series: &[Series<'_>], xlabel: &str, title: &str) -> anyhow::Result<Vec<u8>> {
     let (w, h, m) = (960i32, 600i32, 80i32);
     let (x0, x1, y0, y1) = ranges(series);
     let sx = |x: f64| m as f64 + (x - x0) / (x1 - x0) * (w - 2 * m) as f64;

@@ -5,7 +5,8 @@
 //! Peak memory is the process's peak resident set (VmHWM), reset before each case through
 //! `/proc/self/clear_refs`, so each case reports its own peak; the Python side does the same.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -17,7 +18,10 @@ use fedhubert_train::data::{BatchConfig, Utt};
 use fedhubert_train::trainer::{LocalTrainer, TrainConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::common::json_pretty;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -227,11 +231,52 @@ fn wav_tensor(wavs: &[Vec<f32>], device: &burn::tensor::Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(flat, [b, s]), device)
 }
 
+/// One case's figures in the report.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CaseResult {
+    pub median_s: f64,
+    pub min_s: f64,
+    pub times_s: Vec<f64>,
+    pub cpu_s_per_call: f64,
+    pub audio_s_per_s: f64,
+    pub gflop: f64,
+    pub gflop_per_s: f64,
+    pub gflop_per_s_at_min: f64,
+    pub peak_rss_mib: f64,
+    pub rss_before_mib: f64,
+}
+
+/// Our time (and memory) over PyTorch's for one case.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Ratios {
+    pub median_ratio: f64,
+    pub min_ratio: f64,
+    pub cpu_ratio: f64,
+    pub peak_rss_ratio: f64,
+}
+
+/// The JSON report (`--out`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub side: String,
+    pub threads: usize,
+    pub batch: usize,
+    pub seconds: f64,
+    pub repeat: usize,
+    pub warmup: usize,
+    pub cases: BTreeMap<String, CaseResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_pytorch: Option<BTreeMap<String, Ratios>>,
+    /// The `--reference` report as it was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pytorch: Option<Value>,
+}
+
 struct Ctx<'a> {
     args: &'a Args,
     samples: usize,
     audio_s: f64,
-    results: serde_json::Map<String, Value>,
+    results: BTreeMap<String, CaseResult>,
 }
 
 impl Ctx<'_> {
@@ -248,18 +293,22 @@ impl Ctx<'_> {
         );
         self.results.insert(
             name.to_string(),
-            json!({
-                "median_s": secs,
-                "min_s": t.min_s,
-                "times_s": t.times,
-                "cpu_s_per_call": t.cpu_s,
-                "audio_s_per_s": self.audio_s / secs,
-                "gflop": flops / 1e9,
-                "gflop_per_s": gflops,
-                "gflop_per_s_at_min": if flops > 0.0 { flops / t.min_s / 1e9 } else { 0.0 },
-                "peak_rss_mib": t.peak,
-                "rss_before_mib": t.before,
-            }),
+            CaseResult {
+                median_s: secs,
+                min_s: t.min_s,
+                times_s: t.times,
+                cpu_s_per_call: t.cpu_s,
+                audio_s_per_s: self.audio_s / secs,
+                gflop: flops / 1e9,
+                gflop_per_s: gflops,
+                gflop_per_s_at_min: if flops > 0.0 {
+                    flops / t.min_s / 1e9
+                } else {
+                    0.0
+                },
+                peak_rss_mib: t.peak,
+                rss_before_mib: t.before,
+            },
         );
     }
 
@@ -392,6 +441,91 @@ impl Ctx<'_> {
         self.record("aggregate", t, 0.0);
         Ok(())
     }
+
+    /// Runs one case in this process.
+    fn case(&mut self, case: &str) -> anyhow::Result<()> {
+        match case {
+            "student-forward" => self.forward(case, "student"),
+            "teacher-forward" => self.forward(case, "teacher"),
+            "student-step" => self.step(case, "student", false),
+            "student-step-frozen" => self.step(case, "student", true),
+            "teacher-step" => self.step(case, "teacher", false),
+            "teacher-step-frozen" => self.step(case, "teacher", true),
+            "mfcc" => self.mfcc(),
+            "aggregate" => self.aggregate(),
+            other => bail!("unknown case {other:?}"),
+        }
+    }
+}
+
+/// Runs one case in a child process (`bench --in-process`), so its peak memory is its own.
+fn child_case(args: &Args, case: &str, threads: usize) -> anyhow::Result<CaseResult> {
+    let child_out = std::env::temp_dir().join(format!(
+        "fedhubert-bench-{}-{case}.json",
+        std::process::id()
+    ));
+    let status = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "--in-process", "--cases", case])
+        .args(["--threads", &threads.to_string()])
+        .args(["--batch", &args.batch.to_string()])
+        .args(["--seconds", &args.seconds.to_string()])
+        .args(["--repeat", &args.repeat.to_string()])
+        .args(["--warmup", &args.warmup.to_string()])
+        .arg("--out")
+        .arg(&child_out)
+        .status()
+        .context("running a bench case in a child process")?;
+    if !status.success() {
+        bail!("bench case {case} failed ({status})");
+    }
+    let mut child: BenchReport = serde_json::from_str(&std::fs::read_to_string(&child_out)?)
+        .with_context(|| format!("reading {}", child_out.display()))?;
+    std::fs::remove_file(&child_out).ok();
+    child
+        .cases
+        .remove(case)
+        .with_context(|| format!("{}: no case {case}", child_out.display()))
+}
+
+/// Our figures over those of a `bench/pytorch_reference.py` report, per case both have; prints
+/// them and returns them with the reference report.
+fn compare(
+    ours: &BTreeMap<String, CaseResult>,
+    path: &Path,
+) -> anyhow::Result<(BTreeMap<String, Ratios>, Value)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let theirs: Value = serde_json::from_str(&text)?;
+    let mut ratios = BTreeMap::new();
+    eprintln!("\nours / PyTorch ({}):", path.display());
+    for (name, ours) in ours {
+        if theirs["cases"][name].as_object().is_none() {
+            continue;
+        }
+        let t = &theirs["cases"][name];
+        let num = |k: &str| t[k].as_f64().unwrap_or(f64::NAN);
+        let (a, b) = (ours.median_s, num("median_s"));
+        let (amin, bmin) = (ours.min_s, num("min_s"));
+        let (acpu, bcpu) = (ours.cpu_s_per_call, num("cpu_s_per_call"));
+        let (ma, mb) = (ours.peak_rss_mib, num("peak_rss_mib"));
+        eprintln!(
+            "{name:<22} median {a:.4} / {b:.4} s = {:.3}x  min {:.3}x  CPU {:.3}x  peak RSS {ma:.0} / {mb:.0} MiB = {:.3}x",
+            a / b,
+            amin / bmin,
+            acpu / bcpu,
+            ma / mb
+        );
+        ratios.insert(
+            name.clone(),
+            Ratios {
+                median_ratio: a / b,
+                min_ratio: amin / bmin,
+                cpu_ratio: acpu / bcpu,
+                peak_rss_ratio: ma / mb,
+            },
+        );
+    }
+    Ok((ratios, theirs))
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -401,6 +535,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .build_global()
             .context("building the thread pool")?;
     }
+    bench(&args)?;
+    if !args.in_process {
+        eprintln!("wrote {}", args.out.display());
+    }
+    Ok(())
+}
+
+/// Runs the cases (each in a child process unless `in_process`) and writes the report.
+pub fn bench(args: &Args) -> anyhow::Result<BenchReport> {
     if args.repeat == 0 {
         bail!("--repeat must be >= 1");
     }
@@ -413,7 +556,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let mut ctx = Ctx {
-        args: &args,
+        args,
         samples,
         audio_s: args.batch as f64 * samples as f64 / SAMPLE_RATE,
         results: Default::default(),
@@ -424,92 +567,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(str::trim)
         .filter(|c| !c.is_empty())
     {
-        if !args.in_process {
-            let child_out = std::env::temp_dir().join(format!(
-                "fedhubert-bench-{}-{case}.json",
-                std::process::id()
-            ));
-            let status = std::process::Command::new(std::env::current_exe()?)
-                .args(["bench", "--in-process", "--cases", case])
-                .args(["--threads", &threads.to_string()])
-                .args(["--batch", &args.batch.to_string()])
-                .args(["--seconds", &args.seconds.to_string()])
-                .args(["--repeat", &args.repeat.to_string()])
-                .args(["--warmup", &args.warmup.to_string()])
-                .arg("--out")
-                .arg(&child_out)
-                .status()
-                .context("running a bench case in a child process")?;
-            if !status.success() {
-                bail!("bench case {case} failed ({status})");
-            }
-            let child: Value = serde_json::from_str(&std::fs::read_to_string(&child_out)?)?;
-            std::fs::remove_file(&child_out).ok();
-            ctx.results
-                .insert(case.to_string(), child["cases"][case].clone());
-            continue;
-        }
-        match case {
-            "student-forward" => ctx.forward(case, "student")?,
-            "teacher-forward" => ctx.forward(case, "teacher")?,
-            "student-step" => ctx.step(case, "student", false)?,
-            "student-step-frozen" => ctx.step(case, "student", true)?,
-            "teacher-step" => ctx.step(case, "teacher", false)?,
-            "teacher-step-frozen" => ctx.step(case, "teacher", true)?,
-            "mfcc" => ctx.mfcc()?,
-            "aggregate" => ctx.aggregate()?,
-            other => bail!("unknown case {other:?}"),
+        if args.in_process {
+            ctx.case(case)?;
+        } else {
+            let r = child_case(args, case, threads)?;
+            ctx.results.insert(case.to_string(), r);
         }
     }
-    let mut report = json!({
-        "side": "fedhubert",
-        "threads": threads,
-        "batch": args.batch,
-        "seconds": args.seconds,
-        "repeat": args.repeat,
-        "warmup": args.warmup,
-        "cases": Value::Object(ctx.results.clone()),
-    });
+    let mut report = BenchReport {
+        side: "fedhubert".into(),
+        threads,
+        batch: args.batch,
+        seconds: args.seconds,
+        repeat: args.repeat,
+        warmup: args.warmup,
+        cases: ctx.results,
+        vs_pytorch: None,
+        pytorch: None,
+    };
     if let Some(path) = &args.reference {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let theirs: Value = serde_json::from_str(&text)?;
-        let mut ratios = serde_json::Map::new();
-        eprintln!("\nours / PyTorch ({}):", path.display());
-        for (name, ours) in &ctx.results {
-            if theirs["cases"][name].as_object().is_none() {
-                continue;
-            }
-            let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-            let t = &theirs["cases"][name];
-            let (a, b) = (num(ours, "median_s"), num(t, "median_s"));
-            let (amin, bmin) = (num(ours, "min_s"), num(t, "min_s"));
-            let (acpu, bcpu) = (num(ours, "cpu_s_per_call"), num(t, "cpu_s_per_call"));
-            let (ma, mb) = (num(ours, "peak_rss_mib"), num(t, "peak_rss_mib"));
-            eprintln!(
-                "{name:<22} median {a:.4} / {b:.4} s = {:.3}x  min {:.3}x  CPU {:.3}x  peak RSS {ma:.0} / {mb:.0} MiB = {:.3}x",
-                a / b,
-                amin / bmin,
-                acpu / bcpu,
-                ma / mb
-            );
-            ratios.insert(
-                name.clone(),
-                json!({
-                    "median_ratio": a / b,
-                    "min_ratio": amin / bmin,
-                    "cpu_ratio": acpu / bcpu,
-                    "peak_rss_ratio": ma / mb,
-                }),
-            );
-        }
-        report["vs_pytorch"] = Value::Object(ratios);
-        report["pytorch"] = theirs;
+        let (ratios, theirs) = compare(&report.cases, path)?;
+        report.vs_pytorch = Some(ratios);
+        report.pytorch = Some(theirs);
     }
-    fedhubert_io::atomic_write(&args.out, serde_json::to_string_pretty(&report)?.as_bytes())
+    fedhubert_io::atomic_write(&args.out, json_pretty(&report)?.as_bytes())
         .with_context(|| format!("writing {}", args.out.display()))?;
-    if !args.in_process {
-        eprintln!("wrote {}", args.out.display());
-    }
-    Ok(())
+    Ok(report)
 }

@@ -25,26 +25,98 @@ pub struct Args {
     pub normalize: String,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let dev = fedhubert_model::cpu_device();
-    let spec = if args.checkpoint.is_dir() {
-        UpstreamSpec::HfDir(args.checkpoint.clone())
-    } else if args.checkpoint.is_file() {
-        UpstreamSpec::Checkpoint(args.checkpoint.clone())
-    } else {
-        bail!(
-            "--checkpoint {}: no such file or directory (expected a checkpoint file or an HF directory)",
-            args.checkpoint.display()
+/// Whether the waveform is normalised to zero mean / unit variance first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Normalize {
+    /// As the model's preprocessor does: for the layer-norm layout only.
+    Auto,
+    Yes,
+    No,
+}
+
+/// One model, one audio file, one output file.
+#[derive(Clone, Debug)]
+pub struct EmbedRequest {
+    pub model: UpstreamSpec,
+    /// The path the model came from, recorded in the output's metadata.
+    pub checkpoint: PathBuf,
+    pub audio: PathBuf,
+    pub out: PathBuf,
+    pub normalize: Normalize,
+}
+
+impl TryFrom<&Args> for EmbedRequest {
+    type Error = anyhow::Error;
+
+    fn try_from(args: &Args) -> anyhow::Result<Self> {
+        let model = if args.checkpoint.is_dir() {
+            UpstreamSpec::HfDir(args.checkpoint.clone())
+        } else if args.checkpoint.is_file() {
+            UpstreamSpec::Checkpoint(args.checkpoint.clone())
+        } else {
+            bail!(
+                "--checkpoint {}: no such file or directory (expected a checkpoint file or an HF directory)",
+                args.checkpoint.display()
+            );
+        };
+        let normalize = match args.normalize.as_str() {
+            "auto" => Normalize::Auto,
+            "true" => Normalize::Yes,
+            "false" => Normalize::No,
+            other => bail!("--normalize {other}: expected auto, true or false"),
+        };
+        Ok(Self {
+            model,
+            checkpoint: args.checkpoint.clone(),
+            audio: args.audio.clone(),
+            out: args.out.clone(),
+            normalize,
+        })
+    }
+}
+
+/// What was written.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct EmbedOutcome {
+    pub audio: PathBuf,
+    pub out: PathBuf,
+    pub seconds: f64,
+    pub frames: usize,
+    pub hidden_size: usize,
+    /// `hidden_states.0..N-1`.
+    pub hidden_states: usize,
+    pub normalized: bool,
+}
+
+impl EmbedOutcome {
+    pub fn print(&self) {
+        println!(
+            "{}: {:.2} s of audio -> {} frames x {}; wrote input_values, hidden_states.0..{} and last_hidden_state to {}",
+            self.audio.display(),
+            self.seconds,
+            self.frames,
+            self.hidden_size,
+            self.hidden_states - 1,
+            self.out.display()
         );
-    };
-    let model = load_upstream(&spec, &dev)
-        .with_context(|| format!("loading {}", args.checkpoint.display()))?;
-    let audio = fedhubert_audio::load_audio(&args.audio)?;
-    let normalize = match args.normalize.as_str() {
-        "auto" => model.config().feat_extract_norm == FeatExtractNorm::Layer,
-        "true" => true,
-        "false" => false,
-        other => bail!("--normalize {other}: expected auto, true or false"),
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    embed(&EmbedRequest::try_from(&args)?)?.print();
+    Ok(())
+}
+
+/// Writes the model's input and every hidden state for the audio file.
+pub fn embed(req: &EmbedRequest) -> anyhow::Result<EmbedOutcome> {
+    let dev = fedhubert_model::cpu_device();
+    let model = load_upstream(&req.model, &dev)
+        .with_context(|| format!("loading {}", req.checkpoint.display()))?;
+    let audio = fedhubert_audio::load_audio(&req.audio)?;
+    let normalize = match req.normalize {
+        Normalize::Auto => model.config().feat_extract_norm == FeatExtractNorm::Layer,
+        Normalize::Yes => true,
+        Normalize::No => false,
     };
     let wave = if normalize {
         normalize_wave(&audio.samples)
@@ -55,7 +127,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if wave.len() < min * 2 {
         bail!(
             "{}: {} samples is too short for the conv front-end",
-            args.audio.display(),
+            req.audio.display(),
             wave.len()
         );
     }
@@ -80,21 +152,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let meta = HashMap::from([
         (
             "checkpoint".to_string(),
-            args.checkpoint.display().to_string(),
+            req.checkpoint.display().to_string(),
         ),
-        ("audio".to_string(), args.audio.display().to_string()),
+        ("audio".to_string(), req.audio.display().to_string()),
         ("normalized".to_string(), normalize.to_string()),
     ]);
-    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+    if let Some(dir) = req.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    write_safetensors(&args.out, &Weights::new(tensors), meta)?;
-    println!(
-        "{}: {:.2} s of audio -> {t} frames x {h}; wrote input_values, hidden_states.0..{} and last_hidden_state to {}",
-        args.audio.display(),
-        wave.len() as f64 / 16000.0,
-        n - 1,
-        args.out.display()
-    );
-    Ok(())
+    write_safetensors(&req.out, &Weights::new(tensors), meta)?;
+    Ok(EmbedOutcome {
+        audio: req.audio.clone(),
+        out: req.out.clone(),
+        seconds: wave.len() as f64 / 16000.0,
+        frames: t,
+        hidden_size: h,
+        hidden_states: n,
+        normalized: normalize,
+    })
 }

@@ -2,7 +2,7 @@
 //! `HubertModel.from_pretrained(DIR)` and s3prl's `hf_hubert_custom` load with no missing or
 //! unexpected keys. The export is read back and compared tensor by tensor before we report success.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use fedhubert_eval::{UpstreamSpec, load_upstream};
@@ -20,20 +20,35 @@ pub struct Args {
     pub out: PathBuf,
 }
 
+/// The export written and checked.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ExportOutcome {
+    pub checkpoint: PathBuf,
+    pub out: PathBuf,
+    /// Encoder tensors written (and read back bit-exact).
+    pub tensors: usize,
+}
+
+impl ExportOutcome {
+    pub fn print(&self) {
+        println!(
+            "exported {} -> {} ({} tensors; read back bit-exact). Load it with:\n  from transformers import HubertModel; HubertModel.from_pretrained(\"{}\")",
+            self.checkpoint.display(),
+            self.out.display(),
+            self.tensors,
+            self.out.display()
+        );
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let n = export(&args.checkpoint, &args.out)?;
-    println!(
-        "exported {} -> {} ({n} tensors; read back bit-exact). Load it with:\n  from transformers import HubertModel; HubertModel.from_pretrained(\"{}\")",
-        args.checkpoint.display(),
-        args.out.display(),
-        args.out.display()
-    );
+    export(&args)?.print();
     Ok(())
 }
 
 /// Writes the HF directory and checks that loading it gives back the same tensors, bit for bit.
-/// Returns the number of encoder tensors written.
-pub fn export(checkpoint: &Path, out: &Path) -> anyhow::Result<usize> {
+pub fn export(req: &Args) -> anyhow::Result<ExportOutcome> {
+    let (checkpoint, out) = (req.checkpoint.as_path(), req.out.as_path());
     let dev = fedhubert_model::cpu_device();
     if !checkpoint.is_file() {
         bail!(
@@ -91,5 +106,9 @@ pub fn export(checkpoint: &Path, out: &Path) -> anyhow::Result<usize> {
             );
         }
     }
-    Ok(a.len())
+    Ok(ExportOutcome {
+        checkpoint: checkpoint.to_path_buf(),
+        out: out.to_path_buf(),
+        tensors: a.len(),
+    })
 }

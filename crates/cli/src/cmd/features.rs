@@ -67,8 +67,13 @@ fn client_manifests(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(found.into_iter().map(|(_, _, p)| p).collect())
 }
 
-fn run_one(manifest_path: &Path, out: &Path, args: &Args, label: &str) -> Result<ExtractSummary> {
-    let manifest = load_manifest(manifest_path, args.root.as_deref())?;
+fn run_one(
+    manifest_path: &Path,
+    out: &Path,
+    req: &FeaturesRequest,
+    label: &str,
+) -> Result<ExtractSummary> {
+    let manifest = load_manifest(manifest_path, req.root.as_deref())?;
     let total = manifest.entries.len() as u64;
     let bar = if std::io::stderr().is_terminal() {
         let b = ProgressBar::new(total);
@@ -84,12 +89,7 @@ fn run_one(manifest_path: &Path, out: &Path, args: &Args, label: &str) -> Result
     } else {
         ProgressBar::hidden()
     };
-    let opts = ExtractOptions {
-        threads: args.threads,
-        chunk: args.chunk as usize,
-        ..Default::default()
-    };
-    let res = extract_manifest(&manifest, manifest_path, out, &opts, &mut |p| {
+    let res = extract_manifest(&manifest, manifest_path, out, &req.options, &mut |p| {
         bar.set_position(p.done as u64);
         bar.set_message(format!("{:.0} s audio", p.audio_seconds));
     });
@@ -113,16 +113,92 @@ fn run_one(manifest_path: &Path, out: &Path, args: &Args, label: &str) -> Result
     Ok(s)
 }
 
+/// What to featurize.
+#[derive(Clone, Debug)]
+pub enum FeaturesInput {
+    /// One manifest, into `out`.
+    Manifest { manifest: PathBuf, out: PathBuf },
+    /// Every `DIR/client_*/manifest.csv`, each into its own client folder.
+    Clients(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct FeaturesRequest {
+    pub input: FeaturesInput,
+    /// Audio root the manifest paths are relative to (default: from partition.json).
+    pub root: Option<PathBuf>,
+    pub options: ExtractOptions,
+}
+
+impl TryFrom<&Args> for FeaturesRequest {
+    type Error = anyhow::Error;
+
+    fn try_from(args: &Args) -> Result<Self> {
+        let input = match (&args.manifest, &args.clients) {
+            (Some(m), None) => FeaturesInput::Manifest {
+                manifest: m.clone(),
+                out: args
+                    .out
+                    .clone()
+                    .expect("clap requires --out with --manifest"),
+            },
+            (None, Some(dir)) => FeaturesInput::Clients(dir.clone()),
+            _ => bail!("give exactly one of --manifest (with --out) or --clients"),
+        };
+        Ok(Self {
+            input,
+            root: args.root.clone(),
+            options: ExtractOptions {
+                threads: args.threads,
+                chunk: args.chunk as usize,
+                ..Default::default()
+            },
+        })
+    }
+}
+
+/// Totals over every manifest featurized.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct FeaturesOutcome {
+    pub manifests: usize,
+    pub utterances: usize,
+    pub frames: u64,
+    pub audio_seconds: f64,
+    pub wall_seconds: f64,
+    pub threads: usize,
+}
+
+impl FeaturesOutcome {
+    pub fn print(&self) {
+        let (utts, frames, threads) = (self.utterances, self.frames, self.threads);
+        println!(
+            "features: {} manifest(s), {utts} utterances, {frames} frames x 39 dims, {:.1} s of audio in {:.2} s \
+             ({:.1} utt/s, {:.0}x real time, {threads} threads)",
+            self.manifests,
+            self.audio_seconds,
+            self.wall_seconds,
+            utts as f64 / self.wall_seconds.max(1e-9),
+            self.audio_seconds / self.wall_seconds.max(1e-9),
+        );
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
-    let jobs: Vec<(PathBuf, PathBuf, String)> = match (&args.manifest, &args.clients) {
-        (Some(m), None) => {
-            let out = args
-                .out
-                .clone()
-                .expect("clap requires --out with --manifest");
-            vec![(m.clone(), out, m.display().to_string())]
+    features(&FeaturesRequest::try_from(&args)?)?.print();
+    Ok(())
+}
+
+/// `(manifest, output folder, label)` of every manifest the request names.
+fn jobs(input: &FeaturesInput) -> Result<Vec<(PathBuf, PathBuf, String)>> {
+    Ok(match input {
+        FeaturesInput::Manifest { manifest, out } => {
+            vec![(
+                manifest.clone(),
+                out.clone(),
+                manifest.display().to_string(),
+            )]
         }
-        (None, Some(dir)) => client_manifests(dir)?
+        FeaturesInput::Clients(dir) => client_manifests(dir)?
             .into_iter()
             .map(|m| {
                 let client = m.parent().expect("client_*/manifest.csv").to_path_buf();
@@ -133,17 +209,27 @@ pub fn run(args: Args) -> Result<()> {
                 (m, client, label)
             })
             .collect(),
-        _ => bail!("give exactly one of --manifest (with --out) or --clients"),
+    })
+}
+
+/// Featurizes every manifest of the request, printing one line per manifest.
+pub fn features(req: &FeaturesRequest) -> Result<FeaturesOutcome> {
+    let jobs = jobs(&req.input)?;
+    let mut total = FeaturesOutcome {
+        manifests: jobs.len(),
+        utterances: 0,
+        frames: 0,
+        audio_seconds: 0.0,
+        wall_seconds: 0.0,
+        threads: 0,
     };
-    let (mut utts, mut frames, mut audio, mut wall, mut threads) =
-        (0usize, 0u64, 0f64, 0f64, 0usize);
     for (m, out, label) in &jobs {
-        let s = run_one(m, out, &args, label)?;
-        utts += s.utterances;
-        frames += s.frames;
-        audio += s.audio_seconds;
-        wall += s.wall_seconds;
-        threads = s.threads;
+        let s = run_one(m, out, req, label)?;
+        total.utterances += s.utterances;
+        total.frames += s.frames;
+        total.audio_seconds += s.audio_seconds;
+        total.wall_seconds += s.wall_seconds;
+        total.threads = s.threads;
         println!(
             "{label}: {} utterances, {} frames ({:.1} s of audio) -> {}, {}",
             s.utterances,
@@ -153,14 +239,5 @@ pub fn run(args: Args) -> Result<()> {
             s.len.display()
         );
     }
-    println!(
-        "features: {} manifest(s), {utts} utterances, {frames} frames x 39 dims, {:.1} s of audio in {:.2} s \
-         ({:.1} utt/s, {:.0}x real time, {threads} threads)",
-        jobs.len(),
-        audio,
-        wall,
-        utts as f64 / wall.max(1e-9),
-        audio / wall.max(1e-9),
-    );
-    Ok(())
+    Ok(total)
 }

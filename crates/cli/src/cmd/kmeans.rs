@@ -11,10 +11,11 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use fedhubert_kmeans::{
-    Agreement, Codebook, CodebookMeta, ConcatSource, FederatedConfig, FrameSource, InProcessClient,
-    KmClient, MiniBatchConfig, ServerUpdate, ShardSource, fit_federated, fit_minibatch,
-    label_client, with_threads,
+    Agreement, ClientAgreement, Codebook, CodebookMeta, ConcatSource, FederatedConfig, FrameSource,
+    InProcessClient, KmClient, MiniBatchConfig, ServerUpdate, ShardSource, fit_federated,
+    fit_minibatch, label_client, with_threads,
 };
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -56,10 +57,10 @@ pub struct Args {
     #[arg(long, value_name = "OUTDIR")]
     pub out: PathBuf,
     /// Feature shard stem in each client folder.
-    #[arg(long, default_value = "mfcc")]
+    #[arg(long, default_value = DEFAULT_FEATURE)]
     pub feature: String,
     /// Label shard stem written next to each client's manifest.
-    #[arg(long, default_value = "km")]
+    #[arg(long, default_value = DEFAULT_LABELS)]
     pub labels: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -92,6 +93,181 @@ pub struct Args {
     pub threads: usize,
 }
 
+/// The feature shard stem k-means reads unless told otherwise.
+pub const DEFAULT_FEATURE: &str = "mfcc";
+/// The label shard stem k-means writes unless told otherwise.
+pub const DEFAULT_LABELS: &str = "km";
+
+/// One k-means run: which clients, which mode, the fit settings of every mode.
+#[derive(Clone, Debug)]
+pub struct KmeansRequest {
+    pub clients: PathBuf,
+    pub mode: ModeArg,
+    pub out: PathBuf,
+    pub feature: String,
+    pub labels: String,
+    /// Local and central fits (and the central reference); its `k` and `seed` are the run's.
+    pub minibatch: MiniBatchConfig,
+    /// Federated fit (and the federated reference); same `k` and `seed` as `minibatch`.
+    pub federated: FederatedConfig,
+    /// Local mode: the shared codebook label agreement is measured against.
+    pub reference: ReferenceArg,
+    /// Worker threads (0: all cores).
+    pub threads: usize,
+}
+
+impl KmeansRequest {
+    /// `k` clusters in `mode` with the command line's defaults for everything else.
+    pub fn new(clients: PathBuf, mode: ModeArg, k: usize, out: PathBuf, seed: u64) -> Self {
+        Self {
+            clients,
+            mode,
+            out,
+            feature: DEFAULT_FEATURE.into(),
+            labels: DEFAULT_LABELS.into(),
+            minibatch: MiniBatchConfig {
+                k,
+                seed,
+                ..Default::default()
+            },
+            federated: FederatedConfig {
+                k,
+                seed,
+                ..Default::default()
+            },
+            reference: ReferenceArg::Federated,
+            threads: 0,
+        }
+    }
+
+    pub fn k(&self) -> usize {
+        self.minibatch.k
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.minibatch.seed
+    }
+}
+
+impl From<&Args> for KmeansRequest {
+    fn from(args: &Args) -> Self {
+        Self {
+            clients: args.clients.clone(),
+            mode: args.mode,
+            out: args.out.clone(),
+            feature: args.feature.clone(),
+            labels: args.labels.clone(),
+            minibatch: MiniBatchConfig {
+                k: args.k,
+                batch_size: args.batch_size,
+                max_iter: args.max_iter,
+                n_init: args.n_init,
+                seed: args.seed,
+                ..Default::default()
+            },
+            federated: FederatedConfig {
+                k: args.k,
+                rounds: args.rounds,
+                tol: args.tol,
+                update: match args.update {
+                    UpdateArg::Lloyd => ServerUpdate::Lloyd,
+                    UpdateArg::MiniBatch => ServerUpdate::MiniBatch,
+                },
+                clients_per_round: args.clients_per_round,
+                seed: args.seed,
+                ..Default::default()
+            },
+            reference: args.reference,
+            threads: args.threads,
+        }
+    }
+}
+
+/// `summary.json`: what was fitted and how every client's frames were labelled.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KmeansSummary {
+    pub mode: String,
+    pub k: usize,
+    pub dim: usize,
+    pub seed: u64,
+    pub feature: String,
+    pub clients_dir: PathBuf,
+    pub n_clients: usize,
+    pub frames: usize,
+    pub inertia: f64,
+    pub mean_inertia: f64,
+    /// Shared codebook only.
+    pub empty_clusters: Option<usize>,
+    /// Shared codebook only: frames per cluster over all clients.
+    pub cluster_usage: Option<Vec<u64>>,
+    pub clients: Vec<ClientLabels>,
+    pub skipped_clients: Vec<SkippedClient>,
+    /// Null for local codebooks without a reference.
+    pub label_agreement: Option<LabelAgreement>,
+    pub codebook: Codebooks,
+    /// The fit's own record (steps, rounds and history, ...; mode-specific).
+    pub fit: serde_json::Value,
+    pub config: FitConfigs,
+    pub fit_time_s: f64,
+    pub time_s: f64,
+}
+
+/// How one client's frames were labelled.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClientLabels {
+    pub client: String,
+    pub frames: u64,
+    pub utterances: usize,
+    pub inertia: f64,
+    pub mean_inertia: f64,
+    pub empty_clusters: usize,
+    /// The label shard written.
+    pub labels: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SkippedClient {
+    pub client: String,
+    pub reason: String,
+}
+
+/// Label agreement of the clients' codebooks (see [`AGREEMENT_DOC`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabelAgreement {
+    /// Local mode: the reference codebook's mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    pub purity: f64,
+    pub identity_agreement: f64,
+    pub raw_agreement: f64,
+    /// Local mode: per client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<Vec<ClientAgreementRow>>,
+    pub explanation: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClientAgreementRow {
+    pub client: String,
+    pub purity: f64,
+    pub identity_agreement: f64,
+    pub raw_agreement: f64,
+}
+
+/// The codebook file: one shared, or one per client (local mode).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Codebooks {
+    Shared(PathBuf),
+    PerClient(Vec<PathBuf>),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FitConfigs {
+    pub minibatch: MiniBatchConfig,
+    pub federated: FederatedConfig,
+}
+
 struct Client {
     name: String,
     dir: PathBuf,
@@ -102,7 +278,7 @@ struct Client {
 fn find_clients(
     dir: &Path,
     feature: &str,
-    skipped: &mut Vec<serde_json::Value>,
+    skipped: &mut Vec<SkippedClient>,
 ) -> Result<Vec<Client>> {
     let rd = std::fs::read_dir(dir)
         .with_context(|| format!("--clients {}: cannot read the folder", dir.display()))?;
@@ -126,28 +302,9 @@ fn find_clients(
     found.sort();
     let mut out = Vec::new();
     for (_, name, path) in found {
-        let npy = path.join(format!("{feature}.npy"));
-        if !npy.is_file() {
-            bail!(
-                "{}: missing (run `fedhubert features --clients {}` first, or pass --feature)",
-                npy.display(),
-                dir.display()
-            );
+        if let Some(c) = open_client(dir, name, path, feature, skipped)? {
+            out.push(c);
         }
-        let source = ShardSource::open(&path, feature)
-            .with_context(|| format!("cannot open feature shard {}", npy.display()))?;
-        if source.n_frames() == 0 {
-            tracing::warn!("{}: no frames, client skipped", npy.display());
-            skipped.push(
-                json!({"client": name, "reason": format!("{} has no frames", npy.display())}),
-            );
-            continue;
-        }
-        out.push(Client {
-            name,
-            dir: path,
-            source,
-        });
     }
     if out.is_empty() {
         bail!(
@@ -167,6 +324,39 @@ fn find_clients(
         }
     }
     Ok(out)
+}
+
+/// A client folder's feature shard; `None` (and a note in `skipped`) when it has no frames.
+fn open_client(
+    dir: &Path,
+    name: String,
+    path: PathBuf,
+    feature: &str,
+    skipped: &mut Vec<SkippedClient>,
+) -> Result<Option<Client>> {
+    let npy = path.join(format!("{feature}.npy"));
+    if !npy.is_file() {
+        bail!(
+            "{}: missing (run `fedhubert features --clients {}` first, or pass --feature)",
+            npy.display(),
+            dir.display()
+        );
+    }
+    let source = ShardSource::open(&path, feature)
+        .with_context(|| format!("cannot open feature shard {}", npy.display()))?;
+    if source.n_frames() == 0 {
+        tracing::warn!("{}: no frames, client skipped", npy.display());
+        skipped.push(SkippedClient {
+            client: name,
+            reason: format!("{} has no frames", npy.display()),
+        });
+        return Ok(None);
+    }
+    Ok(Some(Client {
+        name,
+        dir: path,
+        source,
+    }))
 }
 
 fn fed_clients(clients: &[Client], feature: &str) -> Result<Vec<Box<dyn KmClient>>> {
@@ -189,233 +379,320 @@ fn central_source(clients: &[Client], feature: &str) -> Result<ConcatSource> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let threads = (args.threads > 0).then_some(args.threads);
-    with_threads(threads, || run_inner(&args))?
+    let req = KmeansRequest::from(&args);
+    kmeans(&req)?.print(&req);
+    Ok(())
 }
 
-fn run_inner(args: &Args) -> Result<()> {
-    let t0 = Instant::now();
-    if args.k == 0 || args.k > u16::MAX as usize + 1 {
-        bail!(
-            "--k {}: must be between 1 and 65536 (labels are u16)",
-            args.k
-        );
-    }
-    let mut skipped = Vec::new();
-    let clients = find_clients(&args.clients, &args.feature, &mut skipped)?;
-    let total: usize = clients.iter().map(|c| c.source.n_frames()).sum();
-    let dim = clients[0].source.dim();
-    if args.k > total {
-        bail!(
-            "--k {} is larger than the {total} frames of all clients together",
-            args.k
-        );
-    }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("--out {}: cannot create", args.out.display()))?;
-    let mb = MiniBatchConfig {
-        k: args.k,
-        batch_size: args.batch_size,
-        max_iter: args.max_iter,
-        n_init: args.n_init,
-        seed: args.seed,
-        ..Default::default()
-    };
-    let fcfg = FederatedConfig {
-        k: args.k,
-        rounds: args.rounds,
-        tol: args.tol,
-        update: match args.update {
-            UpdateArg::Lloyd => ServerUpdate::Lloyd,
-            UpdateArg::MiniBatch => ServerUpdate::MiniBatch,
-        },
-        clients_per_round: args.clients_per_round,
-        seed: args.seed,
-        ..Default::default()
-    };
-    let mode = match args.mode {
+/// Fits the codebook(s), labels every client and writes the codebooks and `summary.json`.
+pub fn kmeans(req: &KmeansRequest) -> Result<KmeansSummary> {
+    let threads = (req.threads > 0).then_some(req.threads);
+    with_threads(threads, || kmeans_in_pool(req))?
+}
+
+fn mode_name(mode: ModeArg) -> &'static str {
+    match mode {
         ModeArg::Local => "local",
         ModeArg::Federated => "federated",
         ModeArg::Central => "central",
-    };
-    tracing::info!(
-        "{mode} k-means: k={} over {} clients, {total} frames x {dim}",
-        args.k,
-        clients.len()
-    );
+    }
+}
 
-    // Fit.
-    let mut fit_info = json!({});
-    let (global, locals): (Option<Codebook>, Vec<Codebook>) = match args.mode {
+/// The fitted codebooks: one shared (central, federated) or one per client (local).
+struct Fit {
+    global: Option<Codebook>,
+    locals: Vec<Codebook>,
+    info: serde_json::Value,
+}
+
+fn fit(req: &KmeansRequest, clients: &[Client]) -> Result<Fit> {
+    let (mb, fcfg) = (&req.minibatch, &req.federated);
+    Ok(match req.mode {
         ModeArg::Central => {
-            let f = fit_minibatch(&central_source(&clients, &args.feature)?, &mb)?;
-            fit_info = json!({"n_steps": f.n_steps, "n_iter": f.n_iter, "init_inertia_validation": f.init_inertia});
-            (Some(f.codebook), vec![])
+            let f = fit_minibatch(&central_source(clients, &req.feature)?, mb)?;
+            Fit {
+                info: json!({"n_steps": f.n_steps, "n_iter": f.n_iter, "init_inertia_validation": f.init_inertia}),
+                global: Some(f.codebook),
+                locals: vec![],
+            }
         }
         ModeArg::Federated => {
-            let f = fit_federated(&fed_clients(&clients, &args.feature)?, &fcfg)?;
-            fit_info = json!({"rounds": f.rounds, "dropouts": f.dropouts, "history": f.history});
-            (Some(f.codebook), vec![])
+            let f = fit_federated(&fed_clients(clients, &req.feature)?, fcfg)?;
+            Fit {
+                info: json!({"rounds": f.rounds, "dropouts": f.dropouts, "history": f.history}),
+                global: Some(f.codebook),
+                locals: vec![],
+            }
         }
         ModeArg::Local => {
             let mut v = Vec::new();
-            for c in &clients {
-                if c.source.n_frames() < args.k {
+            for c in clients {
+                if c.source.n_frames() < req.k() {
                     bail!(
                         "{}: {} frames, fewer than --k {} (local mode fits k clusters per client)",
                         c.source.path().display(),
                         c.source.n_frames(),
-                        args.k
+                        req.k()
                     );
                 }
-                let f = fit_minibatch(&c.source, &mb)
+                let f = fit_minibatch(&c.source, mb)
                     .with_context(|| format!("local k-means of {}", c.name))?;
                 v.push(f.codebook);
             }
-            (None, v)
+            Fit {
+                global: None,
+                locals: v,
+                info: json!({}),
+            }
         }
-    };
-    let fit_s = t0.elapsed().as_secs_f64();
+    })
+}
 
-    // Reference codebook for label agreement (local mode only).
-    let reference = match (args.mode, args.reference) {
+/// The shared codebook local labels are compared with (local mode only).
+fn reference_codebook(req: &KmeansRequest, clients: &[Client]) -> Result<Option<Codebook>> {
+    Ok(match (req.mode, req.reference) {
         (ModeArg::Local, ReferenceArg::Federated) => {
-            Some(fit_federated(&fed_clients(&clients, &args.feature)?, &fcfg)?.codebook)
+            Some(fit_federated(&fed_clients(clients, &req.feature)?, &req.federated)?.codebook)
         }
         (ModeArg::Local, ReferenceArg::Central) => {
-            Some(fit_minibatch(&central_source(&clients, &args.feature)?, &mb)?.codebook)
+            Some(fit_minibatch(&central_source(clients, &req.feature)?, &req.minibatch)?.codebook)
         }
         _ => None,
-    };
+    })
+}
 
-    // Codebooks and labels.
-    let mut per_client = Vec::new();
-    let mut usage = vec![0u64; args.k];
-    let mut inertia = 0.0;
-    let mut agreements = Vec::new();
-    let mut local_paths = Vec::new();
+/// What labelling every client gave.
+struct Labelled {
+    per_client: Vec<ClientLabels>,
+    usage: Vec<u64>,
+    inertia: f64,
+    agreements: Vec<(String, ClientAgreement)>,
+    local_paths: Vec<PathBuf>,
+}
+
+/// Labels every client with its codebook (saving local codebooks as it goes).
+fn label_all(
+    req: &KmeansRequest,
+    clients: &[Client],
+    fit: &Fit,
+    reference: Option<&Codebook>,
+) -> Result<Labelled> {
+    let mut l = Labelled {
+        per_client: Vec::new(),
+        usage: vec![0u64; req.k()],
+        inertia: 0.0,
+        agreements: Vec::new(),
+        local_paths: Vec::new(),
+    };
     for (i, c) in clients.iter().enumerate() {
-        let cb = global.as_ref().unwrap_or_else(|| &locals[i]);
-        let rep = label_client(
-            &c.dir,
-            &args.feature,
-            cb,
-            Some(&args.labels),
-            reference.as_ref(),
-        )
-        .with_context(|| format!("labelling {}", c.dir.display()))?;
+        let cb = fit.global.as_ref().unwrap_or_else(|| &fit.locals[i]);
+        let rep = label_client(&c.dir, &req.feature, cb, Some(&req.labels), reference)
+            .with_context(|| format!("labelling {}", c.dir.display()))?;
         if let Some(ct) = &rep.contingency {
-            agreements.push((c.name.clone(), ct.agreement()));
+            l.agreements.push((c.name.clone(), ct.agreement()));
         }
-        if global.is_none() {
-            let p = args.out.join(format!("{}.codebook.safetensors", c.name));
+        if fit.global.is_none() {
+            let p = req.out.join(format!("{}.codebook.safetensors", c.name));
             let meta = CodebookMeta {
-                mode: mode.into(),
-                seed: args.seed,
+                mode: mode_name(req.mode).into(),
+                seed: req.seed(),
                 inertia: rep.inertia,
                 n_frames: rep.frames,
             };
             cb.save(&p, &meta)?;
-            local_paths.push(p);
+            l.local_paths.push(p);
         }
-        for (u, r) in usage.iter_mut().zip(&rep.usage) {
+        for (u, r) in l.usage.iter_mut().zip(&rep.usage) {
             *u += r;
         }
-        inertia += rep.inertia;
-        per_client.push(json!({
-            "client": c.name,
-            "frames": rep.frames,
-            "utterances": rep.utterances,
-            "inertia": rep.inertia,
-            "mean_inertia": rep.inertia / rep.frames.max(1) as f64,
-            "empty_clusters": rep.usage.iter().filter(|&&u| u == 0).count(),
-            "labels": c.dir.join(format!("{}.npy", args.labels)),
-        }));
+        l.inertia += rep.inertia;
+        l.per_client.push(ClientLabels {
+            client: c.name.clone(),
+            frames: rep.frames,
+            utterances: rep.utterances,
+            inertia: rep.inertia,
+            mean_inertia: rep.inertia / rep.frames.max(1) as f64,
+            empty_clusters: rep.usage.iter().filter(|&&u| u == 0).count(),
+            labels: c.dir.join(format!("{}.npy", req.labels)),
+        });
     }
-    let codebook_path = args.out.join("codebook.safetensors");
-    if let Some(cb) = &global {
+    Ok(l)
+}
+
+fn label_agreement(
+    req: &KmeansRequest,
+    has_reference: bool,
+    agreements: Vec<(String, ClientAgreement)>,
+) -> Option<LabelAgreement> {
+    match req.mode {
+        ModeArg::Local if has_reference => {
+            let a = Agreement::pool(agreements);
+            Some(LabelAgreement {
+                reference: Some(format!("{:?}", req.reference).to_lowercase()),
+                purity: a.purity,
+                identity_agreement: a.identity_agreement,
+                raw_agreement: a.raw_agreement,
+                clients: Some(
+                    a.clients
+                        .iter()
+                        .map(|(n, c)| ClientAgreementRow {
+                            client: n.clone(),
+                            purity: c.purity,
+                            identity_agreement: c.identity_agreement,
+                            raw_agreement: c.raw_agreement,
+                        })
+                        .collect(),
+                ),
+                explanation: AGREEMENT_DOC.into(),
+            })
+        }
+        ModeArg::Local => None,
+        _ => Some(LabelAgreement {
+            reference: None,
+            purity: 1.0,
+            identity_agreement: 1.0,
+            raw_agreement: 1.0,
+            clients: None,
+            explanation:
+                "all clients label with the same codebook, so cluster ids agree by construction"
+                    .into(),
+        }),
+    }
+}
+
+fn kmeans_in_pool(req: &KmeansRequest) -> Result<KmeansSummary> {
+    let t0 = Instant::now();
+    let k = req.k();
+    if k == 0 || k > u16::MAX as usize + 1 {
+        bail!("--k {k}: must be between 1 and 65536 (labels are u16)");
+    }
+    let mut skipped = Vec::new();
+    let clients = find_clients(&req.clients, &req.feature, &mut skipped)?;
+    let total: usize = clients.iter().map(|c| c.source.n_frames()).sum();
+    let dim = clients[0].source.dim();
+    if k > total {
+        bail!("--k {k} is larger than the {total} frames of all clients together");
+    }
+    std::fs::create_dir_all(&req.out)
+        .with_context(|| format!("--out {}: cannot create", req.out.display()))?;
+    let mode = mode_name(req.mode);
+    tracing::info!(
+        "{mode} k-means: k={k} over {} clients, {total} frames x {dim}",
+        clients.len()
+    );
+    let fit = fit(req, &clients)?;
+    let fit_s = t0.elapsed().as_secs_f64();
+    let reference = reference_codebook(req, &clients)?;
+    let l = label_all(req, &clients, &fit, reference.as_ref())?;
+    let codebook_path = req.out.join("codebook.safetensors");
+    if let Some(cb) = &fit.global {
         let meta = CodebookMeta {
             mode: mode.into(),
-            seed: args.seed,
-            inertia,
+            seed: req.seed(),
+            inertia: l.inertia,
             n_frames: total as u64,
         };
         cb.save(&codebook_path, &meta)?;
     }
-    let agreement = match args.mode {
-        ModeArg::Local if reference.is_some() => {
-            let a = Agreement::pool(agreements);
-            json!({
-                "reference": format!("{:?}", args.reference).to_lowercase(),
-                "purity": a.purity,
-                "identity_agreement": a.identity_agreement,
-                "raw_agreement": a.raw_agreement,
-                "clients": a.clients.iter().map(|(n, c)| json!({"client": n, "purity": c.purity, "identity_agreement": c.identity_agreement, "raw_agreement": c.raw_agreement})).collect::<Vec<_>>(),
-                "explanation": AGREEMENT_DOC,
-            })
-        }
-        ModeArg::Local => json!(null),
-        _ => json!({
-            "purity": 1.0, "identity_agreement": 1.0, "raw_agreement": 1.0,
-            "explanation": "all clients label with the same codebook, so cluster ids agree by construction",
-        }),
-    };
-    let empty = usage.iter().filter(|&&u| u == 0).count();
-    let summary = json!({
-        "mode": mode,
-        "k": args.k,
-        "dim": dim,
-        "seed": args.seed,
-        "feature": args.feature,
-        "clients_dir": args.clients,
-        "n_clients": clients.len(),
-        "frames": total,
-        "inertia": inertia,
-        "mean_inertia": inertia / total as f64,
-        "empty_clusters": if global.is_some() { json!(empty) } else { json!(null) },
-        "cluster_usage": if global.is_some() { json!(usage) } else { json!(null) },
-        "clients": per_client,
-        "skipped_clients": skipped,
-        "label_agreement": agreement,
-        "codebook": if global.is_some() { json!(codebook_path) } else { json!(local_paths) },
-        "fit": fit_info,
-        "config": {"minibatch": mb, "federated": fcfg},
-        "fit_time_s": fit_s,
-        "time_s": t0.elapsed().as_secs_f64(),
-    });
-    let sp = args.out.join("summary.json");
-    fedhubert_io::atomic_write(&sp, serde_json::to_string_pretty(&summary)?.as_bytes())
-        .with_context(|| format!("cannot write {}", sp.display()))?;
-
-    println!(
-        "{mode} k-means: k={} dim={dim}, {} clients, {total} frames",
-        args.k,
-        clients.len()
-    );
-    println!(
-        "  inertia {inertia:.6e} (mean {:.4} per frame){}",
-        inertia / total as f64,
-        if global.is_some() {
-            format!(", {empty} empty clusters")
+    let shared = fit.global.is_some();
+    let empty = l.usage.iter().filter(|&&u| u == 0).count();
+    let summary = KmeansSummary {
+        mode: mode.into(),
+        k,
+        dim,
+        seed: req.seed(),
+        feature: req.feature.clone(),
+        clients_dir: req.clients.clone(),
+        n_clients: clients.len(),
+        frames: total,
+        inertia: l.inertia,
+        mean_inertia: l.inertia / total as f64,
+        empty_clusters: shared.then_some(empty),
+        cluster_usage: shared.then(|| l.usage.clone()),
+        clients: l.per_client,
+        skipped_clients: skipped,
+        label_agreement: label_agreement(req, reference.is_some(), l.agreements),
+        codebook: if shared {
+            Codebooks::Shared(codebook_path)
         } else {
-            String::new()
+            Codebooks::PerClient(l.local_paths)
+        },
+        fit: fit.info,
+        config: FitConfigs {
+            minibatch: req.minibatch.clone(),
+            federated: req.federated.clone(),
+        },
+        fit_time_s: fit_s,
+        time_s: t0.elapsed().as_secs_f64(),
+    };
+    let sp = req.out.join("summary.json");
+    fedhubert_io::atomic_write(&sp, crate::common::json_pretty(&summary)?.as_bytes())
+        .with_context(|| format!("cannot write {}", sp.display()))?;
+    Ok(summary)
+}
+
+/// A number as JSON writes it (`1.0`, not `1`).
+fn json_number(x: f64) -> String {
+    serde_json::Value::from(x).to_string()
+}
+
+impl KmeansSummary {
+    /// The lines `fedhubert kmeans` prints.
+    pub fn print(&self, req: &KmeansRequest) {
+        let (mode, dim, total, inertia) = (&self.mode, self.dim, self.frames, self.inertia);
+        println!(
+            "{mode} k-means: k={} dim={dim}, {} clients, {total} frames",
+            self.k, self.n_clients
+        );
+        println!(
+            "  inertia {inertia:.6e} (mean {:.4} per frame){}",
+            inertia / total as f64,
+            match self.empty_clusters {
+                Some(empty) => format!(", {empty} empty clusters"),
+                None => String::new(),
+            }
+        );
+        if let Some(a) = &self.label_agreement {
+            println!(
+                "  label agreement: purity {}, identity {}",
+                json_number(a.purity),
+                json_number(a.identity_agreement)
+            );
         }
-    );
-    if let Some(a) = summary["label_agreement"].as_object() {
-        if let (Some(p), Some(i)) = (a.get("purity"), a.get("identity_agreement")) {
-            println!("  label agreement: purity {p}, identity {i}");
+        for s in &self.skipped_clients {
+            println!("  skipped {}", serde_json::Value::from(s.client.as_str()));
         }
+        println!(
+            "  labels: CLIENT/{}.npy, summary: {} ({:.1}s)",
+            req.labels,
+            req.out.join("summary.json").display(),
+            self.time_s
+        );
     }
-    for s in &skipped {
-        println!("  skipped {}", s["client"]);
-    }
-    println!(
-        "  labels: CLIENT/{}.npy, summary: {} ({:.1}s)",
-        args.labels,
-        sp.display(),
-        t0.elapsed().as_secs_f64()
-    );
-    Ok(())
 }
 
 const AGREEMENT_DOC: &str = "Per client, every local cluster id i is mapped to the reference (shared) cluster m(i) that most of its frames fall in. purity = share of frames whose reference cluster is m(their local id): how well the local codebook is a relabelling of the shared one. identity_agreement = share of frames whose local id i has m(i) == i: whether id i denotes the same cluster everywhere, which a shared prediction head needs (about 1/k for independent local codebooks, 1.0 for a shared one). raw_agreement = share of frames with local id == reference id. Pooled values weight clients by frames.";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_has_the_command_line_defaults() {
+        let args: Args = crate::common::parse_args(&[
+            "--clients",
+            "parts",
+            "--k",
+            "50",
+            "--out",
+            "km",
+            "--seed",
+            "3",
+        ]);
+        let want = KmeansRequest::new("parts".into(), ModeArg::Federated, 50, "km".into(), 3);
+        assert_eq!(
+            format!("{:?}", KmeansRequest::from(&args)),
+            format!("{want:?}")
+        );
+    }
+}

@@ -38,12 +38,12 @@ pub struct Args {
     #[arg(long, default_value_t = 0.5)]
     pub alpha: f64,
     /// Fraction of each client's utterances held out for validation.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = DEFAULT_VALID_FRACTION)]
     pub valid_fraction: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Dirichlet: redraw until every client has at least this many utterances.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = DEFAULT_MIN_CLIENT_UTTERANCES)]
     pub min_client_utterances: usize,
     /// Leave out unreadable, corrupt, truncated or empty files (listed in the summary and partition.json)
     /// instead of stopping at the first one.
@@ -51,43 +51,76 @@ pub struct Args {
     pub skip_bad: bool,
 }
 
+/// The fraction of each client's utterances held out for validation, unless told otherwise.
+pub const DEFAULT_VALID_FRACTION: f64 = 0.2;
+/// Dirichlet's least utterances per client, unless told otherwise.
+pub const DEFAULT_MIN_CLIENT_UTTERANCES: usize = 2;
+
+/// What to partition and how.
+#[derive(Clone, Debug)]
+pub struct PrepareRequest {
+    /// A corpus folder or a manifest CSV.
+    pub data: PathBuf,
+    /// A manifest CSV's audio root (default: from partition.json).
+    pub root: Option<PathBuf>,
+    pub out: PathBuf,
+    pub config: PartitionConfig,
+    /// Leave out unreadable files instead of stopping at the first one.
+    pub skip_bad: bool,
+}
+
+impl From<&Args> for PrepareRequest {
+    fn from(args: &Args) -> Self {
+        let method = match args.partition {
+            PartitionKind::Speaker => Method::Speaker,
+            PartitionKind::Iid => Method::Iid,
+            PartitionKind::Dirichlet => Method::Dirichlet { alpha: args.alpha },
+        };
+        Self {
+            data: args.data.clone(),
+            root: args.root.clone(),
+            out: args.out.clone(),
+            config: PartitionConfig {
+                method,
+                num_clients: args.num_clients,
+                seed: args.seed,
+                valid_fraction: args.valid_fraction,
+                min_client_utterances: args.min_client_utterances,
+            },
+            skip_bad: args.skip_bad,
+        }
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let s = prepare(&args)?;
-    print_summary(&s, &args.out);
+    let req = PrepareRequest::from(&args);
+    let s = prepare(&req)?;
+    print_summary(&s, &req.out);
     Ok(())
 }
 
-pub fn prepare(args: &Args) -> anyhow::Result<PartitionSummary> {
-    let method = match args.partition {
-        PartitionKind::Speaker => Method::Speaker,
-        PartitionKind::Iid => Method::Iid,
-        PartitionKind::Dirichlet => Method::Dirichlet { alpha: args.alpha },
-    };
-    let cfg = PartitionConfig {
-        method,
-        num_clients: args.num_clients,
-        seed: args.seed,
-        valid_fraction: args.valid_fraction,
-        min_client_utterances: args.min_client_utterances,
-    };
+/// Scans the corpus, partitions it and writes the client folders; returns `partition.json`'s
+/// content.
+pub fn prepare(req: &PrepareRequest) -> anyhow::Result<PartitionSummary> {
+    let cfg = &req.config;
     cfg.validate()?;
-    tracing::info!("scanning {}", args.data.display());
-    let corpus = if args.data.is_file() {
-        scan_manifest(&args.data, args.root.clone(), args.skip_bad)?
-    } else if args.data.is_dir() {
-        scan_dir(&args.data, args.skip_bad)?
+    tracing::info!("scanning {}", req.data.display());
+    let corpus = if req.data.is_file() {
+        scan_manifest(&req.data, req.root.clone(), req.skip_bad)?
+    } else if req.data.is_dir() {
+        scan_dir(&req.data, req.skip_bad)?
     } else {
         bail!(
             "--data {}: no such file or folder (expected a corpus folder or a manifest CSV)",
-            args.data.display()
+            req.data.display()
         );
     };
     for s in &corpus.skipped {
         tracing::warn!("skipped {}: {}", s.path, s.reason);
     }
-    let clients = partition(&corpus, &cfg)?;
-    let summary = write_partition(&args.out, &corpus, &clients, &cfg)
-        .with_context(|| format!("writing the partition to {}", args.out.display()))?;
+    let clients = partition(&corpus, cfg)?;
+    let summary = write_partition(&req.out, &corpus, &clients, cfg)
+        .with_context(|| format!("writing the partition to {}", req.out.display()))?;
     Ok(summary)
 }
 

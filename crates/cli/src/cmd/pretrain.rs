@@ -4,9 +4,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use fedhubert_fl::RoundRecord;
+use fedhubert_fl::{RoundRecord, StrategyConfig};
 use fedhubert_model::{Device, HubertForPretraining};
 use fedhubert_train::{HubertClients, LocalTrainer, RunFile, load_client_dir};
+use serde::{Deserialize, Serialize};
+
+use crate::common::{
+    Overrides, client_dirs, device, federated_clients, json_pretty, resources, write_json,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -38,118 +43,109 @@ pub struct Args {
     pub device: String,
 }
 
-pub fn device(name: &str) -> anyhow::Result<Device> {
-    match name {
-        "cpu" => Ok(fedhubert_model::cpu_device()),
-        #[cfg(feature = "cuda")]
-        s if s.starts_with("cuda") => {
-            let idx = s
-                .strip_prefix("cuda:")
-                .map(|i| i.parse())
-                .transpose()
-                .context("--device cuda:N")?
-                .unwrap_or(0);
-            Ok(fedhubert_model::cuda_device(idx))
-        }
-        other => bail!(
-            "--device {other}: expected cpu{}",
-            if cfg!(feature = "cuda") {
-                " or cuda[:N]"
-            } else {
-                " (this build has no `cuda` feature)"
-            }
-        ),
-    }
-}
-
-/// The client folders of a partition, or `root` itself when it is one client folder (a single
-/// manifest with labels: what `--centralized` trains on).
-pub fn client_dirs(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    if root.join("manifest.csv").is_file() {
-        return Ok(vec![root.to_path_buf()]);
-    }
-    let mut dirs = Vec::new();
-    for k in 0.. {
-        let d = root.join(format!("client_{k}"));
-        if !d.join("manifest.csv").is_file() {
-            break;
-        }
-        dirs.push(d);
-    }
-    if dirs.is_empty() {
-        bail!(
-            "{}: no client_0/manifest.csv; run `fedhubert prepare --out {}` first",
-            root.display(),
-            root.display()
-        );
-    }
-    Ok(dirs)
-}
-
-fn resources() {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|k| k.parse::<u64>().ok())
-        })
-        .map(|kb| format!("{:.1} GiB available", kb as f64 / 1048576.0))
-        .unwrap_or_else(|| "memory unknown".into());
-    let gpu = if Path::new("/dev/nvidia0").exists() {
-        "NVIDIA GPU present"
-    } else {
-        "no GPU"
-    };
-    println!("resources: {cores} CPU cores, {mem}, {gpu}");
-}
-
-/// The run-file overrides `pretrain` and `distill` share: shortcuts for `federated.*` keys and
-/// free `--set section.key=value` pairs.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct Overrides {
-    #[arg(long)]
-    pub num_clients: Option<usize>,
-    #[arg(long)]
-    pub num_rounds: Option<u64>,
-    #[arg(long)]
-    pub strategy: Option<String>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// `section.key=value` overrides, e.g. `--set pretraining.learning_rate=1e-3`.
-    #[arg(long = "set")]
-    pub set: Vec<String>,
-}
-
-impl Overrides {
-    /// `--set` pairs, then one `federated.KEY=VALUE` per shortcut given.
-    pub fn pairs(&self) -> Vec<String> {
-        let mut set = self.set.clone();
-        if let Some(n) = self.num_clients {
-            set.push(format!("federated.num_clients={n}"));
-        }
-        if let Some(n) = self.num_rounds {
-            set.push(format!("federated.num_rounds={n}"));
-        }
-        if let Some(s) = &self.strategy {
-            set.push(format!("federated.strategy={s}"));
-        }
-        if let Some(s) = self.seed {
-            set.push(format!("federated.seed={s}"));
-        }
-        set
-    }
-}
-
-pub fn build_run_file(args: &Args) -> anyhow::Result<RunFile> {
+fn build_run_file(args: &Args) -> anyhow::Result<RunFile> {
     Ok(RunFile::load(
         args.config.as_deref(),
         &args.overrides.pairs(),
     )?)
+}
+
+/// Federated simulation or the pooled (centralized) baseline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PretrainMode {
+    Federated,
+    Centralized,
+}
+
+/// One pretraining run.
+#[derive(Clone, Debug)]
+pub struct PretrainRequest {
+    pub mode: PretrainMode,
+    /// Partition folder (or one client folder for the centralized baseline).
+    pub clients: PathBuf,
+    pub out: PathBuf,
+    /// Centralized: optimizer steps.
+    pub steps: u64,
+    /// Continue from the checkpoint in `out`.
+    pub resume: bool,
+    pub run_file: RunFile,
+    pub device: Device,
+}
+
+/// `summary.json` of a federated run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FederatedSummary {
+    pub mode: String,
+    pub rounds: usize,
+    pub strategy: StrategyConfig,
+    pub parameters: usize,
+    pub first_round_train_loss: Option<f64>,
+    pub final_train_loss: Option<f64>,
+    pub final_eval_loss: Option<f64>,
+    pub final_eval_acc_masked: Option<f64>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub failures: usize,
+    pub wall_time_s: f64,
+    pub hf_export: PathBuf,
+}
+
+impl FederatedSummary {
+    /// The summary of a finished run's `history`, its model exported to `out/hf`.
+    fn new(
+        history: &[RoundRecord],
+        strategy: StrategyConfig,
+        parameters: usize,
+        wall_time_s: f64,
+        out: &Path,
+    ) -> Self {
+        let last = history.last();
+        Self {
+            mode: "federated-simulation".into(),
+            rounds: history.len(),
+            strategy,
+            parameters,
+            first_round_train_loss: history.first().and_then(|r| r.train.get("loss").copied()),
+            final_train_loss: last.and_then(|r| r.train.get("loss").copied()),
+            final_eval_loss: last.and_then(|r| r.eval.get("loss").copied()),
+            final_eval_acc_masked: last.and_then(|r| r.eval.get("acc_masked").copied()),
+            bytes_up: history.iter().map(|r| r.bytes_up).sum::<u64>(),
+            bytes_down: history.iter().map(|r| r.bytes_down).sum::<u64>(),
+            failures: history.iter().map(|r| r.failures.len()).sum::<usize>(),
+            wall_time_s,
+            hf_export: out.join("hf"),
+        }
+    }
+}
+
+/// Where the centralized baseline left its model.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CentralizedOutcome {
+    pub steps: u64,
+    pub checkpoint: PathBuf,
+    pub hf_export: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub enum PretrainOutcome {
+    Federated(FederatedSummary),
+    Centralized(CentralizedOutcome),
+}
+
+impl PretrainOutcome {
+    /// The summary `fedhubert pretrain` prints last.
+    pub fn print(&self) -> anyhow::Result<()> {
+        match self {
+            Self::Federated(summary) => println!("{}", json_pretty(summary)?),
+            Self::Centralized(c) => println!(
+                "centralized pretraining done: {} steps, checkpoint {}, HF export {}",
+                c.steps,
+                c.checkpoint.display(),
+                c.hf_export.display()
+            ),
+        }
+        Ok(())
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -161,36 +157,43 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let rf = build_run_file(&args)?;
     resources();
     let dev = device(&args.device)?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    if args.centralized {
-        return centralized(&args, &rf, &dev);
-    }
-    let summary = federated(&args.clients, &args.out, &rf, &dev, args.resume)?;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
-    Ok(())
+    let req = PretrainRequest {
+        mode: if args.centralized {
+            PretrainMode::Centralized
+        } else {
+            PretrainMode::Federated
+        },
+        clients: args.clients,
+        out: args.out,
+        steps: args.steps,
+        resume: args.resume,
+        run_file: rf,
+        device: dev,
+    };
+    pretrain(&req)?.print()
+}
+
+/// Pretrains as the request says and writes the model (checkpoint and HF export) into `out`.
+pub fn pretrain(req: &PretrainRequest) -> anyhow::Result<PretrainOutcome> {
+    let (rf, dev) = (&req.run_file, &req.device);
+    std::fs::create_dir_all(&req.out).with_context(|| format!("creating {}", req.out.display()))?;
+    Ok(match req.mode {
+        PretrainMode::Centralized => PretrainOutcome::Centralized(centralized(req, rf, dev)?),
+        PretrainMode::Federated => {
+            PretrainOutcome::Federated(federated(&req.clients, &req.out, rf, dev, req.resume)?)
+        }
+    })
 }
 
 /// Runs the federated simulation and exports the final model; returns the summary it writes.
-pub fn federated(
+fn federated(
     clients: &Path,
     out: &Path,
     rf: &RunFile,
     dev: &Device,
     resume: bool,
-) -> anyhow::Result<serde_json::Value> {
-    let mut dirs = client_dirs(clients)?;
-    if rf.federated.run.num_clients > 0 {
-        if rf.federated.run.num_clients > dirs.len() {
-            bail!(
-                "federated.num_clients = {} but {} has only {} client folders",
-                rf.federated.run.num_clients,
-                clients.display(),
-                dirs.len()
-            );
-        }
-        dirs.truncate(rf.federated.run.num_clients);
-    }
+) -> anyhow::Result<FederatedSummary> {
+    let dirs = federated_clients(clients, rf.federated.run.num_clients)?;
     let model_cfg = rf.model_config()?;
     let pre = rf.pretrain_config()?;
     let template = HubertForPretraining::new(&model_cfg, &pre, rf.federated.run.seed, dev)?;
@@ -243,31 +246,23 @@ pub fn federated(
     let model = fedhubert_model::load_tensors(template, res.weights)?;
     model.save_checkpoint(out.join("model.safetensors"))?;
     model.save_hf(out.join("hf"))?;
-    let last = res.history.last();
-    let summary = serde_json::json!({
-        "mode": "federated-simulation",
-        "rounds": res.history.len(),
-        "strategy": strategy_cfg,
-        "parameters": n_params,
-        "first_round_train_loss": res.history.first().and_then(|r| r.train.get("loss")),
-        "final_train_loss": last.and_then(|r| r.train.get("loss")),
-        "final_eval_loss": last.and_then(|r| r.eval.get("loss")),
-        "final_eval_acc_masked": last.and_then(|r| r.eval.get("acc_masked")),
-        "bytes_up": res.history.iter().map(|r| r.bytes_up).sum::<u64>(),
-        "bytes_down": res.history.iter().map(|r| r.bytes_down).sum::<u64>(),
-        "failures": res.history.iter().map(|r| r.failures.len()).sum::<usize>(),
-        "wall_time_s": t0.elapsed().as_secs_f64(),
-        "hf_export": out.join("hf"),
-    });
-    fedhubert_fl::atomic_write(
-        &out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
+    let summary = FederatedSummary::new(
+        &res.history,
+        strategy_cfg,
+        n_params,
+        t0.elapsed().as_secs_f64(),
+        out,
+    );
+    write_json(&out.join("summary.json"), &summary)?;
     crate::plot::curves(&res.history, &out.join("curves.svg"))?;
     Ok(summary)
 }
 
-fn centralized(args: &Args, rf: &RunFile, dev: &Device) -> anyhow::Result<()> {
+fn centralized(
+    args: &PretrainRequest,
+    rf: &RunFile,
+    dev: &Device,
+) -> anyhow::Result<CentralizedOutcome> {
     let dirs = client_dirs(&args.clients)?;
     let mut train = Vec::new();
     let mut valid = Vec::new();
@@ -328,11 +323,9 @@ fn centralized(args: &Args, rf: &RunFile, dev: &Device) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     tr.model.save_hf(args.out.join("hf"))?;
-    println!(
-        "centralized pretraining done: {} steps, checkpoint {}, HF export {}",
-        args.steps,
-        ckpt.display(),
-        args.out.join("hf").display()
-    );
-    Ok(())
+    Ok(CentralizedOutcome {
+        steps: args.steps,
+        checkpoint: ckpt,
+        hf_export: args.out.join("hf"),
+    })
 }

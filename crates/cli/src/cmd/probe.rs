@@ -1,14 +1,16 @@
 //! `fedhubert probe`: SUPERB-style downstream evaluation of an upstream (checkpoint, HF export or
 //! random init) on a labelled clip folder (Speech Commands layout `WORD/*.wav`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use fedhubert_eval::{
-    FinetuneConfig, HeadConfig, HeadKind, LoadConfig, ProbeConfig, SplitConfig, UpstreamSpec,
-    load_labelled_dir, load_upstream, probe, upstream::arch_config, write_report,
+    FinetuneConfig, HeadConfig, HeadKind, LoadConfig, ProbeConfig, ProbeReport, SplitConfig,
+    UpstreamSpec, load_labelled_dir, load_upstream, upstream::arch_config, write_report,
 };
-use fedhubert_model::HubertConfig;
+use fedhubert_model::{Device, HubertConfig};
+
+use crate::common::{bundled, device};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -65,27 +67,97 @@ pub struct Args {
     pub device: String,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    if !matches!(args.task.as_str(), "speech-commands" | "folder") {
-        bail!("--task {}: expected speech-commands or folder", args.task);
-    }
-    let dev = super::pretrain::device(&args.device)?;
-    let data_dir = match &args.data {
-        Some(d) => d.clone(),
-        None => super::demo::bundled("assets/speech-commands-sample")?,
-    };
-    let random_cfg = match &args.config {
-        Some(p) => {
-            HubertConfig::from_json_file(p).with_context(|| format!("--config {}", p.display()))?
+/// One probe: which upstream, on which clips, how.
+#[derive(Clone, Debug)]
+pub struct ProbeRequest {
+    pub upstream: UpstreamSpec,
+    /// Labelled clip folder.
+    pub data: PathBuf,
+    /// Output folder: probe.json, confusion.{csv,json,png}.
+    pub out: PathBuf,
+    pub config: ProbeConfig,
+    pub device: Device,
+}
+
+impl ProbeRequest {
+    /// A frozen linear probe of `upstream` on `data` with the command line's defaults, `seed` for
+    /// the split and the head, on the CPU.
+    pub fn new(upstream: UpstreamSpec, data: PathBuf, out: PathBuf, seed: u64) -> Self {
+        Self {
+            config: ProbeConfig {
+                upstream_name: upstream.describe(),
+                split: SplitConfig {
+                    seed,
+                    ..Default::default()
+                },
+                head: HeadConfig {
+                    seed,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            upstream,
+            data,
+            out,
+            device: fedhubert_model::cpu_device(),
         }
-        None => arch_config(&args.arch)?,
-    };
-    let spec = UpstreamSpec::parse(&args.upstream, random_cfg, args.seed)?;
-    let upstream = load_upstream(&spec, &dev)?;
-    let data = load_labelled_dir(&data_dir, &LoadConfig::default())?;
+    }
+}
+
+impl TryFrom<&Args> for ProbeRequest {
+    type Error = anyhow::Error;
+
+    fn try_from(args: &Args) -> anyhow::Result<Self> {
+        if !matches!(args.task.as_str(), "speech-commands" | "folder") {
+            bail!("--task {}: expected speech-commands or folder", args.task);
+        }
+        let dev = device(&args.device)?;
+        let data_dir = match &args.data {
+            Some(d) => d.clone(),
+            None => bundled("assets/speech-commands-sample")?,
+        };
+        let random_cfg = match &args.config {
+            Some(p) => HubertConfig::from_json_file(p)
+                .with_context(|| format!("--config {}", p.display()))?,
+            None => arch_config(&args.arch)?,
+        };
+        let spec = UpstreamSpec::parse(&args.upstream, random_cfg, args.seed)?;
+        let mut req = Self::new(spec, data_dir, args.out.clone(), args.seed);
+        req.device = dev;
+        let cfg = &mut req.config;
+        cfg.task = args.task.clone();
+        cfg.head.kind = args
+            .mlp
+            .map_or(HeadKind::Linear, |hidden| HeadKind::Mlp { hidden });
+        cfg.head.learning_rate = args.lr;
+        cfg.head.epochs = args.epochs;
+        cfg.head.patience = args.patience;
+        cfg.extract_batch = args.batch;
+        cfg.folds = args.folds;
+        cfg.finetune = args.finetune.then(|| FinetuneConfig {
+            epochs: args.finetune_epochs,
+            upstream_lr: args.finetune_lr,
+            seed: args.seed,
+            ..Default::default()
+        });
+        Ok(req)
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let req = ProbeRequest::try_from(&args)?;
+    let r = probe(&req)?;
+    print_report(&r, &req.out);
+    Ok(())
+}
+
+/// Loads the upstream and the clips, probes and writes the report into `out`.
+pub fn probe(req: &ProbeRequest) -> anyhow::Result<ProbeReport> {
+    let upstream = load_upstream(&req.upstream, &req.device)?;
+    let data = load_labelled_dir(&req.data, &LoadConfig::default())?;
     println!(
         "data {}: {} clips, {} classes, {:.0} s{}",
-        data_dir.display(),
+        req.data.display(),
         data.clips.len(),
         data.classes.len(),
         data.seconds(),
@@ -95,34 +167,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ""
         }
     );
-    let cfg = ProbeConfig {
-        task: args.task.clone(),
-        upstream_name: spec.describe(),
-        split: SplitConfig {
-            seed: args.seed,
-            ..Default::default()
-        },
-        head: HeadConfig {
-            kind: args
-                .mlp
-                .map_or(HeadKind::Linear, |hidden| HeadKind::Mlp { hidden }),
-            learning_rate: args.lr,
-            epochs: args.epochs,
-            patience: args.patience,
-            seed: args.seed,
-            ..Default::default()
-        },
-        extract_batch: args.batch,
-        folds: args.folds,
-        finetune: args.finetune.then(|| FinetuneConfig {
-            epochs: args.finetune_epochs,
-            upstream_lr: args.finetune_lr,
-            seed: args.seed,
-            ..Default::default()
-        }),
-    };
-    let r = probe(&upstream, &data, &cfg)?;
-    write_report(&r, &args.out)?;
+    let r = fedhubert_eval::probe(&upstream, &data, &req.config)?;
+    write_report(&r, &req.out)?;
+    Ok(r)
+}
+
+/// The lines `fedhubert probe` prints about a finished probe written to `out`.
+pub fn print_report(r: &ProbeReport, out: &Path) {
     let s = &r.split;
     println!(
         "split ({}): train {} / valid {} / test {} clips ({:.0}/{:.0}/{:.0} %), speakers {:?}",
@@ -175,7 +226,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "timing: extract {:.1} s, head {:.1} s; wrote {}/probe.json, confusion.{{csv,json,png}}",
         r.extract_seconds,
         r.train_seconds,
-        args.out.display()
+        out.display()
     );
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_has_the_command_line_defaults() {
+        let args: Args = crate::common::parse_args(&[
+            "--upstream",
+            "random",
+            "--data",
+            "clips",
+            "--out",
+            "probe",
+            "--seed",
+            "2",
+        ]);
+        let spec = UpstreamSpec::Random {
+            config: HubertConfig::tiny(),
+            seed: 2,
+        };
+        let want = ProbeRequest::new(spec, "clips".into(), "probe".into(), 2);
+        assert_eq!(
+            format!("{:?}", ProbeRequest::try_from(&args).unwrap()),
+            format!("{want:?}")
+        );
+    }
 }
