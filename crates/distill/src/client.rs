@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use burn::tensor::Device;
 use fedhubert_fl::{ClientInstructions, ClientPool, EvalRes, FitRes, Weights};
-use fedhubert_train::client::local_updates;
+use fedhubert_train::client::{eval_reply, fit_reply, local_updates};
 use fedhubert_train::{ClientCache, ClientData, SimConfig, TrainConfig};
 
 use crate::codes::CodeTable;
@@ -122,12 +122,7 @@ impl ClientPool for DistillClients {
         let m = tr
             .train_steps(&data.train, steps, work.learning_rate, cfg.seed, |_, _| {})
             .map_err(|e| e.to_string())?;
-        Ok(FitRes {
-            client: c,
-            weights: tr.model.weights(),
-            num_examples: m.utterances,
-            metrics: m.to_map(),
-        })
+        Ok(fit_reply(c, tr.model.weights(), &m))
     }
 
     fn evaluate(
@@ -137,21 +132,9 @@ impl ClientPool for DistillClients {
         cfg: &ClientInstructions,
     ) -> Result<EvalRes, String> {
         let data = self.data(c)?;
-        if data.valid.is_empty() {
-            return Ok(EvalRes {
-                client: c,
-                num_examples: 0,
-                metrics: Default::default(),
-            });
-        }
-        let tr = self.trainer(c, global)?;
-        let m = tr
-            .evaluate(&data.valid, cfg.seed)
-            .map_err(|e| e.to_string())?;
-        Ok(EvalRes {
-            client: c,
-            num_examples: m.utterances,
-            metrics: m.to_map(),
+        eval_reply(c, &data.valid, |valid| {
+            let tr = self.trainer(c, global)?;
+            tr.evaluate(valid, cfg.seed).map_err(|e| e.to_string())
         })
     }
 }

@@ -2,14 +2,13 @@
 //! device), the weighted losses and backward; clipping, AdamW and the step loop are the shared
 //! trainer core's (`fedhubert_train::core`), on the student and its heads.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use fedhubert_io::seeds::{self, mix};
 use fedhubert_train::core::{
-    self, StepMetrics, StepPlan, apply_update, clip_grad_norm, engine_rng,
+    self, Reported, StepMetrics, StepPlan, apply_update, clip_grad_norm, engine_rng,
 };
 use fedhubert_train::data::make_batch;
 use fedhubert_train::{AdamState, TrainConfig, Utt};
@@ -47,14 +46,9 @@ pub struct DistillMetrics {
     pub utterances: u64,
 }
 
-impl DistillMetrics {
-    pub fn to_map(&self) -> BTreeMap<String, f64> {
-        let v = serde_json::to_value(self).expect("metrics serialise");
-        v.as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
-            .collect()
+impl Reported for DistillMetrics {
+    fn utterances(&self) -> u64 {
+        self.utterances
     }
 }
 

@@ -70,7 +70,7 @@ pub fn encode(weights: &Weights, global: &Weights, c: Compression) -> Result<Vec
 pub fn decode(payload: &[u8], global: &Weights, c: Compression) -> Result<Weights, FlError> {
     let mut w = global.clone();
     let mut pos = 0usize;
-    let short = || FlError::Layout("client payload is shorter than the model".into());
+    let short = || FlError::layout("client payload is shorter than the model");
     for t in &mut w.tensors {
         let n = t.data.len();
         match c {
@@ -100,7 +100,7 @@ pub fn decode(payload: &[u8], global: &Weights, c: Compression) -> Result<Weight
         }
     }
     if pos != payload.len() {
-        return Err(FlError::Layout(format!(
+        return Err(FlError::layout(format!(
             "client payload has {} trailing bytes",
             payload.len() - pos
         )));

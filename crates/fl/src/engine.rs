@@ -406,15 +406,18 @@ impl RoundEngine {
             Upload::Payload(p) => {
                 decode(&p, &a.current, self.cfg.upload.compression).map(|w| (w, p.len() as u64))
             }
-            // Uncompressed, the wire carries exactly the f32 values.
-            Upload::Weights(w) => a
-                .current
-                .check_layout(&w, "client update")
-                .map_err(FlError::from)
-                .map(|_| {
-                    let n = w.nbytes() as u64;
-                    (w, n)
-                }),
+            // Uncompressed, the wire carries exactly the f32 values of the trainable tensors
+            // (a runner that hands over the whole model has its frozen tensors dropped here).
+            Upload::Weights(w) => {
+                let w = self.cfg.upload.trainable(&w);
+                a.current
+                    .check_layout(&w, "client update")
+                    .map_err(FlError::from)
+                    .map(|_| {
+                        let n = w.nbytes() as u64;
+                        (w, n)
+                    })
+            }
         };
         let (weights, up) = match received {
             Ok(x) => x,

@@ -18,7 +18,9 @@ pub mod store;
 pub mod strategy;
 pub mod weights;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+pub use fedhubert_io::TensorError;
 
 pub use compress::Compression;
 pub use engine::{
@@ -34,15 +36,9 @@ pub use weights::{Tensor, Weights};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {why}")]
-    Format { path: PathBuf, why: String },
-    #[error("weights layout mismatch: {0}")]
-    Layout(String),
+    /// A file, or the layout of a set of weights: see [`TensorError`].
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
     #[error("config: {0}")]
     Config(String),
     #[error("client {client}: {why}")]
@@ -61,10 +57,27 @@ pub enum FlError {
     },
 }
 
+impl FlError {
+    /// The weights do not have the layout (names, shapes) they must have.
+    pub fn layout(why: impl Into<String>) -> Self {
+        FlError::Tensor(TensorError::Layout(why.into()))
+    }
+
+    /// `path` holds something other than what was expected.
+    pub fn format(path: &Path, why: impl std::fmt::Display) -> Self {
+        FlError::Tensor(TensorError::Format {
+            path: path.to_path_buf(),
+            why: why.to_string(),
+        })
+    }
+}
+
 /// Temp file in the same folder, fsync, rename: readers never see half a file.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), FlError> {
-    fedhubert_io::atomic_write(path, bytes).map_err(|e| FlError::Io {
-        path: path.to_path_buf(),
-        source: e,
+    fedhubert_io::atomic_write(path, bytes).map_err(|e| {
+        FlError::Tensor(TensorError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })
     })
 }

@@ -40,10 +40,7 @@ pub fn save_round(dir: &Path, ck: &Checkpoint) -> Result<(), FlError> {
 pub fn write_jsonl(path: &Path, history: &[RoundRecord]) -> Result<(), FlError> {
     let mut s = String::new();
     for r in history {
-        s.push_str(&serde_json::to_string(r).map_err(|e| FlError::Format {
-            path: path.to_path_buf(),
-            why: e.to_string(),
-        })?);
+        s.push_str(&serde_json::to_string(r).map_err(|e| FlError::format(path, e))?);
         s.push('\n');
     }
     crate::atomic_write(path, s.as_bytes())
@@ -55,10 +52,7 @@ pub fn save_checkpoint(path: &Path, ck: &Checkpoint) -> Result<(), FlError> {
         groups.push((format!("state.{k}/"), w));
     }
     let gref: Vec<(&str, &Weights)> = groups.iter().map(|(p, w)| (p.as_str(), *w)).collect();
-    let fmt = |e: serde_json::Error| FlError::Format {
-        path: path.to_path_buf(),
-        why: e.to_string(),
-    };
+    let fmt = |e: serde_json::Error| FlError::format(path, e);
     let mut meta = BTreeMap::new();
     meta.insert("format".into(), FORMAT.into());
     meta.insert("format_version".into(), CHECKPOINT_VERSION.to_string());
@@ -110,10 +104,7 @@ fn migrate_strategy_v1(json: &str) -> Result<String, String> {
 
 pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, FlError> {
     let (mut groups, meta) = load_safetensors(path)?;
-    let bad = |why: String| FlError::Format {
-        path: path.to_path_buf(),
-        why,
-    };
+    let bad = |why: String| FlError::format(path, why);
     let version = version_of(&meta).ok_or_else(|| {
         bad("not a fedhubert round checkpoint (metadata `format` missing)".into())
     })?;

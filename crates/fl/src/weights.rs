@@ -4,13 +4,3 @@
 pub use fedhubert_io::tensor::{
     Tensor, TensorError, Weights, load_safetensors, order_metadata, save_safetensors,
 };
-
-impl From<TensorError> for crate::FlError {
-    fn from(e: TensorError) -> Self {
-        match e {
-            TensorError::Io { path, source } => crate::FlError::Io { path, source },
-            TensorError::Format { path, why } => crate::FlError::Format { path, why },
-            TensorError::Layout(s) => crate::FlError::Layout(s),
-        }
-    }
-}

@@ -49,7 +49,7 @@ pub enum BridgeError {
     #[error(transparent)]
     Fl(#[from] fedhubert_fl::FlError),
     #[error(transparent)]
-    Tensor(#[from] fedhubert_fl::weights::TensorError),
+    Tensor(#[from] fedhubert_fl::TensorError),
     #[error(transparent)]
     Model(#[from] fedhubert_model::ModelError),
     #[error(transparent)]
@@ -71,8 +71,12 @@ impl From<BridgeError> for PyErr {
                 PyValueError::new_err(e.to_string())
             }
             BridgeError::Fl(
-                fedhubert_fl::FlError::Config(_) | fedhubert_fl::FlError::Layout(_),
-            ) => PyValueError::new_err(e.to_string()),
+                fedhubert_fl::FlError::Config(_)
+                | fedhubert_fl::FlError::Tensor(fedhubert_fl::TensorError::Layout(_)),
+            )
+            | BridgeError::Tensor(fedhubert_fl::TensorError::Layout(_)) => {
+                PyValueError::new_err(e.to_string())
+            }
             // Bad configuration values and missing or malformed input files (teacher, server set).
             BridgeError::Distill(
                 fedhubert_distill::DistillError::Config(_)

@@ -4,6 +4,7 @@
 
 mod common;
 
+use fedhubert_train::core::Reported;
 use std::path::{Path, PathBuf};
 
 use common::{Fake, drive, same_history};

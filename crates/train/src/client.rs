@@ -12,6 +12,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::core::Reported;
 use crate::data::{BatchConfig, ClientData, Utt, epoch_batches, load_client_dir};
 use crate::trainer::{LocalTrainer, TrainConfig, evaluate_model};
 
@@ -98,6 +99,37 @@ pub fn local_updates(
     }
 }
 
+/// A client's training reply.
+pub fn fit_reply(client: usize, weights: Weights, m: &impl Reported) -> FitRes {
+    FitRes {
+        client,
+        weights,
+        num_examples: m.utterances(),
+        metrics: m.to_map(),
+    }
+}
+
+/// A client's evaluation reply: `eval` on its validation split, or no examples without one.
+pub fn eval_reply<M: Reported>(
+    client: usize,
+    valid: &[Utt],
+    eval: impl FnOnce(&[Utt]) -> Result<M, String>,
+) -> Result<EvalRes, String> {
+    if valid.is_empty() {
+        return Ok(EvalRes {
+            client,
+            num_examples: 0,
+            metrics: Default::default(),
+        });
+    }
+    let m = eval(valid)?;
+    Ok(EvalRes {
+        client,
+        num_examples: m.utterances(),
+        metrics: m.to_map(),
+    })
+}
+
 pub struct HubertClients {
     clients: ClientCache,
     template: HubertForPretraining,
@@ -164,12 +196,7 @@ impl ClientPool for HubertClients {
                 |_, _| {},
             )
             .map_err(|e| e.to_string())?;
-        Ok(FitRes {
-            client: c,
-            weights: tr.weights(),
-            num_examples: m.utterances,
-            metrics: m.to_map(),
-        })
+        Ok(fit_reply(c, tr.weights(), &m))
     }
 
     fn evaluate(
@@ -179,21 +206,10 @@ impl ClientPool for HubertClients {
         cfg: &ClientInstructions,
     ) -> Result<EvalRes, String> {
         let data = self.data(c)?;
-        if data.valid.is_empty() {
-            return Ok(EvalRes {
-                client: c,
-                num_examples: 0,
-                metrics: Default::default(),
-            });
-        }
-        let model =
-            load_tensors(self.template.clone(), global.clone()).map_err(|e| e.to_string())?;
-        let m = evaluate_model(&model, &data.valid, &self.train.batch, cfg.seed)
-            .map_err(|e| e.to_string())?;
-        Ok(EvalRes {
-            client: c,
-            num_examples: m.utterances,
-            metrics: m.to_map(),
+        eval_reply(c, &data.valid, |valid| {
+            let model =
+                load_tensors(self.template.clone(), global.clone()).map_err(|e| e.to_string())?;
+            evaluate_model(&model, valid, &self.train.batch, cfg.seed).map_err(|e| e.to_string())
         })
     }
 }

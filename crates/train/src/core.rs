@@ -252,6 +252,23 @@ impl<'a> StepPlan<'a> {
     }
 }
 
+/// Metrics a client reports: named numbers (Flower's metrics record) and the utterances they
+/// are over (the example count the server weights by).
+pub trait Reported: serde::Serialize {
+    fn utterances(&self) -> u64;
+
+    fn to_map(&self) -> BTreeMap<String, f64> {
+        let v = serde_json::to_value(self).unwrap_or_default();
+        v.as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
 /// Step metrics that average over a run of steps.
 pub trait StepMetrics: Default {
     /// Folds step `n` (1-based) into the running means.

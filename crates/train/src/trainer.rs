@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
 use crate::core::{
-    self, AdamState, Grads, StepMetrics, StepPlan, apply_update, clip_grad_norm, engine_rng,
+    self, AdamState, Grads, Reported, StepMetrics, StepPlan, apply_update, clip_grad_norm,
+    engine_rng,
 };
 use crate::data::{BatchConfig, Utt, make_batch};
 
@@ -171,14 +172,9 @@ impl StepMetrics for Metrics {
     }
 }
 
-impl Metrics {
-    pub fn to_map(&self) -> BTreeMap<String, f64> {
-        let v = serde_json::to_value(self).expect("metrics serialise");
-        v.as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(0.0)))
-            .collect()
+impl Reported for Metrics {
+    fn utterances(&self) -> u64 {
+        self.utterances
     }
 }
 

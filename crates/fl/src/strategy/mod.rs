@@ -139,63 +139,50 @@ impl StrategySpec for FedAvgM {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FedAdam {
-    #[serde(default = "eta_adam")]
-    pub eta: f32,
-    #[serde(default = "beta1")]
-    pub beta1: f32,
-    #[serde(default = "beta2")]
-    pub beta2: f32,
-    #[serde(default = "tau")]
-    pub tau: f32,
+/// The settings of an adaptive FedOpt strategy (FedAdam, FedYogi): the same keys, their own
+/// default `eta`, their own server optimizer.
+macro_rules! adaptive_strategy {
+    ($(#[$doc:meta])* $name:ident, $eta:literal, $opt:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            #[serde(default = $eta)]
+            pub eta: f32,
+            #[serde(default = "beta1")]
+            pub beta1: f32,
+            #[serde(default = "beta2")]
+            pub beta2: f32,
+            #[serde(default = "tau")]
+            pub tau: f32,
+        }
+
+        impl StrategySpec for $name {
+            fn validate(&self) -> Result<(), String> {
+                check_adaptive(self.eta, self.beta1, self.beta2, self.tau)
+            }
+            fn parts(&self) -> (Box<dyn Aggregator>, Box<dyn ServerOptimizer>) {
+                let opt = $opt {
+                    eta: self.eta,
+                    beta1: self.beta1,
+                    beta2: self.beta2,
+                    tau: self.tau,
+                    moments: Moments::default(),
+                };
+                (Box::new(Mean::default()), Box::new(opt))
+            }
+        }
+    };
 }
 
-impl StrategySpec for FedAdam {
-    fn validate(&self) -> Result<(), String> {
-        check_adaptive(self.eta, self.beta1, self.beta2, self.tau)
-    }
-    fn parts(&self) -> (Box<dyn Aggregator>, Box<dyn ServerOptimizer>) {
-        let opt = Adam {
-            eta: self.eta,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            tau: self.tau,
-            moments: Moments::default(),
-        };
-        (Box::new(Mean::default()), Box::new(opt))
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FedYogi {
-    #[serde(default = "eta_yogi")]
-    pub eta: f32,
-    #[serde(default = "beta1")]
-    pub beta1: f32,
-    #[serde(default = "beta2")]
-    pub beta2: f32,
-    #[serde(default = "tau")]
-    pub tau: f32,
-}
-
-impl StrategySpec for FedYogi {
-    fn validate(&self) -> Result<(), String> {
-        check_adaptive(self.eta, self.beta1, self.beta2, self.tau)
-    }
-    fn parts(&self) -> (Box<dyn Aggregator>, Box<dyn ServerOptimizer>) {
-        let opt = Yogi {
-            eta: self.eta,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            tau: self.tau,
-            moments: Moments::default(),
-        };
-        (Box::new(Mean::default()), Box::new(opt))
-    }
-}
+adaptive_strategy!(
+    /// FedAdam (Reddi et al. 2021), Flower's defaults.
+    FedAdam, "eta_adam", Adam
+);
+adaptive_strategy!(
+    /// FedYogi (Reddi et al. 2021), Flower's defaults.
+    FedYogi, "eta_yogi", Yogi
+);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

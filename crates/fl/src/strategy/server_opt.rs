@@ -101,6 +101,32 @@ impl ServerOptimizer for AvgM {
     moments_state!();
 }
 
+/// The adaptive FedOpt step both FedAdam and FedYogi take, `second(v, d)` the rule of the second
+/// moment: `m = b1 m + (1 - b1) d`, `v = second(v, d)`, `x += step * m / (sqrt(v) + tau)`, with
+/// the pseudo-gradient `d = aggregated - current`.
+fn adaptive_step(
+    moments: &mut Moments,
+    current: Weights,
+    aggregated: &Weights,
+    (beta1, step, tau): (f32, f32, f32),
+    second: impl Fn(f32, f32) -> f32,
+) -> Weights {
+    let mut new = current.clone();
+    let (m, v) = moments.both(&current);
+    for (((x, a), mi), vi) in new
+        .iter_data_mut()
+        .zip(aggregated.iter_data())
+        .zip(m.iter_data_mut())
+        .zip(v.iter_data_mut())
+    {
+        let d = *a - *x;
+        *mi = beta1 * *mi + (1.0 - beta1) * d;
+        *vi = second(*vi, d);
+        *x += step * *mi / (vi.sqrt() + tau);
+    }
+    new
+}
+
 /// FedAdam with Flower's bias-corrected step size (Kingma & Ba's alpha_t, t = round + 1).
 pub struct Adam {
     pub eta: f32,
@@ -112,24 +138,13 @@ pub struct Adam {
 
 impl ServerOptimizer for Adam {
     fn apply(&mut self, round: u64, current: Weights, aggregated: Weights) -> Weights {
-        let (b1, b2, tau) = (self.beta1, self.beta2, self.tau);
+        let (b1, b2) = (self.beta1, self.beta2);
         let t = round as f64 + 1.0;
         let eta_norm = (self.eta as f64 * (1.0 - (b2 as f64).powf(t)).sqrt()
             / (1.0 - (b1 as f64).powf(t))) as f32;
-        let mut new = current.clone();
-        let (m, v) = self.moments.both(&current);
-        for (((x, a), mi), vi) in new
-            .iter_data_mut()
-            .zip(aggregated.iter_data())
-            .zip(m.iter_data_mut())
-            .zip(v.iter_data_mut())
-        {
-            let d = *a - *x;
-            *mi = b1 * *mi + (1.0 - b1) * d;
-            *vi = b2 * *vi + (1.0 - b2) * d * d;
-            *x += eta_norm * *mi / (vi.sqrt() + tau);
-        }
-        new
+        let second = |v: f32, d: f32| b2 * v + (1.0 - b2) * d * d;
+        let hyper = (b1, eta_norm, self.tau);
+        adaptive_step(&mut self.moments, current, &aggregated, hyper, second)
     }
     moments_state!();
 }
@@ -145,22 +160,13 @@ pub struct Yogi {
 
 impl ServerOptimizer for Yogi {
     fn apply(&mut self, _: u64, current: Weights, aggregated: Weights) -> Weights {
-        let (eta, b1, b2, tau) = (self.eta, self.beta1, self.beta2, self.tau);
-        let mut new = current.clone();
-        let (m, v) = self.moments.both(&current);
-        for (((x, a), mi), vi) in new
-            .iter_data_mut()
-            .zip(aggregated.iter_data())
-            .zip(m.iter_data_mut())
-            .zip(v.iter_data_mut())
-        {
-            let d = *a - *x;
+        let b2 = self.beta2;
+        let second = |v: f32, d: f32| {
             let d2 = d * d;
-            *mi = b1 * *mi + (1.0 - b1) * d;
-            *vi -= (1.0 - b2) * d2 * sign(*vi - d2);
-            *x += eta * *mi / (vi.sqrt() + tau);
-        }
-        new
+            v - (1.0 - b2) * d2 * sign(v - d2)
+        };
+        let hyper = (self.beta1, self.eta, self.tau);
+        adaptive_step(&mut self.moments, current, &aggregated, hyper, second)
     }
     moments_state!();
 }
