@@ -9,54 +9,36 @@ use std::sync::Arc;
 use burn::tensor::Device;
 use fedhubert_fl::{ClientInstructions, ClientPool, EvalRes, FitRes, Weights};
 use fedhubert_train::client::{eval_reply, fit_reply, local_updates};
-use fedhubert_train::{ClientCache, ClientData, SimConfig, TrainConfig};
+use fedhubert_train::{ClientCache, ClientData, SimConfig};
 
 use crate::codes::CodeTable;
-use crate::config::{DistillConfig, LayerPlan, Mode};
+use crate::config::Mode;
 use crate::data::load_audio_dir;
-use crate::quantizer::Quantizer;
 use crate::student::DistillStudent;
-use crate::teacher::Teacher;
-use crate::trainer::DistillTrainer;
+use crate::trainer::{DistillParts, DistillTrainer};
 
 pub struct DistillClients {
     clients: ClientCache,
     template: DistillStudent,
-    teacher: Teacher,
-    cfg: DistillConfig,
-    mode: Mode,
-    plan: LayerPlan,
-    quantizer: Option<Arc<Quantizer>>,
-    train: TrainConfig,
+    parts: DistillParts,
     sim: SimConfig,
     device: Device,
 }
 
 impl DistillClients {
     /// `template` fixes the architecture (student + heads); its weights are replaced by the global
-    /// ones at every call. `mode` is [`Mode::Client`] or [`Mode::Mvq`].
-    #[allow(clippy::too_many_arguments)]
+    /// ones at every call. `parts.mode` is [`Mode::Client`] or [`Mode::Mvq`].
     pub fn new(
         dirs: Vec<PathBuf>,
         template: DistillStudent,
-        teacher: Teacher,
-        cfg: DistillConfig,
-        mode: Mode,
-        plan: LayerPlan,
-        quantizer: Option<Arc<Quantizer>>,
-        train: TrainConfig,
+        parts: DistillParts,
         sim: SimConfig,
         device: Device,
     ) -> Self {
         Self {
             clients: ClientCache::new(dirs, sim.cache_clients),
             template,
-            teacher,
-            cfg,
-            mode,
-            plan,
-            quantizer,
-            train,
+            parts,
             sim,
             device,
         }
@@ -70,24 +52,16 @@ impl DistillClients {
     /// The trainer for client `c`: the global weights, and in MVQ mode with
     /// `distillation.mvq.codes` the client's precomputed codes (the teacher then never runs).
     fn trainer(&self, c: usize, global: &Weights) -> Result<DistillTrainer, String> {
-        let mut tr = DistillTrainer::new(
-            self.template.clone(),
-            self.teacher.clone(),
-            self.cfg.clone(),
-            self.mode,
-            self.plan.clone(),
-            self.quantizer.clone(),
-            self.train.clone(),
-            &self.device,
-        )
-        .map_err(|e| e.to_string())?;
+        let mut tr = DistillTrainer::new(self.template.clone(), self.parts.clone(), &self.device)
+            .map_err(|e| e.to_string())?;
         tr.model = tr
             .model
             .clone()
             .set_weights(global)
             .map_err(|e| e.to_string())?;
-        if self.mode == Mode::Mvq && !self.cfg.mvq.codes.is_empty() {
+        if self.parts.mode == Mode::Mvq && !self.parts.cfg.mvq.codes.is_empty() {
             let q = self
+                .parts
                 .quantizer
                 .as_ref()
                 .ok_or("mode mvq needs a quantizer")?;
@@ -95,7 +69,7 @@ impl DistillClients {
                 .clients
                 .dir(c)
                 .ok_or_else(|| format!("no client {c}"))?;
-            let table = CodeTable::load(dir, &self.cfg.mvq.codes, q.num_codebooks())
+            let table = CodeTable::load(dir, &self.parts.cfg.mvq.codes, q.num_codebooks())
                 .map_err(|e| e.to_string())?;
             tr.codes = Some(Arc::new(table));
         }
@@ -118,7 +92,7 @@ impl ClientPool for DistillClients {
         let mut tr = self.trainer(c, global)?;
         let work = &cfg.settings;
         // Distillation steps are single batches (update_freq is not applied here).
-        let steps = local_updates(work.local, &data.train, &self.train.batch, 1);
+        let steps = local_updates(work.local, &data.train, &self.parts.train.batch, 1);
         let m = tr
             .train_steps(&data.train, steps, work.learning_rate, cfg.seed, |_, _| {})
             .map_err(|e| e.to_string())?;

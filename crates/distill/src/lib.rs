@@ -44,7 +44,7 @@ pub use server::{ServerDistill, ServerRoundLog};
 pub use setup::DistillSetup;
 pub use student::{DistillStudent, hubert_param_count, init_from_teacher};
 pub use teacher::Teacher;
-pub use trainer::{DistillMetrics, DistillTrainer};
+pub use trainer::{DistillMetrics, DistillParts, DistillTrainer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DistillError {

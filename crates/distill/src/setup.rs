@@ -15,7 +15,7 @@ use crate::data::{has_labels, load_audio_dir};
 use crate::server::{ServerDistill, ServerRoundLog};
 use crate::student::{DistillStudent, hubert_param_count, init_from_teacher};
 use crate::teacher::Teacher;
-use crate::trainer::DistillTrainer;
+use crate::trainer::{DistillParts, DistillTrainer};
 use crate::{DistillError, Result, cfg_err};
 
 /// The per-round log of server-side distillation, next to `metrics.jsonl`.
@@ -140,16 +140,15 @@ impl DistillSetup {
             learning_rate: d.server_learning_rate,
             ..rf.run_file().train_config()?
         };
-        let trainer = DistillTrainer::new(
-            ds,
-            self.teacher.clone(),
-            d.clone(),
-            Mode::Server,
-            self.plan.clone(),
-            None,
-            server_train,
-            dev,
-        )?;
+        let parts = DistillParts {
+            teacher: self.teacher.clone(),
+            cfg: d.clone(),
+            mode: Mode::Server,
+            plan: self.plan.clone(),
+            quantizer: None,
+            train: server_train,
+        };
+        let trainer = DistillTrainer::new(ds, parts, dev)?;
         Ok(ServerDistill::new(
             inner,
             trainer,

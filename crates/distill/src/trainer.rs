@@ -90,6 +90,18 @@ fn scalar(x: &Tensor<1>) -> f64 {
 /// Prefix of the student's conv front-end inside [`DistillStudent`].
 pub const STUDENT_FEATURE_EXTRACTOR: &str = "student.hubert.feature_extractor.";
 
+/// What a distillation trainer is made of besides the student: the frozen teacher, the losses'
+/// configuration, the mode and its layer plan, the MVQ quantizer, the local training settings.
+#[derive(Clone)]
+pub struct DistillParts {
+    pub teacher: Teacher,
+    pub cfg: DistillConfig,
+    pub mode: Mode,
+    pub plan: LayerPlan,
+    pub quantizer: Option<Arc<Quantizer>>,
+    pub train: TrainConfig,
+}
+
 /// Student (+ heads) on an autodiff device, the frozen teacher, the losses' configuration and the
 /// optimizer state.
 pub struct DistillTrainer {
@@ -109,17 +121,15 @@ pub struct DistillTrainer {
 impl DistillTrainer {
     /// Checks that the losses the mode and weights ask for are computable (teacher head, class
     /// counts, frame rates, quantizer) and moves the student to the autodiff version of `device`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        model: DistillStudent,
-        teacher: Teacher,
-        cfg: DistillConfig,
-        mode: Mode,
-        plan: LayerPlan,
-        quantizer: Option<Arc<Quantizer>>,
-        train: TrainConfig,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn new(model: DistillStudent, parts: DistillParts, device: &Device) -> Result<Self> {
+        let DistillParts {
+            teacher,
+            cfg,
+            mode,
+            plan,
+            quantizer,
+            train,
+        } = parts;
         cfg.validate()?;
         train.validate()?;
         let s = &model.student;

@@ -12,7 +12,9 @@ use fedhubert_audio::{Manifest, load_audio};
 use fedhubert_distill::config::Mode;
 use fedhubert_distill::data::load_audio_dir;
 use fedhubert_distill::student::{DistillStudent, hubert_param_count, init_from_teacher};
-use fedhubert_distill::{DistillConfig, DistillTrainer, Quantizer, ServerDistill, Teacher};
+use fedhubert_distill::{
+    DistillConfig, DistillParts, DistillTrainer, Quantizer, ServerDistill, Teacher,
+};
 use fedhubert_features::shard::ShardWriter;
 use fedhubert_features::{Mfcc, MfccConfig};
 use fedhubert_fl::{ClientSettings, LocalWork, RunConfig, StrategyConfig};
@@ -167,17 +169,15 @@ fn build() -> Fixture {
     };
     let plan = cfg.layer_plan(2, 2).unwrap();
     let ds = DistillStudent::new(model.clone(), 48, &plan, false, false, None, 0);
-    let mut tr = DistillTrainer::new(
-        ds,
-        Teacher::from_model(model, true),
-        cfg,
-        Mode::Client,
-        plan,
-        None,
-        tiny_train(),
-        &dev,
-    )
-    .unwrap();
+    let parts = DistillParts {
+        teacher: Teacher::from_model(model, true),
+        cfg: cfg,
+        mode: Mode::Client,
+        plan: plan,
+        quantizer: None,
+        train: tiny_train(),
+    };
+    let mut tr = DistillTrainer::new(ds, parts, &dev).unwrap();
     let data = load_audio_dir(&root.join("client_2"), "km", 0).unwrap();
     let m = tr.train_steps(&data.train, 12, 2e-3, 3, |_, _| {}).unwrap();
     assert!(m.mlm > 0.0 && m.distill == 0.0, "{m:?}");
@@ -272,17 +272,15 @@ fn server_mode_distils_the_aggregate_and_losses_fall() {
     );
     assert_eq!(ds.feat_proj.len(), plan.feature.len());
     let server_data = load_audio_dir(&f.root.join("client_2"), "km", 0).unwrap();
-    let trainer = DistillTrainer::new(
-        ds,
-        teacher,
-        cfg,
-        Mode::Server,
-        plan,
-        None,
-        tiny_train(),
-        &dev,
-    )
-    .unwrap();
+    let parts = DistillParts {
+        teacher: teacher,
+        cfg: cfg,
+        mode: Mode::Server,
+        plan: plan,
+        quantizer: None,
+        train: tiny_train(),
+    };
+    let trainer = DistillTrainer::new(ds, parts, &dev).unwrap();
     let inner = StrategyConfig::default().build().unwrap();
     let strategy = ServerDistill::new(
         inner,
@@ -374,15 +372,18 @@ fn client_mode_losses_fall_and_student_exports_to_hf() {
     );
     let ds = DistillStudent::new(student, teacher.hidden_size(), &plan, true, true, None, 5);
     let initial = ds.weights();
+    let parts = DistillParts {
+        teacher: teacher.clone(),
+        cfg: cfg,
+        mode: Mode::Client,
+        plan: plan,
+        quantizer: None,
+        train: tiny_train(),
+    };
     let mut pool = fedhubert_distill::DistillClients::new(
         client_dirs(f),
         ds,
-        teacher.clone(),
-        cfg,
-        Mode::Client,
-        plan,
-        None,
-        tiny_train(),
+        parts,
         SimConfig::default(),
         dev.clone(),
     );
@@ -478,15 +479,18 @@ fn mvq_mode_quantizer_and_codebook_loss_falls() {
         5,
     );
     let initial = ds.weights();
+    let parts = DistillParts {
+        teacher: teacher,
+        cfg: cfg,
+        mode: Mode::Mvq,
+        plan: plan,
+        quantizer: Some(Arc::new(q)),
+        train: tiny_train(),
+    };
     let mut pool = fedhubert_distill::DistillClients::new(
         client_dirs(f),
         ds,
-        teacher,
-        cfg,
-        Mode::Mvq,
-        plan,
-        Some(Arc::new(q)),
-        tiny_train(),
+        parts,
         SimConfig::default(),
         dev.clone(),
     );
@@ -525,7 +529,15 @@ fn teacher_without_head_refuses_output_distillation() {
     let plan = cfg.layer_plan(2, 2).unwrap();
     let student = HubertForPretraining::new(&student_cfg(), &student_pretrain(), 5, &dev).unwrap();
     let ds = DistillStudent::new(student, 48, &plan, true, false, None, 5);
-    let e = DistillTrainer::new(ds, bare, cfg, Mode::Client, plan, None, tiny_train(), &dev)
+    let parts = DistillParts {
+        teacher: bare,
+        cfg: cfg,
+        mode: Mode::Client,
+        plan: plan,
+        quantizer: None,
+        train: tiny_train(),
+    };
+    let e = DistillTrainer::new(ds, parts, &dev)
         .err()
         .unwrap()
         .to_string();

@@ -12,7 +12,9 @@ use fedhubert_distill::ServerRoundLog;
 use fedhubert_distill::config::Mode;
 use fedhubert_distill::setup::{read_server_log, write_server_log};
 use fedhubert_distill::student::{DistillStudent, hubert_param_count};
-use fedhubert_distill::{DistillClients, DistillRunFile, DistillSetup, Quantizer, QuantizerReport};
+use fedhubert_distill::{
+    DistillClients, DistillParts, DistillRunFile, DistillSetup, Quantizer, QuantizerReport,
+};
 use fedhubert_fl::store::checkpoint_path;
 use fedhubert_fl::{RoundRecord, RunConfig, StrategyConfig, Weights};
 use fedhubert_model::{Device, HubertForPretraining, load_tensors};
@@ -424,15 +426,18 @@ fn run_clients(
     );
     let aux = ds.aux_weights().num_params();
     let initial: Weights = ds.weights();
+    let parts = DistillParts {
+        teacher: teacher.clone(),
+        cfg: d.clone(),
+        mode,
+        plan: plan.clone(),
+        quantizer: q,
+        train: train_cfg.clone(),
+    };
     let mut pool = DistillClients::new(
         dirs.clone(),
         ds.clone(),
-        teacher.clone(),
-        d.clone(),
-        mode,
-        plan.clone(),
-        q,
-        train_cfg.clone(),
+        parts,
         base.sim_config(),
         dev.clone(),
     );
