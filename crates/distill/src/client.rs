@@ -91,10 +91,22 @@ impl ClientPool for DistillClients {
         let data = self.data(c)?;
         let mut tr = self.trainer(c, global)?;
         let work = &cfg.settings;
-        // Distillation steps are single batches (update_freq is not applied here).
-        let steps = local_updates(work.local, &data.train, &self.parts.train.batch, 1);
+        let steps = local_updates(
+            work.local,
+            &data.train,
+            &self.parts.train.batch,
+            self.parts.train.update_freq,
+        );
+        let prox = (work.proximal_mu > 0.0).then_some((global, work.proximal_mu));
         let m = tr
-            .train_steps(&data.train, steps, work.learning_rate, cfg.seed, |_, _| {})
+            .train_steps(
+                &data.train,
+                steps,
+                work.learning_rate,
+                cfg.seed,
+                prox,
+                |_, _| {},
+            )
             .map_err(|e| e.to_string())?;
         Ok(fit_reply(c, tr.model.weights(), &m))
     }

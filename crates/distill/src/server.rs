@@ -93,6 +93,7 @@ impl ServerDistill {
             self.steps,
             self.lr,
             mix(self.seed, &[seeds::SERVER_DISTILL, self.round]),
+            None,
             |_, m| {
                 if first.is_none() {
                     first = Some(m.clone());

@@ -382,43 +382,58 @@ impl DistillTrainer {
         Ok((total, m))
     }
 
-    /// One optimizer update on `utts` (cropped to the shortest, as pretraining batches).
-    pub fn step(&mut self, utts: &[&Utt], lr: f64, seed: u64) -> Result<DistillMetrics> {
+    /// One optimizer update on `micro` batches (`update_freq` of them, each cropped to its
+    /// shortest utterance as pretraining batches are): the mean gradient, clipped, FedProx's
+    /// proximal term when `prox` is given, then AdamW.
+    pub fn step(
+        &mut self,
+        micro: &[Vec<&Utt>],
+        lr: f64,
+        seed: u64,
+        prox: Option<(&fedhubert_io::Weights, f32)>,
+    ) -> Result<DistillMetrics> {
         let _rng = engine_rng(&self.device, mix(seed, &[seeds::DISTILL_DROPOUT]));
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let label_rate = self.model.student.pretrain.label_rate;
-        let batch = make_batch(utts, self.train.batch.max_sample_size, label_rate, &mut rng);
-        let codes = self.utt_codes(utts)?.map(|c| (c, &batch.starts[..]));
-        let (loss, mut m) =
-            self.losses(&self.model, &batch.wavs, &batch.labels, codes, &mut rng)?;
-        let mut grads = core::backward(loss, &self.model);
+        let mut grads = core::Grads::new();
+        let mut m = DistillMetrics::default();
+        for (i, utts) in micro.iter().enumerate() {
+            let batch = make_batch(utts, self.train.batch.max_sample_size, label_rate, &mut rng);
+            let codes = self.utt_codes(utts)?.map(|c| (c, &batch.starts[..]));
+            let (loss, mi) =
+                self.losses(&self.model, &batch.wavs, &batch.labels, codes, &mut rng)?;
+            core::accumulate(&mut grads, core::backward(loss, &self.model));
+            m.running_mean(&mi, (i + 1) as f64);
+        }
         if self.train.freeze_feature_extractor {
             grads.retain(|k, _| !k.starts_with(STUDENT_FEATURE_EXTRACTOR));
         }
-        m.grad_norm = clip_grad_norm(&mut grads, 1, self.train.clip_norm);
+        m.grad_norm = clip_grad_norm(&mut grads, micro.len(), self.train.clip_norm);
         let model = self.model.clone();
-        self.model = apply_update(model, &mut grads, lr, None, &mut self.opt, &self.train)?;
+        self.model = apply_update(model, &mut grads, lr, prox, &mut self.opt, &self.train)?;
         m.lr = lr;
         m.steps = 1;
         Ok(m)
     }
 
     /// `steps` updates at a fixed `lr` over `utts` (length-bucketed batches, reshuffled every
-    /// epoch from `seed`); returns the mean metrics; `on_step` sees each step's.
+    /// epoch from `seed`, `update_freq` micro-batches an update), with FedProx's term when `prox`
+    /// is given; returns the mean metrics; `on_step` sees each step's.
     pub fn train_steps(
         &mut self,
         utts: &[Utt],
         steps: u64,
         lr: f64,
         seed: u64,
+        prox: Option<(&fedhubert_io::Weights, f32)>,
         on_step: impl FnMut(u64, &DistillMetrics),
     ) -> Result<DistillMetrics> {
-        let mut plan = StepPlan::new(utts, &self.train.batch, 1, seed)?;
+        let mut plan = StepPlan::new(utts, &self.train.batch, self.train.update_freq, seed)?;
         core::run_steps(
             &mut plan,
             0,
             steps,
-            |_, micro, step_seed| self.step(&micro[0], lr, step_seed),
+            |_, micro, step_seed| self.step(micro, lr, step_seed, prox),
             on_step,
         )
     }

@@ -179,7 +179,9 @@ fn build() -> Fixture {
     };
     let mut tr = DistillTrainer::new(ds, parts, &dev).unwrap();
     let data = load_audio_dir(&root.join("client_2"), "km", 0).unwrap();
-    let m = tr.train_steps(&data.train, 12, 2e-3, 3, |_, _| {}).unwrap();
+    let m = tr
+        .train_steps(&data.train, 12, 2e-3, 3, None, |_, _| {})
+        .unwrap();
     assert!(m.mlm > 0.0 && m.distill == 0.0, "{m:?}");
     let teacher = root.join("teacher.safetensors");
     tr.model.student.save_checkpoint(&teacher).unwrap();
@@ -542,4 +544,58 @@ fn teacher_without_head_refuses_output_distillation() {
         .unwrap()
         .to_string();
     assert!(e.contains("distillation.kl_weight"), "{e}");
+}
+
+#[test]
+fn distillation_steps_honour_update_freq_and_proximal_mu() {
+    let f = fixture();
+    let dev = cpu_device();
+    let data = load_audio_dir(&f.root.join("client_0"), "km", 0).unwrap();
+    let make = |update_freq: usize| {
+        let teacher = Teacher::load(&f.teacher, &dev).unwrap();
+        let cfg = DistillConfig {
+            alpha: 0.7,
+            ..Default::default()
+        };
+        let plan = cfg.layer_plan(2, teacher.num_layers()).unwrap();
+        let student =
+            HubertForPretraining::new(&student_cfg(), &student_pretrain(), 5, &dev).unwrap();
+        let ds = DistillStudent::new(student, teacher.hidden_size(), &plan, true, false, None, 5);
+        let train = TrainConfig {
+            update_freq,
+            ..tiny_train()
+        };
+        let parts = DistillParts {
+            teacher: teacher,
+            cfg: cfg,
+            mode: Mode::Client,
+            plan: plan,
+            quantizer: None,
+            train: train,
+        };
+        DistillTrainer::new(ds, parts, &dev).unwrap()
+    };
+    // update_freq 2: every update averages two micro-batches, so it sees more utterances.
+    let mut one = make(1);
+    let w0 = one.model.weights();
+    let m1 = one
+        .train_steps(&data.train, 3, 2e-3, 7, None, |_, _| {})
+        .unwrap();
+    let m2 = make(2)
+        .train_steps(&data.train, 3, 2e-3, 7, None, |_, _| {})
+        .unwrap();
+    assert!(m2.utterances > m1.utterances, "{m2:?} vs {m1:?}");
+    assert_eq!((m1.steps, m2.steps), (3, 3));
+    // FedProx: a strong proximal term keeps the student closer to the global weights.
+    let mut prox = make(1);
+    prox.train_steps(&data.train, 3, 2e-3, 7, Some((&w0, 50.0)), |_, _| {})
+        .unwrap();
+    let (free, held) = (
+        one.model.weights().dist2(&w0),
+        prox.model.weights().dist2(&w0),
+    );
+    assert!(
+        held < free,
+        "proximal term did not hold the weights: {held} vs {free}"
+    );
 }
