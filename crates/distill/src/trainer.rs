@@ -106,12 +106,7 @@ pub struct DistillParts {
 /// optimizer state.
 pub struct DistillTrainer {
     pub model: DistillStudent,
-    pub teacher: Teacher,
-    pub cfg: DistillConfig,
-    pub mode: Mode,
-    pub plan: LayerPlan,
-    pub quantizer: Option<Arc<Quantizer>>,
-    pub train: TrainConfig,
+    pub parts: DistillParts,
     pub opt: AdamState,
     /// MVQ mode: precomputed codes of the utterances trained on; the teacher then does not run.
     pub codes: Option<Arc<CodeTable>>,
@@ -129,7 +124,7 @@ impl DistillTrainer {
             plan,
             quantizer,
             train,
-        } = parts;
+        } = &parts;
         cfg.validate()?;
         train.validate()?;
         let s = &model.student;
@@ -193,12 +188,7 @@ impl DistillTrainer {
         }
         Ok(Self {
             model,
-            teacher,
-            cfg,
-            mode,
-            plan,
-            quantizer,
-            train,
+            parts,
             opt: AdamState::default(),
             codes: None,
             device: ad,
@@ -206,16 +196,16 @@ impl DistillTrainer {
     }
 
     fn mlm_active(&self) -> bool {
-        self.cfg.alpha < 1.0
+        self.parts.cfg.alpha < 1.0
     }
 
     /// Forward of one batch of equal-length crops: the total loss tensor and its components.
     /// The precomputed codes of `utts` (MVQ mode with `distillation.mvq.codes`), else None.
     fn utt_codes<'a>(&'a self, utts: &[&Utt]) -> Result<Option<Vec<&'a [u8]>>> {
-        let Some(table) = self.codes.as_ref().filter(|_| self.mode == Mode::Mvq) else {
+        let Some(table) = self.codes.as_ref().filter(|_| self.parts.mode == Mode::Mvq) else {
             return Ok(None);
         };
-        let cfg = &self.teacher.model.hubert.config;
+        let cfg = &self.parts.teacher.model.hubert.config;
         utts.iter()
             .map(|u| table.get(&u.id, cfg.num_frames(u.wav.len())))
             .collect::<Result<Vec<_>>>()
@@ -233,11 +223,11 @@ impl DistillTrainer {
         rng: &mut ChaCha8Rng,
     ) -> Result<(Tensor<1>, DistillMetrics)> {
         let device = model.student.hubert.masked_spec_embed.device();
-        let use_kl = self.mode != Mode::Mvq && self.cfg.kl_weight > 0.0;
+        let use_kl = self.parts.mode != Mode::Mvq && self.parts.cfg.kl_weight > 0.0;
         // With precomputed codes the teacher's only job is already done.
         let tout = match codes {
             Some(_) => None,
-            None => Some(self.teacher.forward(wavs, use_kl)?),
+            None => Some(self.parts.teacher.forward(wavs, use_kl)?),
         };
         let (b, s) = (wavs.len(), wavs[0].len());
         let flat: Vec<f32> = wavs.iter().flat_map(|w| w.iter().copied()).collect();
@@ -266,12 +256,12 @@ impl DistillTrainer {
             ..Default::default()
         };
         let mut distill: Option<Tensor<1>> = None;
-        match self.mode {
+        match self.parts.mode {
             Mode::Mvq => {
-                let q = self.quantizer.as_ref().expect("checked in new");
+                let q = self.parts.quantizer.as_ref().expect("checked in new");
                 let codes = match (&tout, codes) {
                     (_, Some((utt_codes, starts))) => {
-                        let stride = self.teacher.model.hubert.config.total_stride();
+                        let stride = self.parts.teacher.model.hubert.config.total_stride();
                         let mut v = Vec::with_capacity(b * t * q.num_codebooks());
                         for (c, &start) in utt_codes.iter().zip(starts) {
                             v.extend_from_slice(crop_codes(
@@ -285,7 +275,7 @@ impl DistillTrainer {
                         v
                     }
                     (Some(tout), None) => {
-                        let emb = tout.hidden_states[self.plan.mvq + 1].clone();
+                        let emb = tout.hidden_states[self.parts.plan.mvq + 1].clone();
                         let emb = if emb.dims()[1] > t {
                             emb.narrow(1, 0, t)
                         } else {
@@ -306,7 +296,7 @@ impl DistillTrainer {
                 let (ce, correct, count) = codebook_ce(logits, &codes, q.num_codebooks())?;
                 m.mvq_ce = scalar(&ce);
                 m.mvq_acc = correct as f64 / count.max(1) as f64;
-                add(&mut distill, ce * self.cfg.mvq.loss_scale);
+                add(&mut distill, ce * self.parts.cfg.mvq.loss_scale);
             }
             Mode::Client | Mode::Server => {
                 let tout = tout.ok_or_else(|| {
@@ -320,13 +310,13 @@ impl DistillTrainer {
                     let sl = model
                         .student
                         .logits(pass.last_hidden_state.clone().reshape([b * t, h]));
-                    let kl = kl_loss(tl, sl, self.cfg.temperature);
+                    let kl = kl_loss(tl, sl, self.parts.cfg.temperature);
                     m.kl = scalar(&kl);
-                    add(&mut distill, kl * self.cfg.kl_weight);
+                    add(&mut distill, kl * self.parts.cfg.kl_weight);
                 }
-                if self.cfg.feature_weight > 0.0 {
+                if self.parts.cfg.feature_weight > 0.0 {
                     let mut sum: Option<Tensor<1>> = None;
-                    for (i, &(sl, tl)) in self.plan.feature.iter().enumerate() {
+                    for (i, &(sl, tl)) in self.parts.plan.feature.iter().enumerate() {
                         let x = pass.hidden_states[sl + 1].clone();
                         let x = match model.feat_proj.get(i) {
                             Some(p) => p.forward(x),
@@ -337,31 +327,31 @@ impl DistillTrainer {
                             mse_loss(x, cut(tout.hidden_states[tl + 1].clone())),
                         );
                     }
-                    let mse = sum.expect("non-empty plan") / self.plan.feature.len() as f64;
+                    let mse = sum.expect("non-empty plan") / self.parts.plan.feature.len() as f64;
                     m.feature_mse = scalar(&mse);
-                    add(&mut distill, mse * self.cfg.feature_weight);
+                    add(&mut distill, mse * self.parts.cfg.feature_weight);
                 }
-                if self.cfg.pred_weight > 0.0 {
+                if self.parts.cfg.pred_weight > 0.0 {
                     let (mut l1s, mut coss): (Option<Tensor<1>>, Option<Tensor<1>>) = (None, None);
-                    for (i, &tl) in self.plan.pred.iter().enumerate() {
+                    for (i, &tl) in self.parts.plan.pred.iter().enumerate() {
                         let p = model.pred_heads[i].forward(pass.last_hidden_state.clone());
                         let (l1, cos) =
                             distilhubert_loss(p, cut(tout.hidden_states[tl + 1].clone()));
                         add(&mut l1s, l1);
                         add(&mut coss, cos);
                     }
-                    let n = self.plan.pred.len() as f64;
+                    let n = self.parts.plan.pred.len() as f64;
                     let (l1, cos) = (l1s.expect("non-empty") / n, coss.expect("non-empty") / n);
                     m.pred_l1 = scalar(&l1);
                     m.pred_cos = scalar(&cos);
                     add(
                         &mut distill,
-                        (l1 + cos * self.cfg.pred_cos_weight) * self.cfg.pred_weight,
+                        (l1 + cos * self.parts.cfg.pred_cos_weight) * self.parts.cfg.pred_weight,
                     );
                 }
             }
         }
-        let alpha = self.cfg.alpha;
+        let alpha = self.parts.cfg.alpha;
         let mut total: Option<Tensor<1>> = None;
         if let Some(d) = distill {
             m.distill = scalar(&d);
@@ -398,19 +388,19 @@ impl DistillTrainer {
         let mut grads = core::Grads::new();
         let mut m = DistillMetrics::default();
         for (i, utts) in micro.iter().enumerate() {
-            let batch = make_batch(utts, self.train.batch.max_sample_size, label_rate, &mut rng);
+            let batch = make_batch(utts, self.parts.train.batch.max_sample_size, label_rate, &mut rng);
             let codes = self.utt_codes(utts)?.map(|c| (c, &batch.starts[..]));
             let (loss, mi) =
                 self.losses(&self.model, &batch.wavs, &batch.labels, codes, &mut rng)?;
             core::accumulate(&mut grads, core::backward(loss, &self.model));
             m.running_mean(&mi, (i + 1) as f64);
         }
-        if self.train.freeze_feature_extractor {
+        if self.parts.train.freeze_feature_extractor {
             grads.retain(|k, _| !k.starts_with(STUDENT_FEATURE_EXTRACTOR));
         }
-        m.grad_norm = clip_grad_norm(&mut grads, micro.len(), self.train.clip_norm);
+        m.grad_norm = clip_grad_norm(&mut grads, micro.len(), self.parts.train.clip_norm);
         let model = self.model.clone();
-        self.model = apply_update(model, &mut grads, lr, prox, &mut self.opt, &self.train)?;
+        self.model = apply_update(model, &mut grads, lr, prox, &mut self.opt, &self.parts.train)?;
         m.lr = lr;
         m.steps = 1;
         Ok(m)
@@ -428,7 +418,7 @@ impl DistillTrainer {
         prox: Option<(&fedhubert_io::Weights, f32)>,
         on_step: impl FnMut(u64, &DistillMetrics),
     ) -> Result<DistillMetrics> {
-        let mut plan = StepPlan::new(utts, &self.train.batch, self.train.update_freq, seed)?;
+        let mut plan = StepPlan::new(utts, &self.parts.train.batch, self.parts.train.update_freq, seed)?;
         core::run_steps(
             &mut plan,
             0,
@@ -445,13 +435,13 @@ impl DistillTrainer {
         let mut total = DistillMetrics::default();
         let mut n = 0.0;
         for (i, u) in utts.iter().enumerate() {
-            if u.wav.len() < self.train.batch.min_sample_size.min(16_000) {
+            if u.wav.len() < self.parts.train.batch.min_sample_size.min(16_000) {
                 continue;
             }
             let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, &[seeds::EVAL, i as u64]));
             let b = make_batch(
                 &[u],
-                self.train.batch.max_sample_size,
+                self.parts.train.batch.max_sample_size,
                 model.student.pretrain.label_rate,
                 &mut rng,
             );
