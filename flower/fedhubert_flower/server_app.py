@@ -198,17 +198,23 @@ def main(grid: Grid, context: Context) -> None:
     while (ex := server.next_exchange()) is not None:
         kind, rnd, plan = ex
         ok, failed = _send_global(grid, server, plan, node_of, run_file, _KIND[kind], rnd, timeout)
-        for c, reply in ok.items():
+        # Plan (client) order: each reply's arrays are handed over and dropped in the order the
+        # engine aggregates them, so none waits in its reorder buffer.
+        for c, _ in plan:
+            if c in failed:
+                _say(f"round {rnd}: {kind} on client {c} failed: {failed[c]}")
+                server.fail(c, failed[c])
+                continue
+            reply = ok.pop(c)
             n, m = _metrics(reply)
             if kind == "fit":
                 server.deliver_fit(c, arrays_from_record(reply.content["arrays"]), n, m)
             else:
                 server.deliver_evaluate(c, n, m)
-        for c, why in failed.items():
-            server.fail(c, why)
-        if (done := server.close_exchange()) is not None:
-            _report(json.loads(done))
-        elif failed:
-            _say(f"round {rnd}: {kind}: {len(failed)} of {len(plan)} clients failed")
+        status, record = server.close_exchange()
+        if status == "round":
+            _report(json.loads(record))
+        elif status == "retry":
+            _say(f"round {rnd}: too few replies, retrying with a fresh sample")
     summary = json.loads(server.export())
     _say(f"done: {json.dumps(summary)}")

@@ -388,7 +388,12 @@ impl DistillTrainer {
         let mut grads = core::Grads::new();
         let mut m = DistillMetrics::default();
         for (i, utts) in micro.iter().enumerate() {
-            let batch = make_batch(utts, self.parts.train.batch.max_sample_size, label_rate, &mut rng);
+            let batch = make_batch(
+                utts,
+                self.parts.train.batch.max_sample_size,
+                label_rate,
+                &mut rng,
+            );
             let codes = self.utt_codes(utts)?.map(|c| (c, &batch.starts[..]));
             let (loss, mi) =
                 self.losses(&self.model, &batch.wavs, &batch.labels, codes, &mut rng)?;
@@ -400,7 +405,14 @@ impl DistillTrainer {
         }
         m.grad_norm = clip_grad_norm(&mut grads, micro.len(), self.parts.train.clip_norm);
         let model = self.model.clone();
-        self.model = apply_update(model, &mut grads, lr, prox, &mut self.opt, &self.parts.train)?;
+        self.model = apply_update(
+            model,
+            &mut grads,
+            lr,
+            prox,
+            &mut self.opt,
+            &self.parts.train,
+        )?;
         m.lr = lr;
         m.steps = 1;
         Ok(m)
@@ -418,7 +430,12 @@ impl DistillTrainer {
         prox: Option<(&fedhubert_io::Weights, f32)>,
         on_step: impl FnMut(u64, &DistillMetrics),
     ) -> Result<DistillMetrics> {
-        let mut plan = StepPlan::new(utts, &self.parts.train.batch, self.parts.train.update_freq, seed)?;
+        let mut plan = StepPlan::new(
+            utts,
+            &self.parts.train.batch,
+            self.parts.train.update_freq,
+            seed,
+        )?;
         core::run_steps(
             &mut plan,
             0,

@@ -25,7 +25,7 @@ use std::time::Instant;
 use fedhubert_io::seeds::{self, mix};
 use serde::{Deserialize, Serialize};
 
-use crate::compress::decode;
+use crate::compress::{Compression, decode};
 use crate::instructions::{ClientInstructions, MESSAGE_FORMAT, Upload};
 use crate::rounds::{RunConfig, sample_clients};
 use crate::store::Checkpoint;
@@ -191,6 +191,12 @@ impl RoundEngine {
                 ck.strategy
             )));
         }
+        let here = serde_json::json!({"client": cfg.client, "upload": cfg.upload}).to_string();
+        if let Some(theirs) = ck.clients.as_ref().filter(|c| **c != here) {
+            return Err(FlError::Config(format!(
+                "the checkpoint's clients were told {theirs} but this run tells them {here} (learning rate, local work, proximal_mu, frozen tensors, compression)"
+            )));
+        }
         if ck.seed != cfg.seed {
             return Err(FlError::Config(format!(
                 "the checkpoint's seed {} differs from federated.seed {} (--seed)",
@@ -235,9 +241,16 @@ impl RoundEngine {
         (self.round <= self.cfg.num_rounds).then_some(self.round)
     }
 
-    /// What `--resume` needs to continue from here exactly (valid between rounds).
-    pub fn checkpoint(&self) -> Checkpoint {
-        Checkpoint {
+    /// What `--resume` needs to continue from here exactly; between rounds only (after
+    /// `RoundDone`, before the next exchange opens).
+    pub fn checkpoint(&self) -> Result<Checkpoint, FlError> {
+        if !matches!(self.open, Open::Nothing) || self.attempt > 0 {
+            return Err(FlError::Config(format!(
+                "round {} is in progress: a checkpoint is taken between rounds",
+                self.round
+            )));
+        }
+        Ok(Checkpoint {
             round: self.round - 1,
             seed: self.cfg.seed,
             strategy: serde_json::to_string(self.strategy.config()).unwrap_or_default(),
@@ -245,7 +258,14 @@ impl RoundEngine {
             state: self.strategy.state(),
             history: self.history.clone(),
             synced: self.synced.clone(),
-        }
+            clients: Some(self.client_json()),
+        })
+    }
+
+    /// What the clients are told (settings and upload plan) as JSON: a resumed run must tell
+    /// them the same.
+    fn client_json(&self) -> String {
+        serde_json::json!({"client": self.cfg.client, "upload": self.cfg.upload}).to_string()
     }
 
     /// The open exchange, opening the next one when none is: a training attempt of the next
@@ -321,16 +341,26 @@ impl RoundEngine {
     /// Bytes client `c` receives with the global model: trainable tensors, plus the frozen ones
     /// until it has them.
     fn down_bytes(&self, c: usize) -> u64 {
-        let trainable = self.cfg.upload.trainable(&self.global).nbytes() as u64;
-        let frozen = self.global.nbytes() as u64 - trainable;
-        trainable + if self.synced.contains(&c) { 0 } else { frozen }
+        let frozen: usize = (self.global.tensors.iter())
+            .filter(|t| self.cfg.upload.is_frozen(&t.name))
+            .map(|t| t.data.len() * 4)
+            .sum();
+        let trainable = (self.global.nbytes() - frozen) as u64;
+        trainable
+            + if self.synced.contains(&c) {
+                0
+            } else {
+                frozen as u64
+            }
     }
 
-    /// A reply of a client of the open exchange, in any order.
+    /// A reply of a client of the open exchange, in any order; each client replies once, with
+    /// the kind of reply the exchange asked for.
     pub fn deliver(&mut self, client: usize, reply: Reply) -> Result<(), FlError> {
-        let (ex, pending) = match &mut self.open {
-            Open::Fit(a) => (&a.ex, &mut a.pending),
-            Open::Evaluate(p) => (&p.ex, &mut p.replies),
+        // Replies already aggregated have left the buffer: the clients before `next`.
+        let (ex, pending, done) = match &mut self.open {
+            Open::Fit(a) => (&a.ex, &mut a.pending, &a.ex.clients[..a.next]),
+            Open::Evaluate(p) => (&p.ex, &mut p.replies, &p.ex.clients[..0]),
             Open::Nothing => return Err(FlError::Config("no exchange is open".into())),
         };
         if !ex.clients.iter().any(|(c, _)| *c == client) {
@@ -341,13 +371,24 @@ impl RoundEngine {
                 ex.clients.iter().map(|c| c.0).collect::<Vec<_>>()
             )));
         }
-        if pending.insert(client, reply).is_some() {
+        let wrong_kind = match (&reply, ex.kind) {
+            (Reply::Fit { .. }, ExchangeKind::Evaluate) => {
+                Some("a training reply to an evaluation")
+            }
+            (Reply::Evaluate(_), ExchangeKind::Fit) => Some("an evaluation reply to a training"),
+            _ => None,
+        };
+        if let Some(what) = wrong_kind {
+            return Err(FlError::Config(format!(
+                "client {client}: {what} exchange (round {})",
+                ex.round
+            )));
+        }
+        if done.iter().any(|(c, _)| *c == client) || pending.contains_key(&client) {
             return Err(FlError::Config(format!("client {client} replied twice")));
         }
-        if matches!(self.open, Open::Fit(_)) {
-            self.drain_fit(false)?;
-        }
-        Ok(())
+        pending.insert(client, reply);
+        self.drain_fit(false)
     }
 
     /// Aggregates the buffered training replies that are next in client order; with `all`, every
@@ -408,6 +449,12 @@ impl RoundEngine {
             }
             // Uncompressed, the wire carries exactly the f32 values of the trainable tensors
             // (a runner that hands over the whole model has its frozen tensors dropped here).
+            Upload::Weights(_) if self.cfg.upload.compression != Compression::None => {
+                Err(FlError::Config(format!(
+                    "uncompressed weights, but the run sends {:?} updates",
+                    self.cfg.upload.compression
+                )))
+            }
             Upload::Weights(w) => {
                 let w = self.cfg.upload.trainable(&w);
                 a.current

@@ -86,26 +86,30 @@ impl ClientInstructions {
     pub fn from_json(json: &str) -> Result<Self, FlError> {
         let v: serde_json::Value = serde_json::from_str(json)
             .map_err(|e| FlError::Config(format!("instructions from the server: {e}")))?;
-        check_format(v.get("format").and_then(|f| f.as_u64()), "instructions")?;
+        check_format(
+            v.get("format").and_then(|f| f.as_u64()),
+            "instructions from the server",
+        )?;
         serde_json::from_value(v)
             .map_err(|e| FlError::Config(format!("instructions from the server: {e}")))
     }
 }
 
-/// Errors unless `found` is this build's [`MESSAGE_FORMAT`].
+/// Errors unless `found` is this build's [`MESSAGE_FORMAT`]; `what` names the message (e.g.
+/// "instructions from the server").
 pub fn check_format(found: Option<u64>, what: &str) -> Result<(), FlError> {
     match found {
         Some(f) if f == MESSAGE_FORMAT as u64 => Ok(()),
         Some(f) => Err(FlError::Config(format!(
-            "{what} from the server use message format {f}, this node speaks format {MESSAGE_FORMAT}: {}",
+            "{what}: message format {f}, this fedhubert reads format {MESSAGE_FORMAT}: {}",
             if f > MESSAGE_FORMAT as u64 {
-                "upgrade fedhubert on this node"
+                "upgrade fedhubert here"
             } else {
-                "upgrade fedhubert on the server"
+                "upgrade the fedhubert that wrote it"
             }
         ))),
         None => Err(FlError::Config(format!(
-            "{what} from the server carry no message format (a fedhubert server older than format {MESSAGE_FORMAT}): upgrade fedhubert on the server"
+            "{what}: no message format (written by a fedhubert older than format {MESSAGE_FORMAT}): upgrade the fedhubert that wrote it"
         ))),
     }
 }

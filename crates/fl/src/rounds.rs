@@ -103,6 +103,10 @@ impl RunConfig {
         if self.num_rounds == 0 {
             return bad("num_rounds must be at least 1".into());
         }
+        let mu = self.client.proximal_mu;
+        if !(mu >= 0.0 && mu.is_finite()) {
+            return bad(format!("proximal_mu {mu} must be a finite number >= 0"));
+        }
         Ok(())
     }
 }
@@ -169,7 +173,7 @@ pub fn run(
         }
         if let Progress::RoundDone(rec) = engine.close_exchange()? {
             if let Some(dir) = out_dir {
-                save_round(dir, &engine.checkpoint())?;
+                save_round(dir, &engine.checkpoint()?)?;
             }
             on_round(&rec);
         }
@@ -190,21 +194,26 @@ fn call_client(
     instructions: &ClientInstructions,
     cfg: &RunConfig,
 ) -> Reply {
-    let t0 = Instant::now();
+    let mut elapsed = 0.0;
     let reply = catch_unwind(AssertUnwindSafe(|| match kind {
-        ExchangeKind::Fit => pool.fit(c, global, instructions).and_then(|res| {
-            let upload = prepare_upload(&res.weights, global, &instructions.upload)
-                .map_err(|e| e.to_string())?;
-            Ok(Reply::Fit {
-                upload,
-                num_examples: res.num_examples,
-                metrics: res.metrics,
+        ExchangeKind::Fit => {
+            let t0 = Instant::now();
+            let res = pool.fit(c, global, instructions);
+            // The deadline is for local training, as it was before uploads were prepared here.
+            elapsed = t0.elapsed().as_secs_f64();
+            res.and_then(|res| {
+                let upload = prepare_upload(&res.weights, global, &instructions.upload)
+                    .map_err(|e| e.to_string())?;
+                Ok(Reply::Fit {
+                    upload,
+                    num_examples: res.num_examples,
+                    metrics: res.metrics,
+                })
             })
-        }),
+        }
         ExchangeKind::Evaluate => pool.evaluate(c, global, instructions).map(Reply::Evaluate),
     }))
     .unwrap_or_else(|p| Err(format!("client panicked: {}", panic_text(&p))));
-    let elapsed = t0.elapsed().as_secs_f64();
     match reply {
         Err(e) => Reply::Failed(e),
         Ok(_) if kind == ExchangeKind::Fit && cfg.round_timeout_s.is_some_and(|l| elapsed > l) => {

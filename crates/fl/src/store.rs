@@ -25,6 +25,9 @@ pub struct Checkpoint {
     pub state: BTreeMap<String, Weights>,
     pub history: Vec<RoundRecord>,
     pub synced: BTreeSet<usize>,
+    /// What the clients were told (settings and upload plan) as JSON; None in checkpoints older
+    /// than this field.
+    pub clients: Option<String>,
 }
 
 pub fn checkpoint_path(dir: &Path) -> PathBuf {
@@ -67,6 +70,9 @@ pub fn save_checkpoint(path: &Path, ck: &Checkpoint) -> Result<(), FlError> {
         "synced".into(),
         serde_json::to_string(&ck.synced).map_err(fmt)?,
     );
+    if let Some(c) = &ck.clients {
+        meta.insert("clients".into(), c.clone());
+    }
     meta.insert("order".into(), order_metadata(&gref));
     Ok(save_safetensors(path, &gref, meta)?)
 }
@@ -146,6 +152,7 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, FlError> {
         state,
         history,
         synced,
+        clients: meta.get("clients").cloned(),
     })
 }
 

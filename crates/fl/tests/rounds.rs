@@ -450,3 +450,43 @@ fn engine_accepts_replies_in_any_order_and_matches_run() {
     };
     assert_eq!(strip(e.history()), strip(&want.history));
 }
+
+#[test]
+fn engine_refuses_repeated_misplaced_and_unsampled_replies() {
+    use fedhubert_fl::{Reply, RoundEngine, Upload};
+    let c = RunConfig {
+        num_rounds: 1,
+        fraction_fit: 0.5,
+        min_fit_clients: 2,
+        seed: 3,
+        ..Default::default()
+    };
+    let mut e = RoundEngine::new(c, fedavg(), model(2), 4).unwrap();
+    let ex = e.next_exchange().unwrap().unwrap();
+    let first = ex.clients[0].0;
+    let other = (0..4)
+        .find(|k| ex.clients.iter().all(|(c, _)| c != k))
+        .unwrap();
+    let fit = |w: &Weights| Reply::Fit {
+        upload: Upload::Weights(w.clone()),
+        num_examples: 1,
+        metrics: BTreeMap::new(),
+    };
+    let g = e.global().clone();
+    let msg = |r: Result<(), FlError>| r.unwrap_err().to_string();
+    assert!(msg(e.deliver(other, fit(&g))).contains("not sampled"));
+    let eval = Reply::Evaluate(EvalRes {
+        client: first,
+        num_examples: 1,
+        metrics: BTreeMap::new(),
+    });
+    assert!(msg(e.deliver(first, eval)).contains("evaluation reply"));
+    e.deliver(first, fit(&g)).unwrap();
+    // The first client's reply is aggregated at once; a second one is still refused.
+    assert!(msg(e.deliver(first, fit(&g))).contains("replied twice"));
+    assert!(
+        e.checkpoint().is_err(),
+        "no checkpoint in the middle of a round"
+    );
+    e.close_exchange().unwrap();
+}

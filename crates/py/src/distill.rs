@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use fedhubert_distill::config::Mode;
 use fedhubert_distill::setup::{read_server_log, write_server_log};
 use fedhubert_distill::{DistillRunFile, DistillSetup, ServerDistill, ServerRoundLog};
-use fedhubert_fl::RoundRecord;
+use fedhubert_fl::Progress;
 use fedhubert_train::RunFile;
 
 use crate::{BridgeError, RoundServer};
@@ -110,19 +110,17 @@ impl DistillServer {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// [`RoundServer::close_exchange`]; after a round, also `server_distill.jsonl`, and the
-    /// round's record with what the server's distillation did in it.
-    #[allow(clippy::type_complexity)]
-    pub fn close_exchange(
-        &mut self,
-    ) -> Result<Option<(RoundRecord, Option<ServerRoundLog>)>, BridgeError> {
-        let Some(rec) = self.rounds.close_exchange()? else {
-            return Ok(None);
+    /// [`RoundServer::close_exchange`]; after a round also `server_distill.jsonl`, and what the
+    /// server's distillation did in the round.
+    pub fn close_exchange(&mut self) -> Result<(Progress, Option<ServerRoundLog>), BridgeError> {
+        let progress = self.rounds.close_exchange()?;
+        let Progress::RoundDone(rec) = &progress else {
+            return Ok((progress, None));
         };
         let log = self.server_log();
         write_server_log(self.rounds.out(), &log)?;
         let kd = log.iter().rev().find(|r| r.round == rec.round).cloned();
-        Ok(Some((rec, kd)))
+        Ok((progress, kd))
     }
 
     /// Writes `student.safetensors`, `hf/` and `summary.json` as `fedhubert distill` does.

@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 
 use fedhubert_fl::instructions::check_format;
 use fedhubert_fl::{
-    ClientInstructions, EvalRes, Exchange, MESSAGE_FORMAT, Reply, Tensor, Upload, Weights,
-    prepare_upload,
+    ClientInstructions, EvalRes, Exchange, MESSAGE_FORMAT, Progress, Reply, Tensor, Upload,
+    Weights, prepare_upload,
 };
 use fedhubert_train::RunFile;
 use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
@@ -431,25 +431,28 @@ impl Server {
         Ok(self.rounds_mut().deliver(client, Reply::Failed(why))?)
     }
 
-    /// Closes the open exchange. When that completes a round: writes the checkpoint and returns
-    /// the round's record as JSON (one line of metrics.jsonl; in distillation with what the
-    /// server's distillation did); else None.
-    fn close_exchange(&mut self, py: Python<'_>) -> PyResult<Option<String>> {
-        let v = match &mut *self.inner {
-            Rounds::Pretrain(r) => match py.detach(|| r.close_exchange())? {
-                Some(rec) => json_value(&rec)?,
-                None => return Ok(None),
-            },
-            Rounds::Distill(d) => match py.detach(|| d.close_exchange())? {
-                Some((rec, kd)) => {
-                    let mut v = json_value(&rec)?;
-                    v["server_distill"] = json_value(&kd)?;
-                    v
-                }
-                None => return Ok(None),
-            },
+    /// Closes the open exchange: ("retry", None) when too few clients trained (the next
+    /// exchange samples afresh), ("aggregated", None) when an evaluation exchange follows, or
+    /// ("round", record JSON) when the round is complete and its checkpoint written (one line of
+    /// metrics.jsonl; in distillation with what the server's distillation did).
+    fn close_exchange(&mut self, py: Python<'_>) -> PyResult<(String, Option<String>)> {
+        let (progress, kd) = match &mut *self.inner {
+            Rounds::Pretrain(r) => (py.detach(|| r.close_exchange())?, None),
+            Rounds::Distill(d) => {
+                let (p, kd) = py.detach(|| d.close_exchange())?;
+                (p, Some(kd))
+            }
         };
-        Ok(Some(v.to_string()))
+        let rec = match progress {
+            Progress::Retry => return Ok(("retry".into(), None)),
+            Progress::Aggregated => return Ok(("aggregated".into(), None)),
+            Progress::RoundDone(rec) => rec,
+        };
+        let mut v = json_value(&rec)?;
+        if let Some(kd) = kd {
+            v["server_distill"] = json_value(&kd)?;
+        }
+        Ok(("round".into(), Some(v.to_string())))
     }
 
     /// Writes the final model, hf/ and summary.json into the output folder (pretraining:

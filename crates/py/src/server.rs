@@ -97,20 +97,14 @@ impl RoundServer {
         Ok(self.engine.deliver(client, reply)?)
     }
 
-    /// Closes the open exchange; when that completes a round, writes the round checkpoint and
-    /// `metrics.jsonl` and returns the round's record.
-    pub fn close_exchange(&mut self) -> Result<Option<RoundRecord>, BridgeError> {
-        match self.engine.close_exchange()? {
-            Progress::RoundDone(rec) => {
-                save_round(&self.out, &self.engine.checkpoint())?;
-                Ok(Some(rec))
-            }
-            Progress::Retry => {
-                tracing::info!("too few replies: retrying the round with a fresh sample");
-                Ok(None)
-            }
-            Progress::Aggregated => Ok(None),
+    /// Closes the open exchange; when that completes a round (`Progress::RoundDone`), writes the
+    /// round checkpoint and `metrics.jsonl` first.
+    pub fn close_exchange(&mut self) -> Result<Progress, BridgeError> {
+        let progress = self.engine.close_exchange()?;
+        if let Progress::RoundDone(_) = progress {
+            save_round(&self.out, &self.engine.checkpoint()?)?;
         }
+        Ok(progress)
     }
 
     /// The global model.

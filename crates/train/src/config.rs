@@ -91,9 +91,17 @@ impl TryFrom<JsonMap> for FederatedSection {
             name
         };
         let run: FederatedRun = serde_json::from_value(run.into()).map_err(|e| e.to_string())?;
-        let strategy = StrategyConfig::from_map(&name, settings).map_err(|e| match e {
-            fedhubert_fl::FlError::Config(s) => s,
-            e => e.to_string(),
+        let strategy = StrategyConfig::from_map(&name, settings).map_err(|e| {
+            let why = match e {
+                fedhubert_fl::FlError::Config(s) => s,
+                e => e.to_string(),
+            };
+            if why.contains("unknown field") {
+                let keys: Vec<&str> = run_keys.keys().map(String::as_str).collect();
+                format!("{why} (the run's own keys are {})", keys.join(", "))
+            } else {
+                why
+            }
         })?;
         Ok(Self { run, strategy })
     }

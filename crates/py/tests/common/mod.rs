@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use fedhubert::{DistillServer, RoundServer};
 use fedhubert_fl::{
-    ClientInstructions, ClientPool, EvalRes, ExchangeKind, FitRes, Reply, RoundRecord, Upload,
-    Weights,
+    ClientInstructions, ClientPool, EvalRes, ExchangeKind, FitRes, Progress, Reply, RoundRecord,
+    Upload, Weights,
 };
 
 /// Clients whose update depends on everything the server decides: the global weights, the
@@ -79,7 +79,10 @@ impl Stepped for RoundServer {
         self
     }
     fn close(&mut self) -> Option<RoundRecord> {
-        self.close_exchange().unwrap()
+        match self.close_exchange().unwrap() {
+            Progress::RoundDone(rec) => Some(rec),
+            _ => None,
+        }
     }
 }
 
@@ -88,7 +91,10 @@ impl Stepped for DistillServer {
         &mut self.rounds
     }
     fn close(&mut self) -> Option<RoundRecord> {
-        self.close_exchange().unwrap().map(|(rec, _)| rec)
+        match self.close_exchange().unwrap().0 {
+            Progress::RoundDone(rec) => Some(rec),
+            _ => None,
+        }
     }
 }
 
