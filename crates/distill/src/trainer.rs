@@ -7,9 +7,7 @@ use std::sync::Arc;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use fedhubert_io::seeds::{self, mix};
-use fedhubert_train::core::{
-    self, Reported, StepMetrics, StepPlan, apply_update, clip_grad_norm, engine_rng,
-};
+use fedhubert_train::core::{self, Reported, StepMetrics, StepPlan, Update};
 use fedhubert_train::data::make_batch;
 use fedhubert_train::{AdamState, TrainConfig, Utt};
 use rand::SeedableRng;
@@ -382,37 +380,42 @@ impl DistillTrainer {
         seed: u64,
         prox: Option<(&fedhubert_io::Weights, f32)>,
     ) -> Result<DistillMetrics> {
-        let _rng = engine_rng(&self.device, mix(seed, &[seeds::DISTILL_DROPOUT]));
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let label_rate = self.model.student.pretrain.label_rate;
-        let mut grads = core::Grads::new();
+        let max_sample_size = self.parts.train.batch.max_sample_size;
         let mut m = DistillMetrics::default();
-        for (i, utts) in micro.iter().enumerate() {
-            let batch = make_batch(
-                utts,
-                self.parts.train.batch.max_sample_size,
-                label_rate,
-                &mut rng,
-            );
-            let codes = self.utt_codes(utts)?.map(|c| (c, &batch.starts[..]));
-            let (loss, mi) =
-                self.losses(&self.model, &batch.wavs, &batch.labels, codes, &mut rng)?;
-            core::accumulate(&mut grads, core::backward(loss, &self.model));
-            m.running_mean(&mi, (i + 1) as f64);
-        }
-        if self.parts.train.freeze_feature_extractor {
-            grads.retain(|k, _| !k.starts_with(STUDENT_FEATURE_EXTRACTOR));
-        }
-        m.grad_norm = clip_grad_norm(&mut grads, micro.len(), self.parts.train.clip_norm);
-        let model = self.model.clone();
-        self.model = apply_update(
-            model,
-            &mut grads,
+        let mut done = 0.0;
+        let train = &self.parts.train;
+        let upd = Update {
             lr,
+            seed,
+            dropout_tag: seeds::DISTILL_DROPOUT,
+            frozen_prefix: train
+                .freeze_feature_extractor
+                .then_some(STUDENT_FEATURE_EXTRACTOR),
             prox,
-            &mut self.opt,
-            &self.parts.train,
-        )?;
+        };
+        // The optimizer state is lent to the core while the loss closure reads the trainer.
+        let mut opt = std::mem::take(&mut self.opt);
+        let result = core::update(
+            self.model.clone(),
+            micro,
+            &self.device,
+            &upd,
+            &mut opt,
+            train,
+            |model, utts, rng| {
+                let batch = make_batch(utts, max_sample_size, label_rate, rng);
+                let codes = self.utt_codes(utts)?.map(|c| (c, &batch.starts[..]));
+                let (loss, mi) = self.losses(model, &batch.wavs, &batch.labels, codes, rng)?;
+                done += 1.0;
+                m.running_mean(&mi, done);
+                Ok::<_, DistillError>(loss)
+            },
+        );
+        self.opt = opt;
+        let (model, grad_norm) = result?;
+        self.model = model;
+        m.grad_norm = grad_norm;
         m.lr = lr;
         m.steps = 1;
         Ok(m)

@@ -184,6 +184,47 @@ pub fn apply_update<M: Module>(
     Ok(load_tensors(model, params)?)
 }
 
+/// How one optimizer update treats its gradients and draws its randomness.
+pub struct Update<'a> {
+    pub lr: f64,
+    /// The step's seed: crops and masks come from it, dropout from `mix(seed, [dropout_tag])`.
+    pub seed: u64,
+    pub dropout_tag: u64,
+    /// Parameters whose name starts with this get no update (a frozen front-end).
+    pub frozen_prefix: Option<&'a str>,
+    /// FedProx: the global weights and mu.
+    pub prox: Option<(&'a Weights, f32)>,
+}
+
+/// One optimizer update of `model` on `micro` batches: `loss(model, batch, rng)` gives each
+/// micro-batch's loss tensor (its metrics are the closure's to keep); the gradients are averaged
+/// over the micro-batches, the frozen ones dropped, clipped by [`clip_grad_norm`], and applied by
+/// [`apply_update`]. The engine RNG is held throughout. Returns the model and the gradient norm
+/// before clipping.
+pub fn update<M: Module, E: From<TrainError>>(
+    model: M,
+    micro: &[Vec<&Utt>],
+    device: &Device,
+    upd: &Update<'_>,
+    opt: &mut AdamState,
+    cfg: &TrainConfig,
+    mut loss: impl FnMut(&M, &[&Utt], &mut ChaCha8Rng) -> Result<Tensor<1>, E>,
+) -> Result<(M, f64), E> {
+    let _rng = engine_rng(device, mix(upd.seed, &[upd.dropout_tag]));
+    let mut rng = ChaCha8Rng::seed_from_u64(upd.seed);
+    let mut grads = Grads::new();
+    for utts in micro {
+        let l = loss(&model, utts, &mut rng)?;
+        accumulate(&mut grads, backward(l, &model));
+    }
+    if let Some(prefix) = upd.frozen_prefix {
+        grads.retain(|k, _| !k.starts_with(prefix));
+    }
+    let norm = clip_grad_norm(&mut grads, micro.len(), cfg.clip_norm);
+    let model = apply_update(model, &mut grads, upd.lr, upd.prox, opt, cfg)?;
+    Ok((model, norm))
+}
+
 /// The batches of a local training, epoch by epoch (length-bucketed, reshuffled every epoch from
 /// the training seed), and which of them make update k (`update_freq` micro-batches).
 pub struct StepPlan<'a> {

@@ -14,10 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
-use crate::core::{
-    self, AdamState, Grads, Reported, StepMetrics, StepPlan, apply_update, clip_grad_norm,
-    engine_rng,
-};
+use crate::core::{self, AdamState, Reported, StepMetrics, StepPlan, Update};
 use crate::data::{BatchConfig, Utt, make_batch};
 
 /// Optimizer, schedule and batching (fairseq HuBERT recipe defaults).
@@ -236,33 +233,49 @@ impl LocalTrainer {
         seed: u64,
         prox: Option<(&Weights, f32)>,
     ) -> Result<Metrics, TrainError> {
-        let _rng = engine_rng(&self.device, mix(seed, &[seeds::PRETRAIN_DROPOUT]));
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut grads = Grads::new();
         let mut m = Metrics {
             lr,
             steps: 1,
             ..Default::default()
         };
         let mut counts = [0usize; 4];
-        for utts in micro {
-            let (loss, out_counts, wav_len) = self.micro_loss(utts, lr, &mut rng)?;
-            m.loss += loss.0 / micro.len() as f64;
-            m.loss_masked += loss.1 / micro.len() as f64;
-            core::accumulate(&mut grads, core::backward(loss.2, &self.model));
-            counts.iter_mut().zip(out_counts).for_each(|(a, b)| *a += b);
-            m.utterances += utts.len() as u64;
-            m.seconds_of_audio += utts.len() as f64 * wav_len as f64 / 16_000.0;
-        }
+        let upd = Update {
+            lr,
+            seed,
+            dropout_tag: seeds::PRETRAIN_DROPOUT,
+            frozen_prefix: self
+                .cfg
+                .freeze_feature_extractor
+                .then_some(FEATURE_EXTRACTOR),
+            prox,
+        };
+        // The optimizer state is lent to the core while the loss closure reads the trainer.
+        let mut opt = std::mem::take(&mut self.opt);
+        let n = micro.len() as f64;
+        let result = core::update(
+            self.model.clone(),
+            micro,
+            &self.device,
+            &upd,
+            &mut opt,
+            &self.cfg,
+            |model, utts, rng| {
+                let (loss, out_counts, wav_len) = self.micro_loss(model, utts, lr, rng)?;
+                m.loss += loss.0 / n;
+                m.loss_masked += loss.1 / n;
+                counts.iter_mut().zip(out_counts).for_each(|(a, b)| *a += b);
+                m.utterances += utts.len() as u64;
+                m.seconds_of_audio += utts.len() as f64 * wav_len as f64 / 16_000.0;
+                Ok::<_, TrainError>(loss.2)
+            },
+        );
+        self.opt = opt;
+        let (model, grad_norm) = result?;
+        self.model = model;
         let [cm, nm, cu, nu] = counts;
         m.acc_masked = cm as f64 / nm.max(1) as f64;
         m.acc_unmasked = cu as f64 / nu.max(1) as f64;
-        if self.cfg.freeze_feature_extractor {
-            grads.retain(|k, _| !k.starts_with(FEATURE_EXTRACTOR));
-        }
-        m.grad_norm = clip_grad_norm(&mut grads, micro.len(), self.cfg.clip_norm);
-        let model = self.model.clone();
-        self.model = apply_update(model, &mut grads, lr, prox, &mut self.opt, &self.cfg)?;
+        m.grad_norm = grad_norm;
         Ok(m)
     }
 
@@ -271,18 +284,19 @@ impl LocalTrainer {
     #[allow(clippy::type_complexity)]
     fn micro_loss(
         &self,
+        model: &HubertForPretraining,
         utts: &[&Utt],
         lr: f64,
         rng: &mut ChaCha8Rng,
     ) -> Result<((f64, f64, Tensor<1>), [usize; 4], usize), TrainError> {
-        let label_rate = self.model.pretrain.label_rate;
+        let label_rate = model.pretrain.label_rate;
         let batch = make_batch(utts, self.cfg.batch.max_sample_size, label_rate, rng);
         let pb = PretrainBatch {
             waveform: self.batch_tensor(&batch.wavs, &self.device),
             sample_lengths: None,
             labels: batch.labels,
         };
-        let out = self.model.forward_pretrain(&pb, rng)?;
+        let out = model.forward_pretrain(&pb, rng)?;
         let loss_val = read_loss(&out.loss)?;
         if !loss_val.is_finite() {
             return Err(TrainError::Diverged(format!(
