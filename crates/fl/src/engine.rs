@@ -191,7 +191,7 @@ impl RoundEngine {
                 ck.strategy
             )));
         }
-        let here = serde_json::json!({"client": cfg.client, "upload": cfg.upload}).to_string();
+        let here = told(&cfg);
         if let Some(theirs) = ck.clients.as_ref().filter(|c| **c != here) {
             return Err(FlError::Config(format!(
                 "the checkpoint's clients were told {theirs} but this run tells them {here} (learning rate, local work, proximal_mu, frozen tensors, compression)"
@@ -258,14 +258,8 @@ impl RoundEngine {
             state: self.strategy.state(),
             history: self.history.clone(),
             synced: self.synced.clone(),
-            clients: Some(self.client_json()),
+            clients: Some(told(&self.cfg)),
         })
-    }
-
-    /// What the clients are told (settings and upload plan) as JSON: a resumed run must tell
-    /// them the same.
-    fn client_json(&self) -> String {
-        serde_json::json!({"client": self.cfg.client, "upload": self.cfg.upload}).to_string()
     }
 
     /// The open exchange, opening the next one when none is: a training attempt of the next
@@ -455,8 +449,9 @@ impl RoundEngine {
                     self.cfg.upload.compression
                 )))
             }
-            Upload::Weights(w) => {
-                let w = self.cfg.upload.trainable(&w);
+            Upload::Weights(mut w) => {
+                // Owned: drop any frozen tensors in place rather than copying the rest.
+                w.tensors.retain(|t| !self.cfg.upload.is_frozen(&t.name));
                 a.current
                     .check_layout(&w, "client update")
                     .map_err(FlError::from)
@@ -629,4 +624,10 @@ impl RoundEngine {
         self.attempt = 0;
         rec
     }
+}
+
+/// What the clients of a run are told (settings and upload plan) as JSON: a resumed run must
+/// tell them the same.
+fn told(cfg: &RunConfig) -> String {
+    serde_json::json!({"client": cfg.client, "upload": cfg.upload}).to_string()
 }

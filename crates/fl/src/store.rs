@@ -77,15 +77,6 @@ pub fn save_checkpoint(path: &Path, ck: &Checkpoint) -> Result<(), FlError> {
     Ok(save_safetensors(path, &gref, meta)?)
 }
 
-/// The checkpoint's format version: 1 for the first layout (`format` ended in `-v1`).
-fn version_of(meta: &BTreeMap<String, String>) -> Option<u32> {
-    match meta.get("format").map(String::as_str) {
-        Some("fedhubert-round-checkpoint-v1") => Some(1),
-        Some(FORMAT) => meta.get("format_version").and_then(|v| v.parse().ok()),
-        _ => None,
-    }
-}
-
 /// Version 1 named the adaptive strategies' betas `beta_1`/`beta_2` and the trimmed mean's cut
 /// `beta`, and had FedProx as a strategy (FedAvg on the server, which it now is).
 fn migrate_strategy_v1(json: &str) -> Result<String, String> {
@@ -111,7 +102,7 @@ fn migrate_strategy_v1(json: &str) -> Result<String, String> {
 pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, FlError> {
     let (mut groups, meta) = load_safetensors(path)?;
     let bad = |why: String| FlError::format(path, why);
-    let version = version_of(&meta).ok_or_else(|| {
+    let version = fedhubert_io::format_version(&meta, FORMAT).ok_or_else(|| {
         bad("not a fedhubert round checkpoint (metadata `format` missing)".into())
     })?;
     if version > CHECKPOINT_VERSION {

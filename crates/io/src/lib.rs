@@ -48,6 +48,16 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// The version of a file whose metadata names `format`: 1 for the first layout, which spelled
+/// it `{format}-v1`, else its `format_version`; None when the file is of another format.
+pub fn format_version(meta: &BTreeMap<String, String>, format: &str) -> Option<u32> {
+    let named = meta.get("format")?;
+    if named.strip_suffix("-v1") == Some(format) {
+        return Some(1);
+    }
+    (named == format).then(|| meta.get("format_version")?.parse().ok())?
+}
+
 /// safetensors bytes whose header lists `__metadata__` in key order. `safetensors::serialize`
 /// takes the metadata as a `HashMap` and writes it in hash order, so the same checkpoint written
 /// twice differed byte-wise; a resumed run must be able to reproduce its files exactly.
@@ -134,6 +144,16 @@ mod tests {
         let st = safetensors::SafeTensors::deserialize(&first).unwrap();
         assert_eq!(st.tensor("w.a").unwrap().data(), &a[..]);
         assert_eq!(st.tensor("w.b").unwrap().data(), &b[..]);
+    }
+
+    #[test]
+    fn format_versions() {
+        let v = |pairs: &[(&str, &str)]| format_version(&meta(pairs), "fedhubert-x");
+        assert_eq!(v(&[("format", "fedhubert-x-v1")]), Some(1));
+        assert_eq!(v(&[("format", "fedhubert-x"), ("format_version", "2")]), Some(2));
+        assert_eq!(v(&[("format", "fedhubert-x")]), None);
+        assert_eq!(v(&[("format", "other"), ("format_version", "2")]), None);
+        assert_eq!(v(&[]), None);
     }
 
     #[test]

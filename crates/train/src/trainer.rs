@@ -107,14 +107,7 @@ const TRAINER_FORMAT: &str = "fedhubert-trainer";
 pub const TRAINER_VERSION: u32 = 2;
 
 fn check_trainer_format(path: &Path, meta: &BTreeMap<String, String>) -> Result<(), TrainError> {
-    let version = match meta.get("format").map(String::as_str) {
-        Some("fedhubert-trainer-v1") => 1,
-        Some(TRAINER_FORMAT) => meta
-            .get("format_version")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0),
-        _ => 0,
-    };
+    let version = fedhubert_io::format_version(meta, TRAINER_FORMAT).unwrap_or(0);
     match version {
         0 => Err(TrainError::Data(format!(
             "{}: not a fedhubert trainer checkpoint",
