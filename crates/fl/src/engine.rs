@@ -522,20 +522,15 @@ impl RoundEngine {
             client_bytes: a.client_bytes,
             round_time_s: 0.0,
         };
-        let clients = self.eval_plan();
-        if clients.is_empty() {
-            let pass = EvalPass {
-                ex: self.eval_exchange(clients),
-                record,
-                replies: BTreeMap::new(),
-            };
-            return Ok(Progress::RoundDone(self.finish_round(pass)));
-        }
-        self.open = Open::Evaluate(Box::new(EvalPass {
-            ex: self.eval_exchange(clients),
+        let pass = EvalPass {
+            ex: self.eval_exchange(self.eval_plan()),
             record,
             replies: BTreeMap::new(),
-        }));
+        };
+        if pass.ex.clients.is_empty() {
+            return Ok(Progress::RoundDone(self.finish_round(pass)));
+        }
+        self.open = Open::Evaluate(Box::new(pass));
         Ok(Progress::Aggregated)
     }
 

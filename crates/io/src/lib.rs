@@ -150,7 +150,10 @@ mod tests {
     fn format_versions() {
         let v = |pairs: &[(&str, &str)]| format_version(&meta(pairs), "fedhubert-x");
         assert_eq!(v(&[("format", "fedhubert-x-v1")]), Some(1));
-        assert_eq!(v(&[("format", "fedhubert-x"), ("format_version", "2")]), Some(2));
+        assert_eq!(
+            v(&[("format", "fedhubert-x"), ("format_version", "2")]),
+            Some(2)
+        );
         assert_eq!(v(&[("format", "fedhubert-x")]), None);
         assert_eq!(v(&[("format", "other"), ("format_version", "2")]), None);
         assert_eq!(v(&[]), None);

@@ -8,7 +8,9 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
 use fedhubert_io::Weights;
 use fedhubert_io::seeds::{self, mix};
-use fedhubert_model::{HubertForPretraining, PretrainBatch, collect_tensors, load_tensors};
+use fedhubert_model::{
+    HubertForPretraining, PretrainBatch, PretrainOutput, collect_tensors, load_tensors,
+};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -253,13 +255,19 @@ impl LocalTrainer {
             &mut opt,
             &self.cfg,
             |model, utts, rng| {
-                let (loss, out_counts, wav_len) = self.micro_loss(model, utts, lr, rng)?;
-                m.loss += loss.0 / n;
-                m.loss_masked += loss.1 / n;
-                counts.iter_mut().zip(out_counts).for_each(|(a, b)| *a += b);
+                let (out, loss, wav_len) = self.micro_loss(model, utts, lr, rng)?;
+                m.loss += loss / n;
+                m.loss_masked += out.loss_masked / n;
+                let found = [
+                    out.correct_masked,
+                    out.count_masked,
+                    out.correct_unmasked,
+                    out.count_unmasked,
+                ];
+                counts.iter_mut().zip(found).for_each(|(a, b)| *a += b);
                 m.utterances += utts.len() as u64;
                 m.seconds_of_audio += utts.len() as f64 * wav_len as f64 / 16_000.0;
-                Ok::<_, TrainError>(loss.2)
+                Ok::<_, TrainError>(out.loss)
             },
         );
         self.opt = opt;
@@ -272,16 +280,15 @@ impl LocalTrainer {
         Ok(m)
     }
 
-    /// The masked-prediction loss of one micro-batch: (loss value, masked loss, loss tensor),
-    /// the (correct masked, masked, correct unmasked, unmasked) counts and the crop length.
-    #[allow(clippy::type_complexity)]
+    /// The masked-prediction forward of one micro-batch: its output, the loss value (checked
+    /// finite) and the crop length in samples.
     fn micro_loss(
         &self,
         model: &HubertForPretraining,
         utts: &[&Utt],
         lr: f64,
         rng: &mut ChaCha8Rng,
-    ) -> Result<((f64, f64, Tensor<1>), [usize; 4], usize), TrainError> {
+    ) -> Result<(PretrainOutput, f64, usize), TrainError> {
         let label_rate = model.pretrain.label_rate;
         let batch = make_batch(utts, self.cfg.batch.max_sample_size, label_rate, rng);
         let pb = PretrainBatch {
@@ -296,17 +303,7 @@ impl LocalTrainer {
                 "loss is {loss_val} at lr {lr}"
             )));
         }
-        let counts = [
-            out.correct_masked,
-            out.count_masked,
-            out.correct_unmasked,
-            out.count_unmasked,
-        ];
-        Ok((
-            (loss_val, out.loss_masked, out.loss),
-            counts,
-            pb.waveform.dims()[1],
-        ))
+        Ok((out, loss_val, pb.waveform.dims()[1]))
     }
 
     /// Runs `steps` updates over `utts` starting at global step `start` (epochs are reshuffled
