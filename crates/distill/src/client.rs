@@ -102,7 +102,7 @@ impl ClientPool for DistillClients {
             .train_steps(
                 &data.train,
                 steps,
-                work.learning_rate,
+                |k| cfg.lr_at(k, steps),
                 cfg.seed,
                 prox,
                 |_, _| {},

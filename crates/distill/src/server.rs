@@ -91,7 +91,7 @@ impl ServerDistill {
         let mean = self.trainer.train_steps(
             &self.data,
             self.steps,
-            self.lr,
+            |_| self.lr,
             mix(self.seed, &[seeds::SERVER_DISTILL, self.round]),
             None,
             |_, m| {

@@ -421,14 +421,14 @@ impl DistillTrainer {
         Ok(m)
     }
 
-    /// `steps` updates at a fixed `lr` over `utts` (length-bucketed batches, reshuffled every
+    /// `steps` updates, step k at learning rate `lr(k)`, over `utts` (length-bucketed batches, reshuffled every
     /// epoch from `seed`, `update_freq` micro-batches an update), with FedProx's term when `prox`
     /// is given; returns the mean metrics; `on_step` sees each step's.
     pub fn train_steps(
         &mut self,
         utts: &[Utt],
         steps: u64,
-        lr: f64,
+        lr: impl Fn(u64) -> f64,
         seed: u64,
         prox: Option<(&fedhubert_io::Weights, f32)>,
         on_step: impl FnMut(u64, &DistillMetrics),
@@ -443,7 +443,7 @@ impl DistillTrainer {
             &mut plan,
             0,
             steps,
-            |_, micro, step_seed| self.step(micro, lr, step_seed, prox),
+            |k, micro, step_seed| self.step(micro, lr(k), step_seed, prox),
             on_step,
         )
     }

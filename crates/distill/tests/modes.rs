@@ -83,8 +83,7 @@ fn nearest(c: &[f32], x: &[f32], d: usize) -> usize {
 fn tiny_train() -> TrainConfig {
     TrainConfig {
         learning_rate: 1e-3,
-        warmup_steps: 0,
-        max_steps: u64::MAX,
+        lr_schedule: fedhubert_fl::LrSchedule::Fixed { warmup_updates: 0 },
         batch: BatchConfig {
             batch_size: 4,
             max_tokens: 1_000_000,
@@ -180,7 +179,7 @@ fn build() -> Fixture {
     let mut tr = DistillTrainer::new(ds, parts, &dev).unwrap();
     let data = load_audio_dir(&root.join("client_2"), "km", 0).unwrap();
     let m = tr
-        .train_steps(&data.train, 12, 2e-3, 3, None, |_, _| {})
+        .train_steps(&data.train, 12, |_| 2e-3, 3, None, |_, _| {})
         .unwrap();
     assert!(m.mlm > 0.0 && m.distill == 0.0, "{m:?}");
     let teacher = root.join("teacher.safetensors");
@@ -223,7 +222,7 @@ fn run_cfg(rounds: u64, local_steps: u64, lr: f64) -> RunConfig {
         client: ClientSettings {
             learning_rate: lr,
             local: LocalWork::Steps(local_steps),
-            proximal_mu: 0.0,
+            ..ClientSettings::default()
         },
         ..Default::default()
     }
@@ -579,16 +578,16 @@ fn distillation_steps_honour_update_freq_and_proximal_mu() {
     let mut one = make(1);
     let w0 = one.model.weights();
     let m1 = one
-        .train_steps(&data.train, 3, 2e-3, 7, None, |_, _| {})
+        .train_steps(&data.train, 3, |_| 2e-3, 7, None, |_, _| {})
         .unwrap();
     let m2 = make(2)
-        .train_steps(&data.train, 3, 2e-3, 7, None, |_, _| {})
+        .train_steps(&data.train, 3, |_| 2e-3, 7, None, |_, _| {})
         .unwrap();
     assert!(m2.utterances > m1.utterances, "{m2:?} vs {m1:?}");
     assert_eq!((m1.steps, m2.steps), (3, 3));
     // FedProx: a strong proximal term keeps the student closer to the global weights.
     let mut prox = make(1);
-    prox.train_steps(&data.train, 3, 2e-3, 7, Some((&w0, 50.0)), |_, _| {})
+    prox.train_steps(&data.train, 3, |_| 2e-3, 7, Some((&w0, 50.0)), |_, _| {})
         .unwrap();
     let (free, held) = (
         one.model.weights().dist2(&w0),

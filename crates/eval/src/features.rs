@@ -24,6 +24,16 @@ impl PooledFeatures {
         &self.data[o..o + self.dim]
     }
 
+    /// Layer `l` alone, as a one-layer cache (for per-layer probes).
+    pub fn layer(&self, l: usize) -> Self {
+        Self {
+            n: self.n,
+            layers: 1,
+            dim: self.dim,
+            data: (0..self.n).flat_map(|i| self.get(i, l).to_vec()).collect(),
+        }
+    }
+
     /// All layers of clip `i`, `[layers * dim]`.
     pub fn clip(&self, i: usize) -> &[f32] {
         let s = self.layers * self.dim;

@@ -16,13 +16,15 @@
 //!   [`speaker_of`] (speaker id from `HASH_nohash_N.wav` names).
 //! - [`split_clips`] -> [`DataSplit`]: seeded, speaker-disjoint when every name carries a
 //!   speaker id, else stratified per class.
-//! - [`load_upstream`] ([`UpstreamSpec`]: checkpoint file, HF directory, or random init).
+//! - [`load_upstream`] ([`UpstreamSpec`]: checkpoint file, HF directory, or random init);
+//!   [`AcousticFeature`]: the MFCC and log-mel baselines, probed the same way.
 //! - [`extract_pooled`] -> [`PooledFeatures`] (the cache), [`train_probe`] on it.
 //! - [`probe`]: all of the above on one upstream -> [`ProbeReport`]; [`write_report`] writes
 //!   `probe.json`, `confusion.{csv,json,png}` atomically.
 //! - [`finetune`] (`ProbeConfig::finetune`): optional joint fine-tuning of upstream + head through
 //!   burn autodiff after the frozen probe.
 
+pub mod acoustic;
 pub mod data;
 pub mod error;
 pub mod features;
@@ -34,6 +36,7 @@ pub mod upstream;
 
 mod run;
 
+pub use acoustic::AcousticFeature;
 pub use data::{Clip, LabelledClips, LoadConfig, load_labelled_dir, speaker_of};
 pub use error::EvalError;
 pub use features::{PooledFeatures, extract_pooled, hidden_states, normalize_wave};
@@ -43,6 +46,6 @@ pub use report::{
     CELL_PX, ConfusionMatrix, CrossValidation, FinetuneSummary, ProbeReport, SplitSummary,
     confusion_png, confusion_png_size, write_report,
 };
-pub use run::{ProbeConfig, probe};
+pub use run::{LayerProbe, ProbeConfig, Upstream, probe};
 pub use split::{DataSplit, SplitConfig, kfold_splits, split_clips};
 pub use upstream::{UpstreamSpec, arch_config, load_upstream};

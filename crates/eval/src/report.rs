@@ -176,6 +176,9 @@ pub struct ProbeReport {
     /// k-fold cross-validation of the frozen probe, when asked for.
     #[serde(default)]
     pub cross_validation: Option<CrossValidation>,
+    /// Every hidden state probed alone, when asked for.
+    #[serde(default)]
+    pub per_layer: Vec<crate::LayerProbe>,
 }
 
 /// Cross-validated accuracy: every clip tested once, by a head that never saw its speaker.

@@ -6,11 +6,39 @@ use fedhubert_model::HubertModel;
 use serde::{Deserialize, Serialize};
 
 use crate::report::{ConfusionMatrix, CrossValidation, ProbeReport, SplitSummary};
-use crate::split::{kfold_splits, speakers_per_split};
+use crate::split::{DataSplit, kfold_splits, speakers_per_split};
 use crate::{
-    EvalError, FinetuneConfig, HeadConfig, LabelledClips, SplitConfig, extract_pooled, finetune,
-    split_clips, train_probe,
+    AcousticFeature, EvalError, FinetuneConfig, HeadConfig, LabelledClips, PooledFeatures,
+    SplitConfig, extract_pooled, finetune, split_clips, train_probe,
 };
+
+/// What is probed: a HuBERT (every hidden state) or a non-learned acoustic baseline.
+#[derive(Clone, Copy)]
+pub enum Upstream<'a> {
+    Hubert(&'a HubertModel),
+    Acoustic(AcousticFeature),
+}
+
+impl Upstream<'_> {
+    fn extract(&self, waves: &[&[f32]], batch: usize) -> Result<PooledFeatures, EvalError> {
+        match self {
+            Self::Hubert(m) => extract_pooled(m, waves, batch),
+            Self::Acoustic(a) => a.extract_pooled(waves),
+        }
+    }
+}
+
+/// One hidden state probed alone (`ProbeConfig::per_layer`): which layer carries what.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LayerProbe {
+    /// 0 is the encoder input (HF `hidden_states[0]`).
+    pub layer: usize,
+    pub test_accuracy: f64,
+    pub valid_accuracy: f64,
+    /// With `folds`: accuracy over all clips, and the std of the fold accuracies.
+    pub cv_accuracy: Option<f64>,
+    pub cv_fold_std: Option<f64>,
+}
 
 /// Everything [`probe`] needs besides the upstream and the data.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -28,6 +56,9 @@ pub struct ProbeConfig {
     /// Also run k-fold cross-validation of the frozen probe (0 = off; else >= 3).
     #[serde(default)]
     pub folds: usize,
+    /// Also probe every hidden state alone (`--layers each`).
+    #[serde(default)]
+    pub per_layer: bool,
 }
 
 impl Default for ProbeConfig {
@@ -40,6 +71,7 @@ impl Default for ProbeConfig {
             extract_batch: 8,
             finetune: None,
             folds: 0,
+            per_layer: false,
         }
     }
 }
@@ -49,7 +81,7 @@ impl Default for ProbeConfig {
 /// selected on validation ([`train_probe`]), test accuracy and confusion matrix measured; with
 /// `cfg.folds`, the same head is also cross-validated ([`kfold_splits`]) on the same features.
 pub fn probe(
-    upstream: &HubertModel,
+    upstream: Upstream<'_>,
     data: &LabelledClips,
     cfg: &ProbeConfig,
 ) -> Result<ProbeReport, EvalError> {
@@ -72,7 +104,7 @@ pub fn probe(
     );
     let t0 = Instant::now();
     let waves: Vec<&[f32]> = data.clips.iter().map(|c| c.samples.as_slice()).collect();
-    let feats = extract_pooled(upstream, &waves, cfg.extract_batch)?;
+    let feats = upstream.extract(&waves, cfg.extract_batch)?;
     let extract_seconds = t0.elapsed().as_secs_f64();
     let labels: Vec<usize> = data.clips.iter().map(|c| c.label).collect();
     let t1 = Instant::now();
@@ -106,50 +138,26 @@ pub fn probe(
         .filter(|&&i| labels[i] == majority)
         .count() as f64
         / split.test.len() as f64;
-    let finetune_summary = match &cfg.finetune {
-        Some(fc) => Some(finetune(upstream, &out.head, data, &split, fc)?.summary),
-        None => None,
-    };
-    let cross_validation = if cfg.folds > 0 {
-        let splits = kfold_splits(data, cfg.folds, cfg.split.seed)?;
-        let mut pairs = Vec::with_capacity(n);
-        let mut fold_accuracies = Vec::with_capacity(splits.len());
-        for sp in &splits {
-            let o = train_probe(
-                &feats,
-                &labels,
-                data.classes.len(),
-                &sp.train,
-                &sp.valid,
-                &cfg.head,
-            )?;
-            let p: Vec<(usize, usize)> = sp
-                .test
-                .iter()
-                .map(|&i| (labels[i], o.head.predict(feats.clip(i))))
-                .collect();
-            fold_accuracies
-                .push(p.iter().filter(|(a, b)| a == b).count() as f64 / p.len().max(1) as f64);
-            pairs.extend(p);
+    let finetune_summary = match (&cfg.finetune, upstream) {
+        (Some(fc), Upstream::Hubert(m)) => Some(finetune(m, &out.head, data, &split, fc)?.summary),
+        (Some(_), Upstream::Acoustic(a)) => {
+            return Err(EvalError::Config(format!(
+                "fine-tuning needs a model; {} has no parameters",
+                a.describe()
+            )));
         }
-        let cm = ConfusionMatrix::from_pairs(data.classes.clone(), pairs.into_iter());
-        let k = fold_accuracies.len() as f64;
-        let mean = fold_accuracies.iter().sum::<f64>() / k;
-        let std = (fold_accuracies
-            .iter()
-            .map(|a| (a - mean).powi(2))
-            .sum::<f64>()
-            / (k - 1.0).max(1.0))
-        .sqrt();
-        Some(CrossValidation {
-            folds: cfg.folds,
-            accuracy: cm.accuracy(),
-            fold_accuracies,
-            fold_std: std,
-            confusion: cm,
-        })
+        (None, _) => None,
+    };
+    let cross_validation = match cfg.folds {
+        0 => None,
+        _ => Some(cross_validate(&feats, &labels, data, cfg)?),
+    };
+    let per_layer = if cfg.per_layer {
+        (0..feats.layers)
+            .map(|l| probe_layer(&feats.layer(l), l, &labels, data, &split, cfg))
+            .collect::<Result<Vec<_>, _>>()?
     } else {
-        None
+        vec![]
     };
     let sizes = split.parts().map(|p| p.len());
     Ok(ProbeReport {
@@ -180,5 +188,79 @@ pub fn probe(
         train_seconds,
         finetune: finetune_summary,
         cross_validation,
+        per_layer,
+    })
+}
+
+/// The frozen probe cross-validated over `cfg.folds` speaker-disjoint folds of `feats`.
+fn cross_validate(
+    feats: &PooledFeatures,
+    labels: &[usize],
+    data: &LabelledClips,
+    cfg: &ProbeConfig,
+) -> Result<CrossValidation, EvalError> {
+    let splits = kfold_splits(data, cfg.folds, cfg.split.seed)?;
+    let mut pairs = Vec::with_capacity(labels.len());
+    let mut fold_accuracies = Vec::with_capacity(splits.len());
+    for sp in &splits {
+        let o = train_probe(
+            feats,
+            labels,
+            data.classes.len(),
+            &sp.train,
+            &sp.valid,
+            &cfg.head,
+        )?;
+        let p: Vec<(usize, usize)> = sp
+            .test
+            .iter()
+            .map(|&i| (labels[i], o.head.predict(feats.clip(i))))
+            .collect();
+        fold_accuracies
+            .push(p.iter().filter(|(a, b)| a == b).count() as f64 / p.len().max(1) as f64);
+        pairs.extend(p);
+    }
+    let cm = ConfusionMatrix::from_pairs(data.classes.clone(), pairs.into_iter());
+    let k = fold_accuracies.len() as f64;
+    let mean = fold_accuracies.iter().sum::<f64>() / k;
+    let var = fold_accuracies
+        .iter()
+        .map(|a| (a - mean).powi(2))
+        .sum::<f64>()
+        / (k - 1.0).max(1.0);
+    Ok(CrossValidation {
+        folds: cfg.folds,
+        accuracy: cm.accuracy(),
+        fold_accuracies,
+        fold_std: var.sqrt(),
+        confusion: cm,
+    })
+}
+
+/// Hidden state `layer` (already cut out as `feats`) probed alone: the split's head, and the
+/// cross-validation when `cfg.folds` asks for it.
+fn probe_layer(
+    feats: &PooledFeatures,
+    layer: usize,
+    labels: &[usize],
+    data: &LabelledClips,
+    split: &DataSplit,
+    cfg: &ProbeConfig,
+) -> Result<LayerProbe, EvalError> {
+    let k = data.classes.len();
+    let out = train_probe(feats, labels, k, &split.train, &split.valid, &cfg.head)?;
+    let correct = (split.test.iter())
+        .filter(|&&i| out.head.predict(feats.clip(i)) == labels[i])
+        .count();
+    let cv = match cfg.folds {
+        0 => None,
+        _ => Some(cross_validate(feats, labels, data, cfg)?),
+    };
+    Ok(LayerProbe {
+        layer,
+        test_accuracy: correct as f64 / split.test.len().max(1) as f64,
+        valid_accuracy: out.valid_accuracy,
+        cv_accuracy: cv.as_ref().map(|c| c.accuracy),
+        cv_fold_std: cv.as_ref().map(|c| c.fold_std),
     })
 }

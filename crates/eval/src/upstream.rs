@@ -8,7 +8,7 @@ use fedhubert_model::{
     read_safetensors,
 };
 
-use crate::EvalError;
+use crate::{AcousticFeature, EvalError};
 
 /// An upstream model to load.
 #[derive(Debug, Clone)]
@@ -22,6 +22,8 @@ pub enum UpstreamSpec {
     HfDir(PathBuf),
     /// `HubertModel::new(config, seed)`, untrained.
     Random { config: HubertConfig, seed: u64 },
+    /// A non-learned acoustic baseline (`mfcc`, `fbank`): no model at all.
+    Acoustic(AcousticFeature),
 }
 
 /// `tiny`, `student`, `base` or `large` presets.
@@ -38,9 +40,12 @@ pub fn arch_config(name: &str) -> Result<HubertConfig, EvalError> {
 }
 
 impl UpstreamSpec {
-    /// `random` (with `random_config` as its architecture), a directory (HF export) or a file
-    /// (checkpoint).
+    /// `random` (with `random_config` as its architecture), `mfcc` or `fbank`, a directory (HF
+    /// export) or a file (checkpoint).
     pub fn parse(spec: &str, random_config: HubertConfig, seed: u64) -> Result<Self, EvalError> {
+        if let Some(a) = AcousticFeature::parse(spec) {
+            return Ok(Self::Acoustic(a));
+        }
         if spec == "random" {
             return Ok(Self::Random {
                 config: random_config,
@@ -69,6 +74,7 @@ impl UpstreamSpec {
                 "random init (hidden {}, {} layers, seed {seed})",
                 config.hidden_size, config.num_hidden_layers
             ),
+            Self::Acoustic(a) => a.describe().into(),
         }
     }
 }
@@ -114,5 +120,9 @@ pub fn load_upstream(spec: &UpstreamSpec, device: &Device) -> Result<HubertModel
         UpstreamSpec::Checkpoint(p) => load_file(p, device),
         UpstreamSpec::HfDir(d) => Ok(HubertModel::from_hf_dir(d, device)?),
         UpstreamSpec::Random { config, seed } => Ok(HubertModel::new(config, *seed, device)?),
+        UpstreamSpec::Acoustic(a) => Err(EvalError::Upstream {
+            spec: a.describe().into(),
+            why: "an acoustic baseline is not a model (it can be probed, not loaded)".into(),
+        }),
     }
 }

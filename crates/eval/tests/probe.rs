@@ -183,7 +183,7 @@ fn probe_tiny_random_upstream_on_speech_commands_end_to_end() {
         ..Default::default()
     };
     let t = std::time::Instant::now();
-    let r = probe(&tiny_random(), &data, &cfg).unwrap();
+    let r = probe(Upstream::Hubert(&tiny_random()), &data, &cfg).unwrap();
     eprintln!(
         "random tiny on speech commands: test {:.3} valid {:.3} train {:.3} majority {:.3}, best epoch {}/{}, layer weights {:?}, extract {:.1}s head {:.1}s total {:.1}s",
         r.test_accuracy,
@@ -263,7 +263,7 @@ fn probe_separates_pure_tones_with_a_random_tiny_upstream() {
             folds: 4,
             ..Default::default()
         };
-        let r = probe(&tiny_random(), &data, &cfg).unwrap();
+        let r = probe(Upstream::Hubert(&tiny_random()), &data, &cfg).unwrap();
         eprintln!(
             "tones ({kind:?}): test {:.3} valid {:.3} train {:.3}",
             r.test_accuracy, r.valid_accuracy, r.train_accuracy
@@ -325,6 +325,42 @@ fn upstream_specs_load_checkpoints_hf_dirs_and_random() {
 }
 
 #[test]
+fn acoustic_baselines_separate_tones_and_per_layer_probes_cover_every_hidden_state() {
+    let dir = tempfile::tempdir().unwrap();
+    tone_dataset(dir.path(), 10, 3);
+    let data = load_labelled_dir(dir.path(), &LoadConfig::default()).unwrap();
+    let cfg = ProbeConfig {
+        head: HeadConfig {
+            epochs: 60,
+            ..Default::default()
+        },
+        per_layer: true,
+        ..Default::default()
+    };
+    for (a, dim) in [(AcousticFeature::Mfcc, 39), (AcousticFeature::Fbank, 80)] {
+        let r = probe(Upstream::Acoustic(a), &data, &cfg).unwrap();
+        assert_eq!((r.num_hidden_states, r.hidden_size), (1, dim), "{a:?}");
+        // Pure tones of distinct pitch: a spectral feature separates them (chance 1/3).
+        assert!(r.test_accuracy > 0.6, "{a:?}: {}", r.test_accuracy);
+        assert_eq!(r.per_layer.len(), 1);
+        assert_eq!(r.per_layer[0].test_accuracy, r.test_accuracy, "{a:?}");
+    }
+    let m = tiny_random();
+    let r = probe(Upstream::Hubert(&m), &data, &cfg).unwrap();
+    let layers: Vec<usize> = r.per_layer.iter().map(|l| l.layer).collect();
+    assert_eq!(
+        layers,
+        (0..=m.config().num_hidden_layers).collect::<Vec<_>>()
+    );
+    let ft = ProbeConfig {
+        finetune: Some(FinetuneConfig::default()),
+        ..cfg
+    };
+    let e = probe(Upstream::Acoustic(AcousticFeature::Mfcc), &data, &ft).unwrap_err();
+    assert!(e.to_string().contains("fine-tuning needs a model"), "{e}");
+}
+
+#[test]
 fn finetuning_runs_and_never_selects_worse_than_the_frozen_probe_on_validation() {
     let dir = tempfile::tempdir().unwrap();
     tone_dataset(dir.path(), 10, 3);
@@ -343,7 +379,7 @@ fn finetuning_runs_and_never_selects_worse_than_the_frozen_probe_on_validation()
         }),
         ..Default::default()
     };
-    let r = probe(&tiny_random(), &data, &cfg).unwrap();
+    let r = probe(Upstream::Hubert(&tiny_random()), &data, &cfg).unwrap();
     let f = r.finetune.as_ref().unwrap();
     eprintln!(
         "fine-tune: frozen valid {:.3} test {:.3} -> tuned valid {:.3} test {:.3}, {} steps {:.1}s",

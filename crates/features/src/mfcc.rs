@@ -325,44 +325,14 @@ impl Mfcc {
     pub fn mfcc_into(&self, samples: &[f32], scratch: &mut MfccScratch, out: &mut Vec<f32>) {
         let cfg = &self.cfg;
         let frames = cfg.num_frames(samples.len());
-        let (len, nc) = (cfg.frame_length, cfg.num_ceps);
+        let nc = cfg.num_ceps;
         out.clear();
         out.resize(frames * nc, 0.0);
-        let MfccScratch {
-            frame,
-            spectrum,
-            fft_scratch,
-            power,
-            logmel,
-            acc,
-            ..
-        } = scratch;
-        let inv_len = 1.0 / len as Real;
-        let pre = cfg.preemphasis as Real;
         for (t, row) in out.chunks_exact_mut(nc).enumerate() {
-            let x = &samples[t * cfg.frame_shift..t * cfg.frame_shift + len];
-            let mean = sum_real(x) * inv_len;
-            // DC removal, pre-emphasis (Kaldi: x[0] -= pre * x[0]), window; zero padding after.
-            let (head, tail) = frame.split_at_mut(len);
-            head[0] = (x[0] as Real - mean) * (1.0 - pre) * self.window[0];
-            for i in 1..len {
-                head[i] =
-                    ((x[i] as Real - mean) - pre * (x[i - 1] as Real - mean)) * self.window[i];
-            }
-            tail.fill(0.0);
-            self.fft
-                .process_with_scratch(frame, spectrum, fft_scratch)
-                .expect("fft buffer sizes are fixed");
-            for (p, c) in power.iter_mut().zip(spectrum.iter()) {
-                *p = c.re * c.re + c.im * c.im;
-            }
-            for (lm, filt) in logmel.iter_mut().zip(&self.mel) {
-                let p = &power[filt.start..filt.start + filt.weights.len()];
-                let e = dot(p, &filt.weights);
-                *lm = e.max(f32::EPSILON as Real).ln();
-            }
+            self.logmel_frame(self.frame_of(samples, t), scratch);
             // DCT as a sum of columns scaled by each log-mel value: num_ceps independent
             // accumulators (vectorizes) instead of num_ceps serial dot products.
+            let MfccScratch { logmel, acc, .. } = &mut *scratch;
             acc.fill(0.0);
             for (&lm, col) in logmel.iter().zip(self.dct.chunks_exact(nc)) {
                 for (a, &d) in acc.iter_mut().zip(col) {
@@ -372,6 +342,59 @@ impl Mfcc {
             for (c, &a) in row.iter_mut().zip(acc.iter()) {
                 *c = a as f32;
             }
+        }
+    }
+
+    /// Kaldi log mel filterbank energies (`torchaudio.compliance.kaldi.fbank` with this
+    /// config's framing and `num_mel_bins`), `[frames * num_mel_bins]` row-major.
+    pub fn fbank(&self, samples: &[f32]) -> Vec<f32> {
+        let mut scratch = self.scratch();
+        let nm = self.cfg.num_mel_bins;
+        let frames = self.cfg.num_frames(samples.len());
+        let mut out = Vec::with_capacity(frames * nm);
+        for t in 0..frames {
+            self.logmel_frame(self.frame_of(samples, t), &mut scratch);
+            out.extend(scratch.logmel.iter().map(|&v| v as f32));
+        }
+        out
+    }
+
+    /// The samples of frame `t` (snip_edges: frames lie wholly inside the signal).
+    fn frame_of<'a>(&self, samples: &'a [f32], t: usize) -> &'a [f32] {
+        let o = t * self.cfg.frame_shift;
+        &samples[o..o + self.cfg.frame_length]
+    }
+
+    /// The log mel energies of one frame into `scratch.logmel`: DC removal, pre-emphasis (Kaldi:
+    /// x[0] -= pre * x[0]), window, zero padding, power spectrum, mel filters, log.
+    fn logmel_frame(&self, x: &[f32], scratch: &mut MfccScratch) {
+        let MfccScratch {
+            frame,
+            spectrum,
+            fft_scratch,
+            power,
+            logmel,
+            ..
+        } = scratch;
+        let len = self.cfg.frame_length;
+        let mean = sum_real(x) * (1.0 / len as Real);
+        let pre = self.cfg.preemphasis as Real;
+        let (head, tail) = frame.split_at_mut(len);
+        head[0] = (x[0] as Real - mean) * (1.0 - pre) * self.window[0];
+        for i in 1..len {
+            head[i] = ((x[i] as Real - mean) - pre * (x[i - 1] as Real - mean)) * self.window[i];
+        }
+        tail.fill(0.0);
+        self.fft
+            .process_with_scratch(frame, spectrum, fft_scratch)
+            .expect("fft buffer sizes are fixed");
+        for (p, c) in power.iter_mut().zip(spectrum.iter()) {
+            *p = c.re * c.re + c.im * c.im;
+        }
+        for (lm, filt) in logmel.iter_mut().zip(&self.mel) {
+            let p = &power[filt.start..filt.start + filt.weights.len()];
+            let e = dot(p, &filt.weights);
+            *lm = e.max(f32::EPSILON as Real).ln();
         }
     }
 }

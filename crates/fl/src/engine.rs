@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::compress::{Compression, decode};
 use crate::instructions::{ClientInstructions, MESSAGE_FORMAT, Upload};
 use crate::rounds::{RunConfig, sample_clients};
+use crate::schedule::UpdateWindow;
 use crate::store::Checkpoint;
 use crate::strategy::{FitRes, Strategy, weighted_metrics};
 use crate::{FlError, Weights};
@@ -47,7 +48,7 @@ pub struct Failure {
 }
 
 /// Everything measured in one round: one line of `metrics.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RoundRecord {
     pub round: u64,
     pub sampled: Vec<usize>,
@@ -64,6 +65,13 @@ pub struct RoundRecord {
     /// Per client: (bytes received, bytes sent).
     pub client_bytes: BTreeMap<usize, (u64, u64)>,
     pub round_time_s: f64,
+    /// Learning rate of the round's first and last planned update (the schedule's range).
+    #[serde(default)]
+    pub lr: (f64, f64),
+    /// The server's own evaluation of the new global model (see
+    /// [`crate::ClientPool::evaluate_global`]); empty when the server holds no data.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub server_eval: BTreeMap<String, f64>,
 }
 
 /// What the clients of an exchange are asked to do.
@@ -236,6 +244,18 @@ impl RoundEngine {
         &self.history
     }
 
+    /// Attaches the server's own evaluation of the global model to the last completed round
+    /// (before its checkpoint is taken); returns that round's record.
+    pub fn record_server_eval(&mut self, metrics: BTreeMap<String, f64>) -> RoundRecord {
+        match self.history.last_mut() {
+            Some(rec) => {
+                rec.server_eval = metrics;
+                rec.clone()
+            }
+            None => RoundRecord::default(),
+        }
+    }
+
     /// The round in progress (or next), None when the run is complete.
     pub fn next_round(&self) -> Option<u64> {
         (self.round <= self.cfg.num_rounds).then_some(self.round)
@@ -327,6 +347,7 @@ impl RoundEngine {
             format: MESSAGE_FORMAT,
             round,
             seed,
+            updates: UpdateWindow::of_round(round, settings.updates_per_round()),
             settings,
             upload: self.cfg.upload.clone(),
         }
@@ -521,6 +542,8 @@ impl RoundEngine {
             bytes_up: a.client_bytes.values().map(|b| b.1).sum(),
             client_bytes: a.client_bytes,
             round_time_s: 0.0,
+            lr: self.cfg.client.lr_range(self.round),
+            server_eval: BTreeMap::new(),
         };
         let pass = EvalPass {
             ex: self.eval_exchange(self.eval_plan()),

@@ -4,12 +4,14 @@
 use serde::{Deserialize, Serialize};
 
 use crate::compress::{Compression, encode};
+use crate::schedule::{LrSchedule, UpdateWindow};
 use crate::{FlError, Weights};
 
 /// Version of the messages between server and clients ([`ClientInstructions`] and the run file
 /// sent with them). A node that receives another version refuses it with an error saying which
 /// side to upgrade: data owners upgrade their nodes at different times.
-pub const MESSAGE_FORMAT: u32 = 2;
+/// Format 3 added the learning-rate schedule and each round's update window.
+pub const MESSAGE_FORMAT: u32 = 3;
 
 /// How much local training one round asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -22,12 +24,17 @@ pub enum LocalWork {
     Epochs(f64),
 }
 
-/// What every client of a run is told to do locally (the same each round today; the federated
-/// learning-rate schedule makes `learning_rate` per round).
+/// What every client of a run is told to do locally, the same every round (what changes per round
+/// is in [`ClientInstructions`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientSettings {
+    /// The schedule's peak learning rate.
     pub learning_rate: f64,
+    /// Over the run's global updates (see [`crate::schedule`]); absent in checkpoints written
+    /// before the schedule existed, whose clients trained at a fixed rate.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
     pub local: LocalWork,
     /// FedProx: clients add `proximal_mu/2 * ||w - w_global||^2` to their loss (0: off). A
     /// client setting that composes with any strategy, not a strategy of its own.
@@ -38,9 +45,32 @@ impl Default for ClientSettings {
     fn default() -> Self {
         Self {
             learning_rate: 5e-4,
+            lr_schedule: LrSchedule::default(),
             local: LocalWork::Epochs(1.0),
             proximal_mu: 0.0,
         }
+    }
+}
+
+impl ClientSettings {
+    /// Global updates the server plans per round: the local steps, or with local epochs (whose
+    /// step count only each client knows) one unit per round, so the schedule counts rounds.
+    pub fn updates_per_round(&self) -> u64 {
+        match self.local {
+            LocalWork::Steps(n) => n,
+            LocalWork::Epochs(_) => 1,
+        }
+    }
+
+    /// The learning rate of round `round`'s first and last planned update.
+    pub fn lr_range(&self, round: u64) -> (f64, f64) {
+        let per = self.updates_per_round();
+        let w = UpdateWindow::of_round(round, per);
+        let at = |s: u64| {
+            self.lr_schedule
+                .lr_at(self.learning_rate, w.update_at(s, per))
+        };
+        (at(0), at(per.saturating_sub(1)))
     }
 }
 
@@ -77,11 +107,20 @@ pub struct ClientInstructions {
     pub round: u64,
     /// Seed of the client's local randomness this exchange (crops, masks, dropout).
     pub seed: u64,
+    /// The round's share of the run's global updates, for the learning-rate schedule.
+    pub updates: UpdateWindow,
     pub settings: ClientSettings,
     pub upload: UploadPlan,
 }
 
 impl ClientInstructions {
+    /// The learning rate of local step `step` of the client's `steps` this round.
+    pub fn lr_at(&self, step: u64, steps: u64) -> f64 {
+        let s = &self.settings;
+        s.lr_schedule
+            .lr_at(s.learning_rate, self.updates.update_at(step, steps))
+    }
+
     /// Parses instructions received from a server, refusing another message format.
     pub fn from_json(json: &str) -> Result<Self, FlError> {
         let v: serde_json::Value = serde_json::from_str(json)

@@ -3,7 +3,8 @@
 //! - [`engine`]: the one round engine, a state machine without I/O that every runner drives.
 //! - [`strategy`]: strategies as an aggregator times a server optimizer (FedAvg, FedAvgM,
 //!   FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg, Krum), wrappers around any of them.
-//! - [`instructions`]: the typed instructions a client gets, and its side of the upload.
+//! - [`instructions`]: the typed instructions a client gets, and its side of the upload;
+//!   [`schedule`]: the learning-rate schedule over the run's global updates.
 //! - [`rounds`]: the native runner over a [`ClientPool`]; [`store`]: checkpoints and metrics.
 //!
 //! The crate knows nothing about HuBERT (nor burn): clients are a `ClientPool` or messages, and
@@ -14,6 +15,7 @@ pub mod compress;
 pub mod engine;
 pub mod instructions;
 pub mod rounds;
+pub mod schedule;
 pub mod store;
 pub mod strategy;
 pub mod weights;
@@ -31,6 +33,7 @@ pub use instructions::{
     prepare_upload,
 };
 pub use rounds::{ClientPool, RunConfig, RunResult, run};
+pub use schedule::{LrSchedule, UpdateWindow};
 pub use strategy::{FitRes, Strategy, StrategyConfig, StrategySpec};
 pub use weights::{Tensor, Weights};
 

@@ -1,6 +1,7 @@
 //! The native runner: [`run`] drives the [`RoundEngine`] over a [`ClientPool`] in this process,
 //! one client after another, writing the round checkpoint after every round.
 
+use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::time::Instant;
@@ -33,6 +34,16 @@ pub trait ClientPool {
         global: &Weights,
         instructions: &ClientInstructions,
     ) -> Result<EvalRes, String>;
+    /// Flower's centralized evaluation (a strategy's `evaluate_fn`): the new global model on
+    /// data the server holds (e.g. held-out speakers), after every round; None when there is
+    /// none. Its metrics go into the round's record as `server_eval`.
+    fn evaluate_global(
+        &mut self,
+        _round: u64,
+        _global: &Weights,
+    ) -> Option<Result<BTreeMap<String, f64>, String>> {
+        None
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -171,7 +182,16 @@ pub fn run(
             let reply = call_client(pool, ex.kind, *c, engine.global(), instructions, cfg);
             engine.deliver(*c, reply)?;
         }
-        if let Progress::RoundDone(rec) = engine.close_exchange()? {
+        if let Progress::RoundDone(mut rec) = engine.close_exchange()? {
+            if let Some(m) = pool.evaluate_global(rec.round, engine.global()) {
+                let m = m.map_err(|why| {
+                    FlError::Config(format!(
+                        "round {}: server-side evaluation: {why}",
+                        rec.round
+                    ))
+                })?;
+                rec = engine.record_server_eval(m);
+            }
             if let Some(dir) = out_dir {
                 save_round(dir, &engine.checkpoint()?)?;
             }

@@ -1,7 +1,7 @@
 //! Simulation clients: each client trains the global model on its own folder (manifest + labels)
 //! and returns only weights and metrics.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -130,12 +130,57 @@ pub fn eval_reply<M: Reported>(
     })
 }
 
+/// Data the server holds for its own evaluation of the global model: utterances of speakers no
+/// client has (an unseen-speaker validation set), with the rate a model that always predicts the
+/// most frequent cluster would score on it.
+pub struct Heldout {
+    pub utts: Vec<Utt>,
+    pub majority_rate: f64,
+}
+
+impl Heldout {
+    /// Every utterance (both splits) of a client-layout folder: manifest, features and labels.
+    pub fn load(dir: &Path, label_stem: &str) -> Result<Self, crate::TrainError> {
+        let d = load_client_dir(dir, label_stem)?;
+        let utts: Vec<Utt> = d.train.into_iter().chain(d.valid).collect();
+        Ok(Self {
+            majority_rate: majority_rate(&utts),
+            utts,
+        })
+    }
+
+    /// Masked-prediction metrics of `model` on the held-out utterances, plus `majority_rate`;
+    /// masks from `seed`, the same every round so rounds compare.
+    pub fn evaluate(
+        &self,
+        model: &HubertForPretraining,
+        batch: &BatchConfig,
+        seed: u64,
+    ) -> Result<BTreeMap<String, f64>, crate::TrainError> {
+        let mut m = evaluate_model(model, &self.utts, batch, seed)?.to_map();
+        m.insert("majority_rate".into(), self.majority_rate);
+        Ok(m)
+    }
+}
+
+/// Share of label frames that carry the most frequent label.
+pub fn majority_rate(utts: &[Utt]) -> f64 {
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    let mut total = 0usize;
+    for l in utts.iter().flat_map(|u| &u.labels) {
+        *counts.entry(*l).or_default() += 1;
+        total += 1;
+    }
+    counts.values().max().copied().unwrap_or(0) as f64 / total.max(1) as f64
+}
+
 pub struct HubertClients {
     clients: ClientCache,
     template: HubertForPretraining,
     train: TrainConfig,
     sim: SimConfig,
     device: Device,
+    heldout: Option<Heldout>,
 }
 
 impl HubertClients {
@@ -153,7 +198,14 @@ impl HubertClients {
             train,
             sim,
             device,
+            heldout: None,
         }
+    }
+
+    /// The server evaluates every round's global model on `heldout` (Flower's `evaluate_fn`).
+    pub fn with_heldout(mut self, heldout: Heldout) -> Self {
+        self.heldout = Some(heldout);
+        self
     }
 
     fn data(&mut self, c: usize) -> Result<Arc<ClientData>, String> {
@@ -190,7 +242,7 @@ impl ClientPool for HubertClients {
                 &data.train,
                 0,
                 steps,
-                Some(work.learning_rate),
+                |k| cfg.lr_at(k, steps),
                 cfg.seed,
                 prox,
                 |_, _| {},
@@ -211,5 +263,21 @@ impl ClientPool for HubertClients {
                 load_tensors(self.template.clone(), global.clone()).map_err(|e| e.to_string())?;
             evaluate_model(&model, valid, &self.train.batch, cfg.seed).map_err(|e| e.to_string())
         })
+    }
+
+    fn evaluate_global(
+        &mut self,
+        _round: u64,
+        global: &Weights,
+    ) -> Option<Result<BTreeMap<String, f64>, String>> {
+        let h = self.heldout.as_ref()?;
+        Some(
+            load_tensors(self.template.clone(), global.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|model| {
+                    h.evaluate(&model, &self.train.batch, self.train.seed)
+                        .map_err(|e| e.to_string())
+                }),
+        )
     }
 }

@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use fedhubert_fl::{ClientSettings, Compression, LocalWork, RunConfig, StrategyConfig, UploadPlan};
+use fedhubert_fl::{
+    ClientSettings, Compression, LocalWork, LrSchedule, RunConfig, StrategyConfig, UploadPlan,
+};
 use fedhubert_model::{HeadKind, HubertConfig, PretrainConfig};
 use serde::{Deserialize, Serialize};
 
@@ -151,9 +153,17 @@ pub struct PretrainingSection {
     /// Local steps per round; when 0, `local_epochs` passes over the client's data.
     pub local_steps: u64,
     pub local_epochs: u64,
+    /// Peak learning rate of the schedule.
     pub learning_rate: f64,
     pub weight_decay: f64,
-    pub warmup_rounds: u64,
+    /// fairseq's `lr_scheduler`: polynomial_decay (warm-up, then linear decay to 0 at the end of
+    /// the run) or fixed (warm-up, then the peak), over the run's global updates.
+    pub lr_schedule: LrScheduleKind,
+    /// Warm-up length in global updates (round r covers updates (r-1)*local_steps .. r*local_steps).
+    pub warmup_updates: Option<u64>,
+    /// Warm-up length in rounds; give this or `warmup_updates`. Without either, the HuBERT
+    /// recipe's share: 8% of the run (32k of 400k updates).
+    pub warmup_rounds: Option<u64>,
     pub clip_norm: f64,
     pub update_freq: usize,
     pub freeze_feature_extractor: bool,
@@ -187,7 +197,9 @@ impl Default for PretrainingSection {
             local_epochs: 1,
             learning_rate: 5e-4,
             weight_decay: 0.01,
-            warmup_rounds: 0,
+            lr_schedule: LrScheduleKind::PolynomialDecay,
+            warmup_updates: None,
+            warmup_rounds: None,
             clip_norm: 10.0,
             update_freq: 1,
             freeze_feature_extractor: false,
@@ -196,6 +208,19 @@ impl Default for PretrainingSection {
         }
     }
 }
+
+/// The run file's `lr_schedule` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduleKind {
+    #[default]
+    PolynomialDecay,
+    Fixed,
+}
+
+/// The HuBERT recipe's warm-up share of the run (fairseq hubert_base_librispeech.yaml: 32k
+/// warm-up updates of 400k), used when the run file gives no warm-up.
+const RECIPE_WARMUP_SHARE: f64 = 0.08;
 
 /// Model size presets (the architecture before the run file's own keys).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,7 +303,63 @@ impl RunFile {
     pub fn validate(&self) -> Result<(), TrainError> {
         self.model_config()?;
         self.strategy()?;
+        // The schedule is checked where a run builds it: a federated run's in `run_config`,
+        // a centralized run's (another length) by `lr_schedule(Some(steps))`.
         self.train_config()?.validate()
+    }
+
+    /// The schedule of a federated run (`centralized_steps` None) over its `num_rounds` x
+    /// planned updates per round, or of a centralized run of that many steps, where
+    /// `warmup_rounds` keeps its share of the federated run so both arms of a comparison warm up
+    /// alike. Inconsistent keys are errors that name them.
+    pub fn lr_schedule(&self, centralized_steps: Option<u64>) -> Result<LrSchedule, TrainError> {
+        let p = &self.pretraining;
+        let rounds = self.federated.run.num_rounds;
+        let per_round = self.client_settings_local().1;
+        let total = centralized_steps.unwrap_or(rounds * per_round);
+        let warmup = match (p.warmup_updates, p.warmup_rounds) {
+            (Some(_), Some(_)) => {
+                return Err(cfg_err(
+                    "pretraining.warmup_updates and pretraining.warmup_rounds: give one of them",
+                ));
+            }
+            (Some(_), None) if centralized_steps.is_none() && p.local_steps == 0 => {
+                return Err(cfg_err(
+                    "pretraining.warmup_updates: with local_epochs only each client knows its number of updates, so the schedule counts rounds: give warmup_rounds",
+                ));
+            }
+            (Some(u), None) => u,
+            (None, Some(r)) if r > rounds => {
+                return Err(cfg_err(format!(
+                    "pretraining.warmup_rounds: {r} is more than federated.num_rounds {rounds}"
+                )));
+            }
+            (None, Some(r)) => (r as f64 / rounds.max(1) as f64 * total as f64).round() as u64,
+            (None, None) => (RECIPE_WARMUP_SHARE * total as f64).round() as u64,
+        };
+        let schedule = match p.lr_schedule {
+            LrScheduleKind::Fixed => LrSchedule::Fixed {
+                warmup_updates: warmup,
+            },
+            LrScheduleKind::PolynomialDecay => LrSchedule::PolynomialDecay {
+                warmup_updates: warmup,
+                total_updates: total,
+            },
+        };
+        schedule
+            .validate()
+            .map_err(|e| cfg_err(format!("pretraining.warmup_updates: {e}")))?;
+        Ok(schedule)
+    }
+
+    /// What a round asks of a client locally, and the updates the server plans per round.
+    fn client_settings_local(&self) -> (LocalWork, u64) {
+        let p = &self.pretraining;
+        if p.local_steps > 0 {
+            (LocalWork::Steps(p.local_steps), p.local_steps)
+        } else {
+            (LocalWork::Epochs(p.local_epochs as f64), 1)
+        }
     }
 
     pub fn model_config(&self) -> Result<HubertConfig, TrainError> {
@@ -339,8 +420,8 @@ impl RunFile {
         Ok(TrainConfig {
             learning_rate: p.learning_rate,
             weight_decay: p.weight_decay,
-            warmup_steps: 0,
-            max_steps: u64::MAX,
+            // Federated clients follow the schedule in their instructions.
+            lr_schedule: LrSchedule::Fixed { warmup_updates: 0 },
             clip_norm: p.clip_norm,
             update_freq: p.update_freq,
             freeze_feature_extractor: p.freeze_feature_extractor,
@@ -374,11 +455,7 @@ impl RunFile {
     pub fn run_config(&self) -> Result<RunConfig, TrainError> {
         let f = &self.federated.run;
         let p = &self.pretraining;
-        let local = if p.local_steps > 0 {
-            LocalWork::Steps(p.local_steps)
-        } else {
-            LocalWork::Epochs(p.local_epochs as f64)
-        };
+        let (local, _) = self.client_settings_local();
         Ok(RunConfig {
             num_rounds: f.num_rounds,
             fraction_fit: f.client_fraction,
@@ -400,6 +477,7 @@ impl RunFile {
             },
             client: ClientSettings {
                 learning_rate: p.learning_rate,
+                lr_schedule: self.lr_schedule(None)?,
                 local,
                 proximal_mu: f.proximal_mu,
             },
@@ -465,5 +543,56 @@ mod tests {
         assert!(e.to_string().contains("huge"), "{e}");
         let e = load("federated:\n  strategy: fedadam\n  beta1: 1.5\n").unwrap_err();
         assert!(e.to_string().contains("beta1"), "{e}");
+    }
+
+    #[test]
+    fn the_schedule_spans_the_whole_federated_run() {
+        let base = "federated:\n  num_rounds: 10\npretraining:\n  local_steps: 5\n";
+        let sched = |extra: &str| {
+            load(&format!("{base}{extra}")).and_then(|rf| Ok(rf.run_config()?.client.lr_schedule))
+        };
+        // No warm-up key: the recipe's 8% of the 50 planned updates.
+        assert_eq!(
+            sched("").unwrap(),
+            LrSchedule::PolynomialDecay {
+                warmup_updates: 4,
+                total_updates: 50
+            }
+        );
+        assert_eq!(
+            sched("  warmup_rounds: 2\n").unwrap(),
+            LrSchedule::PolynomialDecay {
+                warmup_updates: 10,
+                total_updates: 50
+            }
+        );
+        assert_eq!(
+            sched("  warmup_updates: 3\n  lr_schedule: fixed\n").unwrap(),
+            LrSchedule::Fixed { warmup_updates: 3 }
+        );
+        // A centralized run keeps the warm-up's share of the run.
+        let rf = load(&format!("{base}  warmup_rounds: 2\n")).unwrap();
+        assert_eq!(
+            rf.lr_schedule(Some(1000)).unwrap(),
+            LrSchedule::PolynomialDecay {
+                warmup_updates: 200,
+                total_updates: 1000
+            }
+        );
+        for (extra, key) in [
+            (
+                "  warmup_rounds: 2\n  warmup_updates: 3\n",
+                "give one of them",
+            ),
+            ("  warmup_rounds: 11\n", "warmup_rounds"),
+            ("  warmup_updates: 51\n", "warm-up (51 updates)"),
+            ("  lr_schedule: cosine\n", "cosine"),
+        ] {
+            let e = sched(extra).unwrap_err().to_string();
+            assert!(e.contains(key), "{extra:?}: {e}");
+        }
+        let rf = load("pretraining:\n  local_epochs: 1\n  warmup_updates: 3\n").unwrap();
+        let e = rf.run_config().unwrap_err();
+        assert!(e.to_string().contains("give warmup_rounds"), "{e}");
     }
 }

@@ -13,7 +13,7 @@ pub mod core;
 pub mod data;
 pub mod trainer;
 
-pub use client::{ClientCache, HubertClients, SimConfig};
+pub use client::{ClientCache, Heldout, HubertClients, SimConfig};
 pub use config::{FederatedRun, FederatedSection, Preset, RunFile};
 pub use core::{AdamState, Grads, StepMetrics, StepPlan};
 pub use data::{BatchConfig, ClientData, Utt, load_client_dir};

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
+use fedhubert_fl::LrSchedule;
 use fedhubert_io::Weights;
 use fedhubert_io::seeds::{self, mix};
 use fedhubert_model::{
@@ -27,9 +28,8 @@ pub struct TrainConfig {
     pub adam_betas: (f64, f64),
     pub adam_eps: f64,
     pub weight_decay: f64,
-    /// Linear warm-up steps, then linear decay to 0 at `max_steps`.
-    pub warmup_steps: u64,
-    pub max_steps: u64,
+    /// Over the trainer's own steps (a federated client follows its instructions instead).
+    pub lr_schedule: LrSchedule,
     /// Global gradient-norm clip (fairseq `clip_norm` 10); 0 disables.
     pub clip_norm: f64,
     /// Micro-batches per update (fairseq `update_freq`).
@@ -48,8 +48,10 @@ impl Default for TrainConfig {
             adam_betas: (0.9, 0.98),
             adam_eps: 1e-6,
             weight_decay: 0.01,
-            warmup_steps: 32_000,
-            max_steps: 400_000,
+            lr_schedule: LrSchedule::PolynomialDecay {
+                warmup_updates: 32_000,
+                total_updates: 400_000,
+            },
             clip_norm: 10.0,
             update_freq: 1,
             freeze_feature_extractor: false,
@@ -92,14 +94,8 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Linear warm-up to `learning_rate`, then linear decay to 0 at `max_steps` (fairseq's
-    /// polynomial_decay with power 1).
     pub fn lr_at(&self, step: u64) -> f64 {
-        if step < self.warmup_steps {
-            return self.learning_rate * (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        let rest = self.max_steps.saturating_sub(self.warmup_steps).max(1);
-        self.learning_rate * (1.0 - (step - self.warmup_steps) as f64 / rest as f64).max(0.0)
+        self.lr_schedule.lr_at(self.learning_rate, step as f64)
     }
 }
 
@@ -307,15 +303,15 @@ impl LocalTrainer {
     }
 
     /// Runs `steps` updates over `utts` starting at global step `start` (epochs are reshuffled
-    /// with seeds derived from `seed`; step k's randomness from `(seed, k)`), at a fixed `lr` or
-    /// the configured schedule when `lr` is None.
+    /// with seeds derived from `seed`; step k's randomness from `(seed, k)`); step k runs at
+    /// learning rate `lr(k)` (`|k| cfg.lr_at(k)` for the configured schedule).
     #[allow(clippy::too_many_arguments)]
     pub fn train(
         &mut self,
         utts: &[Utt],
         start: u64,
         steps: u64,
-        lr: Option<f64>,
+        lr: impl Fn(u64) -> f64,
         seed: u64,
         prox: Option<(&Weights, f32)>,
         on_step: impl FnMut(u64, &Metrics),
@@ -325,10 +321,7 @@ impl LocalTrainer {
             &mut plan,
             start,
             steps,
-            |k, micro, step_seed| {
-                let lr_k = lr.unwrap_or_else(|| self.cfg.lr_at(k));
-                self.step(micro, lr_k, step_seed, prox)
-            },
+            |k, micro, step_seed| self.step(micro, lr(k), step_seed, prox),
             on_step,
         )
     }

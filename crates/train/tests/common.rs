@@ -16,7 +16,12 @@ pub fn assets() -> PathBuf {
 
 /// `n` speaker clients with mfcc + `km` labels (k classes) in `out`; returns the client folders.
 pub fn labelled_partition(out: &Path, n: usize, k: usize) -> Vec<PathBuf> {
-    let corpus = scan_dir(&assets().join("librispeech-sample"), false).unwrap();
+    labelled_partition_of(&assets().join("librispeech-sample"), out, n, k)
+}
+
+/// As [`labelled_partition`], of the audio under `root`.
+pub fn labelled_partition_of(root: &Path, out: &Path, n: usize, k: usize) -> Vec<PathBuf> {
+    let corpus = scan_dir(root, false).unwrap();
     let cfg = PartitionConfig {
         method: Method::Speaker,
         num_clients: n,

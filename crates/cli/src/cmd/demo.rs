@@ -234,6 +234,7 @@ fn pretrain_stage(args: &Args, k: usize) -> anyhow::Result<FederatedSummary> {
         out: args.out.join("pretrain"),
         steps: 0,
         resume: false,
+        heldout: None,
         run_file: rf,
         device: device("cpu")?,
     };

@@ -91,6 +91,10 @@ pub struct Args {
     /// Worker threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Label with this shared codebook instead of fitting one (clients that join later,
+    /// held-out speakers); --mode, --k and the fit settings are then unused.
+    #[arg(long, value_name = "FILE")]
+    pub codebook: Option<PathBuf>,
 }
 
 /// The feature shard stem k-means reads unless told otherwise.
@@ -114,6 +118,8 @@ pub struct KmeansRequest {
     pub reference: ReferenceArg,
     /// Worker threads (0: all cores).
     pub threads: usize,
+    /// Label with this codebook instead of fitting one.
+    pub codebook: Option<PathBuf>,
 }
 
 impl KmeansRequest {
@@ -137,6 +143,7 @@ impl KmeansRequest {
             },
             reference: ReferenceArg::Federated,
             threads: 0,
+            codebook: None,
         }
     }
 
@@ -179,6 +186,7 @@ impl From<&Args> for KmeansRequest {
             },
             reference: args.reference,
             threads: args.threads,
+            codebook: args.codebook.clone(),
         }
     }
 }
@@ -560,32 +568,69 @@ fn label_agreement(
     }
 }
 
+/// The codebook `--codebook` names, checked against the clients' feature dimension.
+fn applied_codebook(path: &Path, dim: usize) -> Result<Codebook> {
+    let (cb, _) = Codebook::load(path).with_context(|| format!("--codebook {}", path.display()))?;
+    if cb.dim != dim {
+        bail!(
+            "--codebook {}: {}-dim centroids, but the clients' features are {dim}-dim",
+            path.display(),
+            cb.dim
+        );
+    }
+    Ok(cb)
+}
+
 fn kmeans_in_pool(req: &KmeansRequest) -> Result<KmeansSummary> {
     let t0 = Instant::now();
-    let k = req.k();
-    if k == 0 || k > u16::MAX as usize + 1 {
-        bail!("--k {k}: must be between 1 and 65536 (labels are u16)");
-    }
     let mut skipped = Vec::new();
     let clients = find_clients(&req.clients, &req.feature, &mut skipped)?;
     let total: usize = clients.iter().map(|c| c.source.n_frames()).sum();
     let dim = clients[0].source.dim();
-    if k > total {
+    let applied = match &req.codebook {
+        Some(p) => Some(applied_codebook(p, dim)?),
+        None => None,
+    };
+    let mut req = req.clone();
+    if let Some(cb) = &applied {
+        req.minibatch.k = cb.k;
+        req.federated.k = cb.k;
+    }
+    let req = &req;
+    let k = req.k();
+    if k == 0 || k > u16::MAX as usize + 1 {
+        bail!("--k {k}: must be between 1 and 65536 (labels are u16)");
+    }
+    if applied.is_none() && k > total {
         bail!("--k {k} is larger than the {total} frames of all clients together");
     }
     std::fs::create_dir_all(&req.out)
         .with_context(|| format!("--out {}: cannot create", req.out.display()))?;
-    let mode = mode_name(req.mode);
+    let mode = match req.codebook {
+        Some(_) => "applied",
+        None => mode_name(req.mode),
+    };
     tracing::info!(
         "{mode} k-means: k={k} over {} clients, {total} frames x {dim}",
         clients.len()
     );
-    let fit = fit(req, &clients)?;
+    let fit = match applied {
+        Some(cb) => Fit {
+            global: Some(cb),
+            locals: vec![],
+            info: json!({"applied": req.codebook}),
+        },
+        None => fit(req, &clients)?,
+    };
     let fit_s = t0.elapsed().as_secs_f64();
-    let reference = reference_codebook(req, &clients)?;
+    let reference = match req.codebook {
+        Some(_) => None,
+        None => reference_codebook(req, &clients)?,
+    };
     let l = label_all(req, &clients, &fit, reference.as_ref())?;
-    let codebook_path = req.out.join("codebook.safetensors");
-    if let Some(cb) = &fit.global {
+    let codebook_path =
+        (req.codebook.clone()).unwrap_or_else(|| req.out.join("codebook.safetensors"));
+    if let (Some(cb), None) = (&fit.global, &req.codebook) {
         let meta = CodebookMeta {
             mode: mode.into(),
             seed: req.seed(),

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use fedhubert_fl::{RoundRecord, StrategyConfig};
 use fedhubert_model::{Device, HubertForPretraining};
-use fedhubert_train::{HubertClients, LocalTrainer, RunFile, load_client_dir};
+use fedhubert_train::{Heldout, HubertClients, LocalTrainer, RunFile, load_client_dir};
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
@@ -38,6 +38,11 @@ pub struct Args {
     /// Continue from the checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
+    /// A client-layout folder (manifest, features, labels from `kmeans --codebook`) of speakers
+    /// no client has: the server evaluates the global model on all of it after every round (or
+    /// every logged step when centralized), as `server_eval` in metrics.jsonl.
+    #[arg(long, value_name = "DIR")]
+    pub heldout: Option<PathBuf>,
     /// cpu, or cuda[:N] when built with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -68,6 +73,8 @@ pub struct PretrainRequest {
     pub steps: u64,
     /// Continue from the checkpoint in `out`.
     pub resume: bool,
+    /// Unseen-speaker folder the server evaluates on.
+    pub heldout: Option<PathBuf>,
     pub run_file: RunFile,
     pub device: Device,
 }
@@ -167,6 +174,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         out: args.out,
         steps: args.steps,
         resume: args.resume,
+        heldout: args.heldout,
         run_file: rf,
         device: dev,
     };
@@ -179,21 +187,42 @@ pub fn pretrain(req: &PretrainRequest) -> anyhow::Result<PretrainOutcome> {
     std::fs::create_dir_all(&req.out).with_context(|| format!("creating {}", req.out.display()))?;
     Ok(match req.mode {
         PretrainMode::Centralized => PretrainOutcome::Centralized(centralized(req, rf, dev)?),
-        PretrainMode::Federated => {
-            PretrainOutcome::Federated(federated(&req.clients, &req.out, rf, dev, req.resume)?)
-        }
+        PretrainMode::Federated => PretrainOutcome::Federated(federated(req, rf, dev)?),
     })
+}
+
+/// The `--heldout` folder, loaded.
+fn load_heldout(req: &PretrainRequest, rf: &RunFile) -> anyhow::Result<Option<Heldout>> {
+    let Some(dir) = &req.heldout else {
+        return Ok(None);
+    };
+    let h = Heldout::load(dir, &rf.pretraining.label_stem)
+        .with_context(|| format!("--heldout {}", dir.display()))?;
+    println!(
+        "held-out evaluation: {} utterances from {} (majority-cluster rate {:.3})",
+        h.utts.len(),
+        dir.display(),
+        h.majority_rate
+    );
+    Ok(Some(h))
+}
+
+/// ` | held-out acc_masked A (majority M)` for a round's line, empty without a held-out set.
+fn heldout_text(m: &std::collections::BTreeMap<String, f64>) -> String {
+    match (m.get("acc_masked"), m.get("majority_rate")) {
+        (Some(a), Some(maj)) => format!(" | held-out acc_masked {a:.3} (majority {maj:.3})"),
+        _ => String::new(),
+    }
 }
 
 /// Runs the federated simulation and exports the final model; returns the summary it writes.
 fn federated(
-    clients: &Path,
-    out: &Path,
+    req: &PretrainRequest,
     rf: &RunFile,
     dev: &Device,
-    resume: bool,
 ) -> anyhow::Result<FederatedSummary> {
-    let dirs = federated_clients(clients, rf.federated.run.num_clients)?;
+    let (out, resume) = (req.out.as_path(), req.resume);
+    let dirs = federated_clients(&req.clients, rf.federated.run.num_clients)?;
     let model_cfg = rf.model_config()?;
     let pre = rf.pretrain_config()?;
     let template = HubertForPretraining::new(&model_cfg, &pre, rf.federated.run.seed, dev)?;
@@ -217,6 +246,9 @@ fn federated(
         rf.sim_config(),
         dev.clone(),
     );
+    if let Some(h) = load_heldout(req, rf)? {
+        pool = pool.with_heldout(h);
+    }
     let t0 = Instant::now();
     let bar = crate::progress::bar(run_cfg.num_rounds, "rounds");
     let res = fedhubert_fl::run(
@@ -229,11 +261,12 @@ fn federated(
         |r: &RoundRecord| {
             bar.set_position(r.round);
             bar.suspend(|| println!(
-            "round {:>3}: train loss {:.4} acc_masked {:.3} | eval loss {} | clients {} ok, {} failed | up {:.2} MB down {:.2} MB | {:.1} s",
+            "round {:>3}: train loss {:.4} acc_masked {:.3} | eval loss {}{} | clients {} ok, {} failed | up {:.2} MB down {:.2} MB | {:.1} s",
             r.round,
             r.train.get("loss").copied().unwrap_or(f64::NAN),
             r.train.get("acc_masked").copied().unwrap_or(f64::NAN),
             r.eval.get("loss").map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+            heldout_text(&r.server_eval),
             r.participated.len(),
             r.failures.len(),
             r.bytes_up as f64 / 1e6,
@@ -272,8 +305,7 @@ fn centralized(
         valid.extend(data.valid);
     }
     let mut tcfg = rf.train_config()?;
-    tcfg.max_steps = args.steps;
-    tcfg.warmup_steps = (args.steps / 10).max(1);
+    tcfg.lr_schedule = rf.lr_schedule(Some(args.steps))?;
     let model = HubertForPretraining::new(
         &rf.model_config()?,
         &rf.pretrain_config()?,
@@ -297,21 +329,40 @@ fn centralized(
     let bar = crate::progress::bar(args.steps, "steps");
     bar.set_position(start);
     let seed = rf.federated.run.seed;
+    let heldout = load_heldout(args, rf)?;
     let every = 50.max(args.steps / 20);
     let mut k = start;
     while k < args.steps {
         let n = every.min(args.steps - k);
-        let m = tr.train(&train, k, n, None, seed, None, |_, m| {
-            bar.inc(1);
-            bar.set_message(format!("loss {:.3} acc_masked {:.3}", m.loss, m.acc_masked));
-        })?;
+        let schedule = tr.cfg.clone();
+        let m = tr.train(
+            &train,
+            k,
+            n,
+            |k| schedule.lr_at(k),
+            seed,
+            None,
+            |_, m| {
+                bar.inc(1);
+                bar.set_message(format!("loss {:.3} acc_masked {:.3}", m.loss, m.acc_masked));
+            },
+        )?;
         k += n;
         let ev = tr.evaluate(&valid, seed)?;
-        let line = serde_json::json!({"step": k, "train": m, "valid": ev});
+        let server_eval = match &heldout {
+            Some(h) => h.evaluate(&tr.model, &tr.cfg.batch, tr.cfg.seed)?,
+            None => Default::default(),
+        };
+        let line =
+            serde_json::json!({"step": k, "train": m, "valid": ev, "server_eval": server_eval});
         bar.suspend(|| {
             println!(
-                "step {k}: train loss {:.4} acc_masked {:.3} | valid loss {:.4} acc_masked {:.3}",
-                m.loss, m.acc_masked, ev.loss, ev.acc_masked
+                "step {k}: train loss {:.4} acc_masked {:.3} | valid loss {:.4} acc_masked {:.3}{}",
+                m.loss,
+                m.acc_masked,
+                ev.loss,
+                ev.acc_masked,
+                heldout_text(&server_eval)
             )
         });
         lines.push_str(&line.to_string());

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use fedhubert_eval::{
     FinetuneConfig, HeadConfig, HeadKind, LoadConfig, ProbeConfig, ProbeReport, SplitConfig,
-    UpstreamSpec, load_labelled_dir, load_upstream, upstream::arch_config, write_report,
+    Upstream, UpstreamSpec, load_labelled_dir, load_upstream, upstream::arch_config, write_report,
 };
 use fedhubert_model::{Device, HubertConfig};
 
@@ -15,7 +15,8 @@ use crate::common::{bundled, device};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A fedhubert checkpoint file (model.safetensors from `pretrain`), an exported HuggingFace
-    /// directory, or `random` (untrained, see --arch / --config).
+    /// directory, `random` (untrained, see --arch / --config), or a non-learned acoustic
+    /// baseline: `mfcc` (the 39-dim MFCC k-means clusters) or `fbank` (80-dim log-mel).
     #[arg(long)]
     pub upstream: String,
     /// `speech-commands` (speaker-disjoint split from HASH_nohash_N names) or `folder` (any
@@ -59,12 +60,22 @@ pub struct Args {
     /// tested once). 0 = off.
     #[arg(long, default_value_t = 0)]
     pub folds: usize,
+    /// `each`: also probe every hidden state alone and report its accuracy (`weighted`, the
+    /// default: only the learned weighted sum of all layers).
+    #[arg(long, value_enum, default_value = "weighted")]
+    pub layers: LayersArg,
     /// Clips per upstream forward pass during extraction.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
     /// cpu, or cuda[:N] when built with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayersArg {
+    Weighted,
+    Each,
 }
 
 /// One probe: which upstream, on which clips, how.
@@ -134,6 +145,7 @@ impl TryFrom<&Args> for ProbeRequest {
         cfg.head.patience = args.patience;
         cfg.extract_batch = args.batch;
         cfg.folds = args.folds;
+        cfg.per_layer = args.layers == LayersArg::Each;
         cfg.finetune = args.finetune.then(|| FinetuneConfig {
             epochs: args.finetune_epochs,
             upstream_lr: args.finetune_lr,
@@ -153,7 +165,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// Loads the upstream and the clips, probes and writes the report into `out`.
 pub fn probe(req: &ProbeRequest) -> anyhow::Result<ProbeReport> {
-    let upstream = load_upstream(&req.upstream, &req.device)?;
+    let model;
+    let upstream = match &req.upstream {
+        UpstreamSpec::Acoustic(a) => Upstream::Acoustic(*a),
+        spec => {
+            model = load_upstream(spec, &req.device)?;
+            Upstream::Hubert(&model)
+        }
+    };
     let data = load_labelled_dir(&req.data, &LoadConfig::default())?;
     println!(
         "data {}: {} clips, {} classes, {:.0} s{}",
@@ -167,7 +186,7 @@ pub fn probe(req: &ProbeRequest) -> anyhow::Result<ProbeReport> {
             ""
         }
     );
-    let r = fedhubert_eval::probe(&upstream, &data, &req.config)?;
+    let r = fedhubert_eval::probe(upstream, &data, &req.config)?;
     write_report(&r, &req.out)?;
     Ok(r)
 }
@@ -216,6 +235,18 @@ pub fn print_report(r: &ProbeReport, out: &Path) {
     }
     let w: Vec<String> = r.layer_weights.iter().map(|w| format!("{w:.3}")).collect();
     println!("layer weights [{}]", w.join(", "));
+    for l in &r.per_layer {
+        println!(
+            "layer {:>2} alone: test accuracy {:.3}  valid {:.3}{}",
+            l.layer,
+            l.test_accuracy,
+            l.valid_accuracy,
+            match (l.cv_accuracy, l.cv_fold_std) {
+                (Some(a), Some(s)) => format!("  cross-validated {a:.3} (fold std {s:.3})"),
+                _ => String::new(),
+            }
+        );
+    }
     if let Some(f) = &r.finetune {
         println!(
             "fine-tuned ({} steps, lr {}): test accuracy {:.3}  valid {:.3}  ({:.0} s)",
