@@ -75,19 +75,19 @@ fn quick_demo_runs_and_resumes() {
         &std::fs::read_to_string(out.path().join("report/summary.json")).unwrap(),
     )
     .unwrap();
-    for m in ["teacher", "student", "random"] {
+    for m in ["teacher", "student", "random", "mfcc"] {
         let acc = report["probe"][m]["cv_accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&acc), "{m}: {acc}");
     }
     let md = std::fs::read_to_string(out.path().join("report/report.md")).unwrap();
     assert!(
-        md.contains("| random |") && md.contains("server-side distillation"),
+        md.contains("| random |") && md.contains("| mfcc |") && md.contains("server-side distillation"),
         "{md}"
     );
     assert!(text.contains("speech commands"), "{text}");
     let second = run();
     let text = String::from_utf8_lossy(&second.stdout);
     assert!(second.status.success());
-    // prepare, features, kmeans, pretrain, distill and the three probes.
-    assert_eq!(text.matches("already done").count(), 8, "{text}");
+    // prepare, features, kmeans, pretrain, distill and the four probes.
+    assert_eq!(text.matches("already done").count(), 9, "{text}");
 }

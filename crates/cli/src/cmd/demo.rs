@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use fedhubert_distill::DistillRunFile;
 use fedhubert_distill::config::Mode;
-use fedhubert_eval::UpstreamSpec;
+use fedhubert_eval::{AcousticFeature, UpstreamSpec};
 use fedhubert_features::ExtractOptions;
 use fedhubert_model::HubertConfig;
 use fedhubert_train::RunFile;
@@ -282,18 +282,20 @@ fn distill_stage(args: &Args) -> anyhow::Result<DistillOutcome> {
     distill(&req)
 }
 
-/// The teacher, the student and the teacher's architecture untrained (the baseline pretraining
-/// must beat), each probed on the bundled speech commands.
+/// The teacher, the student, the teacher's architecture untrained and the MFCC features the
+/// k-means clusters (the baselines pretraining must beat), each probed on the bundled speech
+/// commands.
 fn probe_stages(args: &Args, st: &mut Stages) -> anyhow::Result<Vec<(&'static str, ProbeRow)>> {
     let commands = bundled("assets/speech-commands-sample")?;
     let out = &args.out;
     let mut probes = Vec::new();
-    for name in ["teacher", "student", "random"] {
+    for name in ["teacher", "student", "random", "mfcc"] {
         let dir = out.join("probe").join(name);
         let row = st.run(&format!("probe-{name}"), || {
             let upstream = match name {
                 "teacher" => UpstreamSpec::HfDir(out.join("pretrain/hf")),
                 "student" => UpstreamSpec::HfDir(out.join("distill/hf")),
+                "mfcc" => UpstreamSpec::Acoustic(AcousticFeature::Mfcc),
                 _ => {
                     let cfg = out.join("pretrain/hf/config.json");
                     UpstreamSpec::Random {

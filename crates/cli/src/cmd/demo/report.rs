@@ -150,18 +150,27 @@ fn copy_outputs(report: &Path, out: &Path, r: &Results) -> anyhow::Result<()> {
 }
 
 /// Whether the teacher beats its random-init baseline, cross-validated.
-fn verdict(t: f64, r: f64) -> String {
-    if t > r {
+fn verdict(t: f64, r: f64, mfcc: f64) -> String {
+    let random = if t > r {
         format!(
-            "Cross-validated, the federated-pretrained teacher beats its random-init baseline by {:.1} points.",
+            "Cross-validated, the federated-pretrained teacher beats its random-init baseline by {:.1} points",
             (t - r) * 100.0
         )
     } else {
         format!(
-            "Cross-validated, the federated-pretrained teacher does NOT beat its random-init baseline here ({:.1} points behind): this run pretrains a tiny model for a few minutes on 6 minutes of audio, far from enough to learn better-than-random features; scale up with --config.",
+            "Cross-validated, the federated-pretrained teacher does NOT beat its random-init baseline here ({:.1} points behind)",
             (r - t) * 100.0
         )
-    }
+    };
+    let acoustic = if t > mfcc {
+        format!("and the plain MFCC features by {:.1} points.", (t - mfcc) * 100.0)
+    } else {
+        format!(
+            "and does NOT beat the plain MFCC features ({:.1} points behind): this run pretrains a tiny model for a few minutes on 6 minutes of audio, far from enough to learn features better than the acoustics it is trained to predict; scale up with --config.",
+            (mfcc - t) * 100.0
+        )
+    };
+    format!("{random}, {acoustic}")
 }
 
 /// `report.md`'s data and models sections.
@@ -215,7 +224,7 @@ fn markdown(r: &Results, rows: &[StageRow]) -> String {
             .and_then(|(_, r)| r.cv_accuracy)
             .unwrap_or(f64::NAN)
     };
-    let (t, st, rnd) = (acc("teacher"), acc("student"), acc("random"));
+    let (t, st, rnd, mfcc) = (acc("teacher"), acc("student"), acc("random"), acc("mfcc"));
     let probe0 = &probes[0].1;
     let mut md = models_md(r);
     md += &format!(
@@ -234,7 +243,7 @@ fn markdown(r: &Results, rows: &[StageRow]) -> String {
             fmt(r.majority_baseline)
         );
     }
-    md += &format!("\n{} Student: {:.3}.\n\n", verdict(t, rnd), st);
+    md += &format!("\n{} Student: {:.3}.\n\n", verdict(t, rnd, mfcc), st);
     for (name, _) in probes {
         md += &format!("![{name} confusion](probe_{name}_confusion.png) ");
     }
