@@ -36,6 +36,12 @@ OVERRIDES = [
     "pretraining.local_steps=3",
     f"federated.num_rounds={ROUNDS}",
     "federated.seed=7",
+    # A schedule that does not depend on the run's length, so the run stopped after round 1
+    # (num_rounds=1) and resumed is the native 2-round run; the warm-up ends inside round 1,
+    # so the per-step rates still travel and are applied through Flower.
+    "pretraining.lr_schedule=fixed",
+    "pretraining.warmup_updates=2",
+    "pretraining.warmup_rounds=null",
 ]
 STARTUP_S = 60
 RUN_S = 900
@@ -417,6 +423,10 @@ KD_OVERRIDES = [
     f"federated.num_rounds={KD_ROUNDS}",
     "federated.seed=3",
     "pretraining.local_steps=2",
+    # Independent of the run's length (see OVERRIDES).
+    "pretraining.lr_schedule=fixed",
+    "pretraining.warmup_updates=1",
+    "pretraining.warmup_rounds=null",
     "distillation.server_steps=3",
     # DistilHuBERT prediction heads: server-only weights that must survive the resume.
     "distillation.pred_weight=1.0",

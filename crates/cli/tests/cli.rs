@@ -401,3 +401,78 @@ fn distill_mvq_from_precomputed_codes() {
     ]);
     assert!(err.contains("no-such-codes.u8"), "{err}");
 }
+
+/// The server-side set (client_3, never trained on with --num-clients 3) relabelled with the
+/// fixture's codebook by `kmeans --codebook` gets the labels the fit gave it, and `pretrain
+/// --heldout` evaluates every round's global model on it.
+#[test]
+fn heldout_speakers_are_labelled_with_the_codebook_and_evaluated_every_round() {
+    let f = fixture();
+    let s = |x: &Path| x.to_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let held = dir.path().join("held");
+    std::fs::create_dir_all(held.join("client_3")).unwrap();
+    let parts = f.path.join("parts");
+    std::fs::copy(parts.join("partition.json"), held.join("partition.json")).unwrap();
+    for name in ["manifest.csv", "mfcc.npy", "mfcc.len"] {
+        std::fs::copy(
+            parts.join("client_3").join(name),
+            held.join("client_3").join(name),
+        )
+        .unwrap();
+    }
+    ok(&[
+        "kmeans",
+        "--clients",
+        &s(&held),
+        "--codebook",
+        &s(&f.path.join("km/codebook.safetensors")),
+        "--out",
+        &s(&dir.path().join("km")),
+    ]);
+    for name in ["km.npy", "km.len"] {
+        assert_eq!(
+            std::fs::read(held.join("client_3").join(name)).unwrap(),
+            std::fs::read(parts.join("client_3").join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    let out = dir.path().join("run");
+    let text = ok(&[
+        "pretrain",
+        "--simulation",
+        "--config",
+        "configs/tiny.yaml",
+        "--clients",
+        &s(&parts),
+        "--out",
+        &s(&out),
+        "--num-clients",
+        "3",
+        "--num-rounds",
+        "2",
+        "--heldout",
+        &s(&held.join("client_3")),
+        "--set",
+        "pretraining.vocab_size=20",
+        "--set",
+        "pretraining.local_steps=2",
+    ]);
+    assert!(text.contains("held-out acc_masked"), "{text}");
+    let lines = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let recs: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 2);
+    for r in &recs {
+        let acc = r["server_eval"]["acc_masked"].as_f64().unwrap();
+        let maj = r["server_eval"]["majority_rate"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc) && maj > 0.0 && maj < 1.0, "{r}");
+    }
+    // warmup_rounds 1 of 2, 2 updates a round: fairseq's rates for updates 0..4 with a warm-up
+    // of 2 are p/2, p/2 (warm-up), p, p/2 (decay to 0 at update 4).
+    let lr = |r: &serde_json::Value| (r["lr"][0].as_f64().unwrap(), r["lr"][1].as_f64().unwrap());
+    assert_eq!(lr(&recs[0]), (1e-3, 1e-3));
+    assert_eq!(lr(&recs[1]), (2e-3, 1e-3));
+}

@@ -81,7 +81,9 @@ fn quick_demo_runs_and_resumes() {
     }
     let md = std::fs::read_to_string(out.path().join("report/report.md")).unwrap();
     assert!(
-        md.contains("| random |") && md.contains("| mfcc |") && md.contains("server-side distillation"),
+        md.contains("| random |")
+            && md.contains("| mfcc |")
+            && md.contains("server-side distillation"),
         "{md}"
     );
     assert!(text.contains("speech commands"), "{text}");

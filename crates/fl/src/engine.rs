@@ -202,7 +202,7 @@ impl RoundEngine {
         let here = told(&cfg);
         if let Some(theirs) = ck.clients.as_ref().filter(|c| **c != here) {
             return Err(FlError::Config(format!(
-                "the checkpoint's clients were told {theirs} but this run tells them {here} (learning rate, local work, proximal_mu, frozen tensors, compression)"
+                "the checkpoint's clients were told {theirs} but this run tells them {here} (learning rate and its schedule, local work, proximal_mu, frozen tensors, compression; a polynomial_decay schedule spans num_rounds, so a resume with another num_rounds changes it: keep num_rounds, or use lr_schedule: fixed)"
             )));
         }
         if ck.seed != cfg.seed {

@@ -163,7 +163,10 @@ fn verdict(t: f64, r: f64, mfcc: f64) -> String {
         )
     };
     let acoustic = if t > mfcc {
-        format!("and the plain MFCC features by {:.1} points.", (t - mfcc) * 100.0)
+        format!(
+            "and the plain MFCC features by {:.1} points.",
+            (t - mfcc) * 100.0
+        )
     } else {
         format!(
             "and does NOT beat the plain MFCC features ({:.1} points behind): this run pretrains a tiny model for a few minutes on 6 minutes of audio, far from enough to learn features better than the acoustics it is trained to predict; scale up with --config.",

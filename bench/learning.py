@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""The learning benchmark (BENCHMARKS.md, "Learning benchmark"): does pretraining learn
+representations that transfer, federated as well as centralized?
+
+    python3 bench/learning.py --data ../shared/data/librispeech-sample --out runs/learning
+
+1. `prepare` splits DATA by speaker into 12 duration-balanced parts: 10 are the federated clients
+   (the centralized arm pools them), 2 (about 15% of the speakers) are merged into an
+   unseen-speaker set no arm ever trains on.
+2. `features` (39-dim MFCC) everywhere; one federated k-means codebook (k = 100) over the 10
+   clients; `kmeans --codebook` labels the unseen speakers with it.
+3. Arms at equal compute (bench/learning.yaml: the same model, codebook, schedule and number of
+   local updates): centralized; FedAvg over the 10 speaker clients; FedAdam. Every arm is a
+   resumable run: rerunning the script continues where it stopped (`--resume`).
+   After every round (every logged step for centralized) the server evaluates masked-prediction
+   accuracy on the unseen speakers beside their majority-cluster rate.
+4. Downstream: the bundled speech commands, 5-fold speaker-disjoint, weighted layer sum and
+   every layer alone, for each arm, random init, and the MFCC / fbank baselines.
+5. Writes OUT/learning.md (the tables) and OUT/learning.png (unseen-speaker masked accuracy
+   against local updates for every arm).
+
+Plots with matplotlib from .venv-bench (created as bench/pytorch_reference.py does).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV = REPO / ".venv-bench"
+CONFIG = REPO / "bench" / "learning.yaml"
+NUM_CLIENTS = 10
+HELDOUT_PARTS = 2
+K = 100
+ARMS = {
+    "centralized": ["--centralized"],
+    "fedavg": ["--simulation"],
+    "fedadam": ["--simulation", "--strategy", "fedadam",
+                "--set", "federated.eta=0.01", "--set", "federated.tau=0.001"],
+}
+
+
+def ensure_venv():
+    if Path(sys.prefix).resolve() == VENV.resolve():
+        return
+    py = VENV / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    if subprocess.run([str(py), "-c", "import matplotlib"], capture_output=True).returncode:
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "matplotlib"], check=True)
+    os.execv(str(py), [str(py), *sys.argv])
+
+
+def sh(bin_, *args, log=None):
+    cmd = [str(bin_), *map(str, args)]
+    print("+", " ".join(cmd), flush=True)
+    with open(log, "a") if log else open(os.devnull, "w") as f:
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        f.write(r.stdout)
+    if r.returncode:
+        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-3000:]}")
+    return r.stdout
+
+
+def done(marker: Path) -> bool:
+    return marker.is_file()
+
+
+def prepare(fh, data: Path, out: Path):
+    """Partition, features, federated k-means, unseen speakers labelled with the codebook."""
+    part, held = out / "partition", out / "heldout"
+    if done(out / "data.done"):
+        return part, held / "client_heldout"
+    for d in (part, held, out / "km", out / "km_heldout"):
+        shutil.rmtree(d, ignore_errors=True)
+    n = NUM_CLIENTS + HELDOUT_PARTS
+    sh(fh, "prepare", "--data", data, "--out", part, "--num-clients", n, "--partition", "speaker")
+    sh(fh, "features", "--clients", part)
+    target = held / "client_heldout"
+    target.mkdir(parents=True)
+    shutil.copy(part / "partition.json", held / "partition.json")
+    rows, header = [], None
+    for c in range(NUM_CLIENTS, n):
+        src = part / f"client_{c}"
+        lines = (src / "manifest.csv").read_text().splitlines()
+        header = lines[0]
+        rows += lines[1:]
+        shutil.rmtree(src)
+    (target / "manifest.csv").write_text("\n".join([header, *rows]) + "\n")
+    sh(fh, "features", "--clients", held)
+    sh(fh, "kmeans", "--clients", part, "--mode", "federated", "--k", K, "--out", out / "km")
+    sh(fh, "kmeans", "--clients", held, "--codebook", out / "km" / "codebook.safetensors",
+       "--out", out / "km_heldout")
+    (out / "data.done").write_text("ok\n")
+    return part, target
+
+
+def updates_per_arm():
+    text = CONFIG.read_text()
+    get = lambda key: int(next(l.split(":")[1].split("#")[0] for l in text.splitlines()
+                               if l.strip().startswith(key + ":")))
+    return get("num_rounds") * get("local_steps") * get("num_clients")
+
+
+def train(fh, out: Path, part: Path, heldout: Path, arm: str, steps: int):
+    run = out / arm
+    if done(run / "arm.done"):
+        return
+    resume = (run / "checkpoint.safetensors").is_file() or (run / "trainer.safetensors").is_file()
+    t0 = time.time()
+    sh(fh, "pretrain", "--config", CONFIG, "--clients", part, "--out", run, "--heldout", heldout,
+       "--steps", steps, *ARMS[arm], *(["--resume"] if resume else []), log=out / f"{arm}.log")
+    (run / "arm.done").write_text(json.dumps({"wall_s_last_session": time.time() - t0}) + "\n")
+
+
+def probe(fh, out: Path, name: str, upstream):
+    dest = out / "probe" / name
+    if not (dest / "probe.json").is_file():
+        args = ["probe", "--upstream", upstream, "--folds", 5, "--layers", "each", "--out", dest]
+        if upstream == "random":
+            args += ["--config", out / "centralized" / "hf" / "config.json"]
+        sh(fh, *args, log=out / "probe.log")
+    return json.loads((dest / "probe.json").read_text())
+
+
+def curve(out: Path, arm: str, clients: int):
+    """(local updates so far, held-out masked accuracy, majority rate) per evaluation."""
+    pts = []
+    for line in (out / arm / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        ev = r.get("server_eval") or {}
+        if "acc_masked" not in ev:
+            continue
+        if "round" in r:  # federated: every client made local_steps updates this round
+            x = r["round"] * clients * r_local_steps()
+        else:
+            x = r["step"]
+        pts.append((x, ev["acc_masked"], ev["majority_rate"], ev.get("loss_masked")))
+    return pts
+
+
+def r_local_steps():
+    text = CONFIG.read_text()
+    return int(next(l.split(":")[1].split("#")[0] for l in text.splitlines()
+                    if l.strip().startswith("local_steps:")))
+
+
+def report(out: Path, probes: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {a: curve(out, a, NUM_CLIENTS) for a in ARMS}
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    majority = None
+    for arm, pts in curves.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=arm)
+            majority = pts[-1][2]
+    if majority is not None:
+        ax.axhline(majority, color="grey", linestyle="--", label="majority-cluster rate")
+    ax.set_xlabel("local updates (all clients together)")
+    ax.set_ylabel("masked accuracy, unseen speakers")
+    ax.set_title("Masked prediction on held-out speakers (k = %d MFCC clusters)" % K)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "learning.png")
+
+    md = ["| arm | updates | unseen-speaker masked acc (last) | majority rate |", "|---|---:|---:|---:|"]
+    for arm, pts in curves.items():
+        if pts:
+            md.append(f"| {arm} | {pts[-1][0]} | {pts[-1][1]:.3f} | {pts[-1][2]:.3f} |")
+    md += ["", "| upstream | 5-fold accuracy | fold std | best layer (5-fold) | per layer (5-fold) |",
+           "|---|---:|---:|---|---|"]
+    for name, r in probes.items():
+        cv = r["cross_validation"]
+        layers = [(l["layer"], l["cv_accuracy"]) for l in r.get("per_layer", [])]
+        best = max(layers, key=lambda x: x[1]) if layers else None
+        md.append("| %s | %.3f | %.3f | %s | %s |" % (
+            name, cv["accuracy"], cv["fold_std"],
+            f"{best[0]}: {best[1]:.3f}" if best else "-",
+            ", ".join(f"{a:.3f}" for _, a in layers)))
+    (out / "learning.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def main():
+    ensure_venv()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, required=True, help="LibriSpeech-layout folder")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--bin", type=Path, default=REPO / "target" / "release" / "fedhubert",
+                    help="the fedhubert binary (cargo build --release -p fedhubert-cli)")
+    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    args = ap.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    fh = args.bin.resolve()
+    part, heldout = prepare(fh, args.data.resolve(), out)
+    for arm in args.arms:
+        train(fh, out, part, heldout, arm, updates_per_arm())
+    probes = {arm: probe(fh, out, arm, out / arm / "hf") for arm in args.arms}
+    probes["random"] = probe(fh, out, "random", "random")
+    probes["mfcc"] = probe(fh, out, "mfcc", "mfcc")
+    probes["fbank"] = probe(fh, out, "fbank", "fbank")
+    report(out, probes)
+
+
+if __name__ == "__main__":
+    main()
