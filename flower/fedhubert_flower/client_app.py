@@ -60,7 +60,10 @@ def _client(context: Context, run_file: str) -> tuple[fedhubert.Client, Path]:
     key = (str(part), run_file)
     if key not in _CLIENTS:
         _CLIENTS.clear()
-        _CLIENTS[key] = fedhubert.Client(str(part), run_file)
+        # `state-dir`: the node's own folder for what it keeps between rounds (the optimizer
+        # moments of `local_optimizer_state: keep`), never the data partition.
+        state = context.node_config.get("state-dir")
+        _CLIENTS[key] = fedhubert.Client(str(part), run_file, str(state) if state else None)
     return _CLIENTS[key], part
 
 

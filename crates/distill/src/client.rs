@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use burn::tensor::Device;
 use fedhubert_fl::{ClientInstructions, ClientPool, EvalRes, FitRes, Weights};
-use fedhubert_train::client::{eval_reply, fit_reply, local_updates};
+use fedhubert_train::client::{KeptOptimizers, eval_reply, fit_reply, local_updates};
 use fedhubert_train::{ClientCache, ClientData, SimConfig};
 
 use crate::codes::CodeTable;
@@ -23,6 +23,7 @@ pub struct DistillClients {
     parts: DistillParts,
     sim: SimConfig,
     device: Device,
+    kept: KeptOptimizers,
 }
 
 impl DistillClients {
@@ -41,6 +42,7 @@ impl DistillClients {
             parts,
             sim,
             device,
+            kept: KeptOptimizers::default(),
         }
     }
 
@@ -91,6 +93,7 @@ impl ClientPool for DistillClients {
         let data = self.data(c)?;
         let mut tr = self.trainer(c, global)?;
         let work = &cfg.settings;
+        self.kept.start(c, work, &mut tr.opt);
         let steps = local_updates(
             work.local,
             &data.train,
@@ -108,7 +111,19 @@ impl ClientPool for DistillClients {
                 |_, _| {},
             )
             .map_err(|e| e.to_string())?;
+        self.kept.finish(c, &cfg.settings, &tr.opt);
         Ok(fit_reply(c, tr.model.weights(), &m))
+    }
+
+    fn client_state(&self) -> std::collections::BTreeMap<String, Weights> {
+        self.kept.to_state()
+    }
+
+    fn restore_client_state(
+        &mut self,
+        state: std::collections::BTreeMap<String, Weights>,
+    ) -> Result<(), String> {
+        self.kept.restore(state)
     }
 
     fn evaluate(

@@ -279,6 +279,7 @@ impl RoundEngine {
             history: self.history.clone(),
             synced: self.synced.clone(),
             clients: Some(told(&self.cfg)),
+            client_state: BTreeMap::new(),
         })
     }
 

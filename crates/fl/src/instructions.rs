@@ -39,6 +39,21 @@ pub struct ClientSettings {
     /// FedProx: clients add `proximal_mu/2 * ||w - w_global||^2` to their loss (0: off). A
     /// client setting that composes with any strategy, not a strategy of its own.
     pub proximal_mu: f32,
+    /// Whether a client's local optimizer moments survive from one round to its next.
+    #[serde(default)]
+    pub local_optimizer_state: LocalOptimizerState,
+}
+
+/// A client's local AdamW state between rounds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalOptimizerState {
+    /// Fresh moments every round (FedAvg as McMahan et al. and Flower's examples run it).
+    #[default]
+    Reset,
+    /// A client continues from the moments it ended its previous round with (its step count
+    /// too, so bias correction continues); they never leave the client.
+    Keep,
 }
 
 impl Default for ClientSettings {
@@ -48,6 +63,7 @@ impl Default for ClientSettings {
             lr_schedule: LrSchedule::default(),
             local: LocalWork::Epochs(1.0),
             proximal_mu: 0.0,
+            local_optimizer_state: LocalOptimizerState::Reset,
         }
     }
 }

@@ -29,8 +29,8 @@ pub use engine::{
     EvalRes, Exchange, ExchangeKind, Failure, Progress, Reply, RoundEngine, RoundRecord,
 };
 pub use instructions::{
-    ClientInstructions, ClientSettings, LocalWork, MESSAGE_FORMAT, Upload, UploadPlan,
-    prepare_upload,
+    ClientInstructions, ClientSettings, LocalOptimizerState, LocalWork, MESSAGE_FORMAT, Upload,
+    UploadPlan, prepare_upload,
 };
 pub use rounds::{ClientPool, RunConfig, RunResult, run};
 pub use schedule::{LrSchedule, UpdateWindow};

@@ -44,6 +44,15 @@ pub trait ClientPool {
     ) -> Option<Result<BTreeMap<String, f64>, String>> {
         None
     }
+    /// What the simulated clients keep between rounds (e.g. `local_optimizer_state: keep`), by
+    /// client, saved in each round checkpoint so a resume is exact.
+    fn client_state(&self) -> BTreeMap<String, Weights> {
+        BTreeMap::new()
+    }
+    /// Restores [`Self::client_state`] from the checkpoint a run resumes from.
+    fn restore_client_state(&mut self, _state: BTreeMap<String, Weights>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -162,7 +171,9 @@ pub fn run(
         let dir =
             out_dir.ok_or_else(|| FlError::Config("--resume needs an output folder".into()))?;
         let path = checkpoint_path(dir);
-        let ck = load_checkpoint(&path)?;
+        let mut ck = load_checkpoint(&path)?;
+        pool.restore_client_state(std::mem::take(&mut ck.client_state))
+            .map_err(|why| FlError::Config(format!("{}: client state: {why}", path.display())))?;
         let e =
             RoundEngine::resume(cfg.clone(), strategy, initial, n, ck).map_err(|e| match e {
                 FlError::Config(why) => FlError::Config(format!("{}: {why}", path.display())),
@@ -193,7 +204,9 @@ pub fn run(
                 rec = engine.record_server_eval(m);
             }
             if let Some(dir) = out_dir {
-                save_round(dir, &engine.checkpoint()?)?;
+                let mut ck = engine.checkpoint()?;
+                ck.client_state = pool.client_state();
+                save_round(dir, &ck)?;
             }
             on_round(&rec);
         }

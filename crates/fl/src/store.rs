@@ -28,6 +28,8 @@ pub struct Checkpoint {
     /// What the clients were told (settings and upload plan) as JSON; None in checkpoints older
     /// than this field.
     pub clients: Option<String>,
+    /// What simulated clients keep between rounds (`ClientPool::client_state`), by client.
+    pub client_state: BTreeMap<String, Weights>,
 }
 
 pub fn checkpoint_path(dir: &Path) -> PathBuf {
@@ -53,6 +55,9 @@ pub fn save_checkpoint(path: &Path, ck: &Checkpoint) -> Result<(), FlError> {
     let mut groups: Vec<(String, &Weights)> = vec![("global/".into(), &ck.global)];
     for (k, w) in &ck.state {
         groups.push((format!("state.{k}/"), w));
+    }
+    for (k, w) in &ck.client_state {
+        groups.push((format!("client.{k}/"), w));
     }
     let gref: Vec<(&str, &Weights)> = groups.iter().map(|(p, w)| (p.as_str(), *w)).collect();
     let fmt = |e: serde_json::Error| FlError::format(path, e);
@@ -131,10 +136,15 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, FlError> {
     let global = groups
         .remove("global")
         .ok_or_else(|| bad("no global weights".into()))?;
-    let state = groups
-        .into_iter()
-        .filter_map(|(k, w)| k.strip_prefix("state.").map(|s| (s.to_string(), w)))
-        .collect();
+    let mut state = BTreeMap::new();
+    let mut client_state = BTreeMap::new();
+    for (k, w) in groups {
+        if let Some(s) = k.strip_prefix("state.") {
+            state.insert(s.to_string(), w);
+        } else if let Some(c) = k.strip_prefix("client.") {
+            client_state.insert(c.to_string(), w);
+        }
+    }
     Ok(Checkpoint {
         round,
         seed,
@@ -144,6 +154,7 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, FlError> {
         history,
         synced,
         clients: meta.get("clients").cloned(),
+        client_state,
     })
 }
 

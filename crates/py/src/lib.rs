@@ -32,7 +32,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-pub use client::{LocalClient, index_from_dir};
+pub use client::{LocalClient, NodeState, index_from_dir};
 pub use distill::{DistillServer, ServerDistillation, distill_run_file};
 pub use server::RoundServer;
 
@@ -231,11 +231,15 @@ struct Client {
 #[pymethods]
 impl Client {
     /// `partition`: a `client_K` folder (manifest.csv + labels); `run_file`: the server's JSON.
+    /// `state_dir`: the node's own folder for what it keeps between rounds (needed by
+    /// `local_optimizer_state: keep`).
     #[new]
-    fn new(partition: PathBuf, run_file: &str) -> PyResult<Self> {
+    #[pyo3(signature = (partition, run_file, state_dir = None))]
+    fn new(partition: PathBuf, run_file: &str, state_dir: Option<PathBuf>) -> PyResult<Self> {
         let rf = parse_run_file(run_file)?;
+        let state = state_dir.as_deref().map(NodeState::new).transpose()?;
         Ok(Self {
-            inner: Box::new(LocalClient::new(&partition, &rf)?),
+            inner: Box::new(LocalClient::new(&partition, &rf, state)?),
         })
     }
 

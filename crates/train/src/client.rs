@@ -6,13 +6,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::tensor::Device;
-use fedhubert_fl::{ClientInstructions, ClientPool, EvalRes, FitRes, LocalWork, Weights};
+use fedhubert_fl::{
+    ClientInstructions, ClientPool, ClientSettings, EvalRes, FitRes, LocalOptimizerState,
+    LocalWork, Weights,
+};
 use fedhubert_model::{HubertForPretraining, load_tensors};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::core::Reported;
+use crate::core::{AdamState, Reported};
 use crate::data::{BatchConfig, ClientData, Utt, epoch_batches, load_client_dir};
 use crate::trainer::{LocalTrainer, TrainConfig, evaluate_model};
 
@@ -163,6 +166,46 @@ impl Heldout {
     }
 }
 
+/// A client's AdamW state as host tensors: `m/NAME`, `v/NAME` and the step count `step`.
+pub fn adam_to_weights(opt: &AdamState) -> Weights {
+    let (m, v) = opt.moments();
+    let mut w = Weights::default();
+    for (prefix, part) in [("m/", m), ("v/", v)] {
+        w.tensors.extend(part.tensors.into_iter().map(|mut t| {
+            t.name = format!("{prefix}{}", t.name);
+            t
+        }));
+    }
+    // Two f32 halves: a step count above 2^24 must survive exactly.
+    let (hi, lo) = ((opt.step >> 24) as f32, (opt.step & 0xFF_FFFF) as f32);
+    w.tensors.push(fedhubert_io::Tensor {
+        name: "step".into(),
+        shape: vec![2],
+        data: vec![hi, lo],
+    });
+    w
+}
+
+/// The inverse of [`adam_to_weights`].
+pub fn adam_from_weights(w: Weights) -> Result<AdamState, String> {
+    let (mut m, mut v, mut step) = (Weights::default(), Weights::default(), None);
+    for mut t in w.tensors {
+        if t.name == "step" && t.data.len() == 2 {
+            step = Some(((t.data[0] as u64) << 24) | t.data[1] as u64);
+        } else if let Some(n) = t.name.strip_prefix("m/") {
+            t.name = n.to_string();
+            m.tensors.push(t);
+        } else if let Some(n) = t.name.strip_prefix("v/") {
+            t.name = n.to_string();
+            v.tensors.push(t);
+        } else {
+            return Err(format!("unexpected optimizer tensor `{}`", t.name));
+        }
+    }
+    let step = step.ok_or("no optimizer step count")?;
+    Ok(AdamState::from_moments(m, v, step))
+}
+
 /// Share of label frames that carry the most frequent label.
 pub fn majority_rate(utts: &[Utt]) -> f64 {
     let mut counts: HashMap<u32, usize> = HashMap::new();
@@ -181,6 +224,52 @@ pub struct HubertClients {
     sim: SimConfig,
     device: Device,
     heldout: Option<Heldout>,
+    kept: KeptOptimizers,
+}
+
+/// `local_optimizer_state: keep`: each client's AdamW state at the end of its last round, held
+/// by the simulation (and saved in its round checkpoints) as a node would hold its own.
+#[derive(Default)]
+pub struct KeptOptimizers(BTreeMap<usize, AdamState>);
+
+impl KeptOptimizers {
+    /// Client `c`'s state to start this round from: its kept one when `settings` say keep.
+    pub fn start(&self, c: usize, settings: &ClientSettings, opt: &mut AdamState) {
+        if let Some(kept) = self.0.get(&c).filter(|_| keeps(settings)) {
+            *opt = kept.clone();
+        }
+    }
+
+    /// Keeps client `c`'s state after its round when `settings` say keep.
+    pub fn finish(&mut self, c: usize, settings: &ClientSettings, opt: &AdamState) {
+        if keeps(settings) {
+            self.0.insert(c, opt.clone());
+        }
+    }
+
+    /// For [`ClientPool::client_state`].
+    pub fn to_state(&self) -> BTreeMap<String, Weights> {
+        (self.0.iter())
+            .map(|(c, opt)| (c.to_string(), adam_to_weights(opt)))
+            .collect()
+    }
+
+    /// For [`ClientPool::restore_client_state`].
+    pub fn restore(&mut self, state: BTreeMap<String, Weights>) -> Result<(), String> {
+        self.0.clear();
+        for (c, w) in state {
+            let c: usize = c
+                .parse()
+                .map_err(|_| format!("client `{c}` is not a number"))?;
+            let opt = adam_from_weights(w).map_err(|e| format!("client {c}: {e}"))?;
+            self.0.insert(c, opt);
+        }
+        Ok(())
+    }
+}
+
+fn keeps(settings: &ClientSettings) -> bool {
+    settings.local_optimizer_state == LocalOptimizerState::Keep
 }
 
 impl HubertClients {
@@ -199,6 +288,7 @@ impl HubertClients {
             sim,
             device,
             heldout: None,
+            kept: KeptOptimizers::default(),
         }
     }
 
@@ -230,6 +320,7 @@ impl ClientPool for HubertClients {
             .map_err(|e| e.to_string())?;
         tr.set_weights(global).map_err(|e| e.to_string())?;
         let work = &cfg.settings;
+        self.kept.start(c, work, &mut tr.opt);
         let steps = local_updates(
             work.local,
             &data.train,
@@ -248,6 +339,7 @@ impl ClientPool for HubertClients {
                 |_, _| {},
             )
             .map_err(|e| e.to_string())?;
+        self.kept.finish(c, &cfg.settings, &tr.opt);
         Ok(fit_reply(c, tr.weights(), &m))
     }
 
@@ -263,6 +355,14 @@ impl ClientPool for HubertClients {
                 load_tensors(self.template.clone(), global.clone()).map_err(|e| e.to_string())?;
             evaluate_model(&model, valid, &self.train.batch, cfg.seed).map_err(|e| e.to_string())
         })
+    }
+
+    fn client_state(&self) -> BTreeMap<String, Weights> {
+        self.kept.to_state()
+    }
+
+    fn restore_client_state(&mut self, state: BTreeMap<String, Weights>) -> Result<(), String> {
+        self.kept.restore(state)
     }
 
     fn evaluate_global(

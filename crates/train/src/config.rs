@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use fedhubert_fl::{
-    ClientSettings, Compression, LocalWork, LrSchedule, RunConfig, StrategyConfig, UploadPlan,
+    ClientSettings, Compression, LocalOptimizerState, LocalWork, LrSchedule, RunConfig,
+    StrategyConfig, UploadPlan,
 };
 use fedhubert_model::{HeadKind, HubertConfig, PretrainConfig};
 use serde::{Deserialize, Serialize};
@@ -164,6 +165,9 @@ pub struct PretrainingSection {
     /// Warm-up length in rounds; give this or `warmup_updates`. Without either, the HuBERT
     /// recipe's share: 8% of the run (32k of 400k updates).
     pub warmup_rounds: Option<u64>,
+    /// `reset` (fresh AdamW moments every round, the FedAvg default) or `keep` (each client
+    /// continues from its own moments of its previous round; they never leave it).
+    pub local_optimizer_state: LocalOptimizerState,
     pub clip_norm: f64,
     pub update_freq: usize,
     pub freeze_feature_extractor: bool,
@@ -200,6 +204,7 @@ impl Default for PretrainingSection {
             lr_schedule: LrScheduleKind::PolynomialDecay,
             warmup_updates: None,
             warmup_rounds: None,
+            local_optimizer_state: LocalOptimizerState::Reset,
             clip_norm: 10.0,
             update_freq: 1,
             freeze_feature_extractor: false,
@@ -480,6 +485,7 @@ impl RunFile {
                 lr_schedule: self.lr_schedule(None)?,
                 local,
                 proximal_mu: f.proximal_mu,
+                local_optimizer_state: p.local_optimizer_state,
             },
         })
     }
