@@ -68,14 +68,20 @@ impl Default for ClientSettings {
     }
 }
 
-impl ClientSettings {
+impl LocalWork {
     /// Global updates the server plans per round: the local steps, or with local epochs (whose
     /// step count only each client knows) one unit per round, so the schedule counts rounds.
-    pub fn updates_per_round(&self) -> u64 {
-        match self.local {
+    pub fn planned_updates(&self) -> u64 {
+        match *self {
             LocalWork::Steps(n) => n,
             LocalWork::Epochs(_) => 1,
         }
+    }
+}
+
+impl ClientSettings {
+    pub fn updates_per_round(&self) -> u64 {
+        self.local.planned_updates()
     }
 
     /// The learning rate of round `round`'s first and last planned update.

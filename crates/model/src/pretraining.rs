@@ -323,13 +323,18 @@ impl HubertForPretraining {
         batch: &PretrainBatch,
         rng: &mut R,
     ) -> Result<PretrainOutput, ModelError> {
-        let mask_cfg = MaskConfig {
-            require_same_masks: self.pretrain.require_same_masks,
-            ..MaskConfig::from_config(&self.hubert.config)
-        };
+        let mask_cfg = self.mask_config();
         self.forward_pretrain_with(batch, |b, t, lens| {
             compute_mask_indices(b, t, lens, &mask_cfg, rng)
         })
+    }
+
+    /// The span masking [`Self::forward_pretrain`] draws (the encoder config's `mask_time_*`).
+    pub fn mask_config(&self) -> MaskConfig {
+        MaskConfig {
+            require_same_masks: self.pretrain.require_same_masks,
+            ..MaskConfig::from_config(&self.hubert.config)
+        }
     }
 
     /// As [`Self::forward_pretrain`] with a caller-supplied mask function

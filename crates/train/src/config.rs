@@ -320,7 +320,7 @@ impl RunFile {
     pub fn lr_schedule(&self, centralized_steps: Option<u64>) -> Result<LrSchedule, TrainError> {
         let p = &self.pretraining;
         let rounds = self.federated.run.num_rounds;
-        let per_round = self.client_settings_local().1;
+        let per_round = self.local_work().planned_updates();
         let total = centralized_steps.unwrap_or(rounds * per_round);
         let warmup = match (p.warmup_updates, p.warmup_rounds) {
             (Some(_), Some(_)) => {
@@ -357,13 +357,13 @@ impl RunFile {
         Ok(schedule)
     }
 
-    /// What a round asks of a client locally, and the updates the server plans per round.
-    fn client_settings_local(&self) -> (LocalWork, u64) {
+    /// What a round asks of a client locally.
+    fn local_work(&self) -> LocalWork {
         let p = &self.pretraining;
         if p.local_steps > 0 {
-            (LocalWork::Steps(p.local_steps), p.local_steps)
+            LocalWork::Steps(p.local_steps)
         } else {
-            (LocalWork::Epochs(p.local_epochs as f64), 1)
+            LocalWork::Epochs(p.local_epochs as f64)
         }
     }
 
@@ -460,7 +460,7 @@ impl RunFile {
     pub fn run_config(&self) -> Result<RunConfig, TrainError> {
         let f = &self.federated.run;
         let p = &self.pretraining;
-        let (local, _) = self.client_settings_local();
+        let local = self.local_work();
         Ok(RunConfig {
             num_rounds: f.num_rounds,
             fraction_fit: f.client_fraction,

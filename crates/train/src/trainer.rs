@@ -10,7 +10,8 @@ use fedhubert_fl::LrSchedule;
 use fedhubert_io::Weights;
 use fedhubert_io::seeds::{self, mix};
 use fedhubert_model::{
-    HubertForPretraining, PretrainBatch, PretrainOutput, collect_tensors, load_tensors,
+    HubertForPretraining, PretrainBatch, PretrainOutput, collect_tensors, compute_mask_indices,
+    load_tensors,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -166,12 +167,27 @@ impl Reported for Metrics {
     }
 }
 
+/// What one micro-batch of a step was, exactly: utterances, crops, label windows and the mask
+/// drawn, so another implementation can train on the same batches (bench/pytorch_train_parity.py).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TracedBatch {
+    pub ids: Vec<String>,
+    /// Crop start of each utterance (samples) and the common crop length.
+    pub starts: Vec<usize>,
+    pub samples: usize,
+    pub labels: Vec<Vec<u32>>,
+    /// `[B][T]` over the label-aligned frames.
+    pub mask: Vec<Vec<bool>>,
+}
+
 /// A model on an autodiff device plus its optimizer state.
 pub struct LocalTrainer {
     pub model: HubertForPretraining,
     pub opt: AdamState,
     pub cfg: TrainConfig,
     device: Device,
+    /// When set, every step appends its micro-batches here (see [`TracedBatch`]).
+    pub trace: Option<Vec<Vec<TracedBatch>>>,
 }
 
 impl LocalTrainer {
@@ -194,6 +210,7 @@ impl LocalTrainer {
         Ok(Self {
             model,
             opt: AdamState::default(),
+            trace: None,
             cfg,
             device: ad,
         })
@@ -230,6 +247,7 @@ impl LocalTrainer {
             ..Default::default()
         };
         let mut counts = [0usize; 4];
+        let mut batches = Vec::new();
         let upd = Update {
             lr,
             seed,
@@ -251,7 +269,8 @@ impl LocalTrainer {
             &mut opt,
             &self.cfg,
             |model, utts, rng| {
-                let (out, loss, wav_len) = self.micro_loss(model, utts, lr, rng)?;
+                let (out, loss, wav_len, traced) = self.micro_loss(model, utts, lr, rng)?;
+                batches.push(traced);
                 m.loss += loss / n;
                 m.loss_masked += out.loss_masked / n;
                 let found = [
@@ -269,6 +288,9 @@ impl LocalTrainer {
         self.opt = opt;
         let (model, grad_norm) = result?;
         self.model = model;
+        if let Some(trace) = &mut self.trace {
+            trace.push(batches);
+        }
         let [cm, nm, cu, nu] = counts;
         m.acc_masked = cm as f64 / nm.max(1) as f64;
         m.acc_unmasked = cu as f64 / nu.max(1) as f64;
@@ -284,22 +306,33 @@ impl LocalTrainer {
         utts: &[&Utt],
         lr: f64,
         rng: &mut ChaCha8Rng,
-    ) -> Result<(PretrainOutput, f64, usize), TrainError> {
+    ) -> Result<(PretrainOutput, f64, usize, TracedBatch), TrainError> {
         let label_rate = model.pretrain.label_rate;
         let batch = make_batch(utts, self.cfg.batch.max_sample_size, label_rate, rng);
+        let mut traced = TracedBatch {
+            ids: utts.iter().map(|u| u.id.clone()).collect(),
+            starts: batch.starts.clone(),
+            samples: batch.wavs.first().map_or(0, Vec::len),
+            labels: batch.labels.clone(),
+            mask: vec![],
+        };
         let pb = PretrainBatch {
             waveform: self.batch_tensor(&batch.wavs, &self.device),
             sample_lengths: None,
             labels: batch.labels,
         };
-        let out = model.forward_pretrain(&pb, rng)?;
+        let mask_cfg = model.mask_config();
+        let out = model.forward_pretrain_with(&pb, |b, t, lens| {
+            traced.mask = compute_mask_indices(b, t, lens, &mask_cfg, rng);
+            traced.mask.clone()
+        })?;
         let loss_val = read_loss(&out.loss)?;
         if !loss_val.is_finite() {
             return Err(TrainError::Diverged(format!(
                 "loss is {loss_val} at lr {lr}"
             )));
         }
-        Ok((out, loss_val, pb.waveform.dims()[1]))
+        Ok((out, loss_val, pb.waveform.dims()[1], traced))
     }
 
     /// Runs `steps` updates over `utts` starting at global step `start` (epochs are reshuffled
