@@ -10,7 +10,8 @@ representations that transfer, federated as well as centralized?
 2. `features` (39-dim MFCC) everywhere; one federated k-means codebook (k = 100) over the 10
    clients; `kmeans --codebook` labels the unseen speakers with it.
 3. Arms at equal compute (bench/learning.yaml: the same model, codebook, schedule and number of
-   local updates): centralized; FedAvg over the 10 speaker clients; FedAdam. Every arm is a
+   local updates): centralized; FedAvg over the 10 speaker clients; FedAdam; FedAvg with
+   `local_optimizer_state: keep`. Every arm is a
    resumable run: rerunning the script continues where it stopped (`--resume`).
    After every round (every logged step for centralized) the server evaluates masked-prediction
    accuracy on the unseen speakers beside their majority-cluster rate.
@@ -42,6 +43,7 @@ ARMS = {
     "fedavg": ["--simulation"],
     "fedadam": ["--simulation", "--strategy", "fedadam",
                 "--set", "federated.eta=0.01", "--set", "federated.tau=0.001"],
+    "fedavg_keep": ["--simulation", "--set", "pretraining.local_optimizer_state=keep"],
 }
 
 
