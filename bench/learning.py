@@ -32,8 +32,9 @@ import sys
 import time
 from pathlib import Path
 
+from venv_bootstrap import ensure_venv
+
 REPO = Path(__file__).resolve().parent.parent
-VENV = REPO / ".venv-bench"
 CONFIG = REPO / "bench" / "learning.yaml"
 NUM_CLIENTS = 10
 HELDOUT_PARTS = 2
@@ -45,17 +46,6 @@ ARMS = {
                 "--set", "federated.eta=0.01", "--set", "federated.tau=0.001"],
     "fedavg_keep": ["--simulation", "--set", "pretraining.local_optimizer_state=keep"],
 }
-
-
-def ensure_venv():
-    if Path(sys.prefix).resolve() == VENV.resolve():
-        return
-    py = VENV / "bin" / "python"
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    if subprocess.run([str(py), "-c", "import matplotlib"], capture_output=True).returncode:
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "matplotlib"], check=True)
-    os.execv(str(py), [str(py), *sys.argv])
 
 
 def sh(bin_, *args, log=None):
@@ -102,11 +92,14 @@ def prepare(fh, data: Path, out: Path):
     return part, target
 
 
+def config_int(key: str) -> int:
+    """An integer key of bench/learning.yaml (flat `key: value` lines)."""
+    line = next(l for l in CONFIG.read_text().splitlines() if l.strip().startswith(key + ":"))
+    return int(line.split(":")[1].split("#")[0])
+
+
 def updates_per_arm():
-    text = CONFIG.read_text()
-    get = lambda key: int(next(l.split(":")[1].split("#")[0] for l in text.splitlines()
-                               if l.strip().startswith(key + ":")))
-    return get("num_rounds") * get("local_steps") * get("num_clients")
+    return config_int("num_rounds") * config_int("local_steps") * config_int("num_clients")
 
 
 def train(fh, out: Path, part: Path, heldout: Path, arm: str, steps: int):
@@ -133,23 +126,18 @@ def probe(fh, out: Path, name: str, upstream):
 def curve(out: Path, arm: str, clients: int):
     """(local updates so far, held-out masked accuracy, majority rate) per evaluation."""
     pts = []
+    local_steps = config_int("local_steps")
     for line in (out / arm / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         ev = r.get("server_eval") or {}
         if "acc_masked" not in ev:
             continue
         if "round" in r:  # federated: every client made local_steps updates this round
-            x = r["round"] * clients * r_local_steps()
+            x = r["round"] * clients * local_steps
         else:
             x = r["step"]
         pts.append((x, ev["acc_masked"], ev["majority_rate"], ev.get("loss_masked")))
     return pts
-
-
-def r_local_steps():
-    text = CONFIG.read_text()
-    return int(next(l.split(":")[1].split("#")[0] for l in text.splitlines()
-                    if l.strip().startswith("local_steps:")))
 
 
 def report(out: Path, probes: dict):
@@ -193,7 +181,7 @@ def report(out: Path, probes: dict):
 
 
 def main():
-    ensure_venv()
+    ensure_venv(["matplotlib"], "import matplotlib")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="LibriSpeech-layout folder")
     ap.add_argument("--out", type=Path, required=True)

@@ -18,29 +18,16 @@ creates .venv-bench like bench/pytorch_reference.py.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-VENV = REPO / ".venv-bench"
+from venv_bootstrap import ensure_venv
+
 PACKAGES = ["torch==2.11.0", "transformers", "numpy", "soundfile", "safetensors"]
 
 
-def ensure_venv():
-    if Path(sys.prefix).resolve() == VENV.resolve():
-        return
-    py = VENV / "bin" / "python"
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    probe = "import torch, transformers, soundfile, safetensors"
-    if subprocess.run([str(py), "-c", probe], capture_output=True).returncode:
-        subprocess.run([str(py), "-m", "pip", "install", "-q", *PACKAGES], check=True)
-    os.execv(str(py), [str(py), *sys.argv])
-
-
 def main():
-    ensure_venv()
+    ensure_venv(PACKAGES, "import torch, transformers, soundfile, safetensors")
     import numpy as np
     import soundfile as sf
     import torch
