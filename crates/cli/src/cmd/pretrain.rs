@@ -331,10 +331,10 @@ fn centralized(
     let seed = rf.federated.run.seed;
     let heldout = load_heldout(args, rf)?;
     let every = 50.max(args.steps / 20);
+    let schedule = tr.cfg.clone();
     let mut k = start;
     while k < args.steps {
         let n = every.min(args.steps - k);
-        let schedule = tr.cfg.clone();
         let m = tr.train(
             &train,
             k,
