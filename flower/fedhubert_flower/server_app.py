@@ -175,8 +175,9 @@ def main(grid: Grid, context: Context) -> None:
         partitions,
     )
     resume = bool(rc.get("resume", False))
+    overwrite = bool(rc.get("overwrite", False))
     if kd is None:
-        server = fedhubert.Server(run_file, str(out), len(node_of), resume)
+        server = fedhubert.Server(run_file, str(out), len(node_of), resume, overwrite)
     else:
         # Where the server and the nodes share a file system (simulation), the server-side set
         # must not be a client's folder: the server never holds client audio.
@@ -187,7 +188,7 @@ def main(grid: Grid, context: Context) -> None:
                 f"server-set {kd.server_set} is client {clash[0]}'s partition: the server must "
                 "not hold client audio; give a separate folder"
             )
-        server = kd.server(str(out), len(node_of), resume)
+        server = kd.server(str(out), len(node_of), resume, overwrite)
     if server.completed_rounds:
         _say(f"resuming after round {server.completed_rounds} from {out}")
     _say(

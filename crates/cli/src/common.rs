@@ -100,6 +100,48 @@ pub fn resources() {
     println!("resources: {cores} CPU cores, {mem}, {gpu}");
 }
 
+pub use fedhubert_fl::store::Start;
+
+/// `--resume` / `--overwrite`, for every command that checkpoints a run.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct StartArgs {
+    /// Continue from the checkpoint in --out.
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume: bool,
+    /// Discard the earlier run's checkpoint and metrics in --out and start again.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+impl StartArgs {
+    pub fn start(&self) -> Start {
+        match (self.resume, self.overwrite) {
+            (true, _) => Start::Resume,
+            (false, true) => Start::Overwrite,
+            (false, false) => Start::Fresh,
+        }
+    }
+}
+
+/// Locks `out` for `command` and applies `start` (see [`fedhubert_fl::store::open_run_folder`]).
+pub fn open_run_folder(
+    out: &Path,
+    command: &str,
+    start: Start,
+    own_files: &[&str],
+) -> anyhow::Result<fedhubert_fl::FolderLock> {
+    Ok(fedhubert_fl::store::open_run_folder(out, command, start, own_files)?)
+}
+
+/// Prints the run's resolved configuration (every key, defaults included) and writes it to
+/// `out/config.yaml`, beside the checkpoint, so the run's settings are never a guess.
+pub fn write_resolved_config(out: &Path, yaml: &str) -> anyhow::Result<()> {
+    let path = out.join("config.yaml");
+    fedhubert_fl::atomic_write(&path, yaml.as_bytes())?;
+    println!("resolved configuration (also in {}):\n{}", path.display(), yaml.trim_end());
+    Ok(())
+}
+
 /// The run-file overrides `pretrain` and `distill` share: shortcuts for `federated.*` keys and
 /// free `--set section.key=value` pairs.
 #[derive(clap::Args, Debug, Clone, Default)]

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use fedhubert_train::RunFile;
-use fedhubert_train::config::{FederatedSection, PretrainingSection};
+use fedhubert_train::config::{self, FederatedSection, PretrainingSection};
 use serde::{Deserialize, Serialize};
 
 use crate::{Result, cfg_err};
@@ -284,17 +284,11 @@ impl DistillRunFile {
     /// naming the key.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
         type V = serde_yaml::Value;
-        let mut tree: V = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| cfg_err(format!("{}: {e}", p.display())))?;
-                serde_yaml::from_str(&text).map_err(|e| cfg_err(format!("{}: {e}", p.display())))?
-            }
-            None => V::Mapping(Default::default()),
+        let text = path.map(config::read_run_text).transpose()?;
+        let mut tree = match (path, &text) {
+            (Some(p), Some(t)) => config::parse_run_tree(p, t)?,
+            _ => V::Mapping(Default::default()),
         };
-        if tree.is_null() {
-            tree = V::Mapping(Default::default());
-        }
         let root = tree
             .as_mapping_mut()
             .ok_or_else(|| cfg_err("config root must be a mapping"))?;
@@ -305,43 +299,14 @@ impl DistillRunFile {
             m.entry(V::String("preset".into()))
                 .or_insert_with(|| V::String("student".into()));
         }
-        for o in overrides {
-            let (key, value) = o
-                .split_once('=')
-                .ok_or_else(|| cfg_err(format!("override {o:?}: expected section.key=value")))?;
-            let parts: Vec<&str> = key.split('.').collect();
-            if parts.len() < 2 {
-                return Err(cfg_err(format!(
-                    "override {o:?}: expected section.key=value (e.g. distillation.alpha=0.5)"
-                )));
-            }
-            let v: V =
-                serde_yaml::from_str(value).map_err(|e| cfg_err(format!("override {o:?}: {e}")))?;
-            let mut node = &mut tree;
-            for p in &parts[..parts.len() - 1] {
-                let map = node
-                    .as_mapping_mut()
-                    .ok_or_else(|| cfg_err(format!("override {o:?}: {p} is not a mapping")))?;
-                node = map
-                    .entry(V::String(p.to_string()))
-                    .or_insert_with(|| V::Mapping(Default::default()));
-            }
-            node.as_mapping_mut()
-                .ok_or_else(|| {
-                    cfg_err(format!(
-                        "override {o:?}: parent of {} is not a mapping",
-                        parts[parts.len() - 1]
-                    ))
-                })?
-                .insert(V::String(parts[parts.len() - 1].to_string()), v);
-        }
-        let where_ = path
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "config".into());
-        let rf: DistillRunFile =
-            serde_yaml::from_value(tree).map_err(|e| cfg_err(format!("{where_}: {e}")))?;
+        let rf: DistillRunFile = config::typed_run_file(tree, path, text.as_deref(), overrides)?;
         rf.validate()?;
         Ok(rf)
+    }
+
+    /// The resolved configuration as YAML, defaults included.
+    pub fn to_yaml(&self) -> Result<String> {
+        serde_yaml::to_string(self).map_err(|e| cfg_err(format!("writing the run file: {e}")))
     }
 
     /// The distillation section and the student's run file (see [`RunFile::validate`]).

@@ -14,6 +14,7 @@
 pub mod compress;
 pub mod engine;
 pub mod instructions;
+pub mod lock;
 pub mod rounds;
 pub mod schedule;
 pub mod store;
@@ -32,6 +33,7 @@ pub use instructions::{
     ClientInstructions, ClientSettings, LocalOptimizerState, LocalWork, MESSAGE_FORMAT, Upload,
     UploadPlan, prepare_upload,
 };
+pub use lock::FolderLock;
 pub use rounds::{ClientPool, RunConfig, RunResult, run};
 pub use schedule::{LrSchedule, UpdateWindow};
 pub use strategy::{FitRes, Strategy, StrategyConfig, StrategySpec};

@@ -104,28 +104,28 @@ impl RunConfig {
         }
         if !(self.fraction_fit > 0.0 && self.fraction_fit <= 1.0) {
             return bad(format!(
-                "fraction_fit {} must be in (0, 1]",
+                "federated.client_fraction {} must be in (0, 1]",
                 self.fraction_fit
             ));
         }
         if !(0.0..=1.0).contains(&self.fraction_evaluate) {
             return bad(format!(
-                "fraction_evaluate {} must be in [0, 1]",
+                "federated.fraction_evaluate {} must be in [0, 1]",
                 self.fraction_evaluate
             ));
         }
         if self.min_fit_clients == 0 || self.min_fit_clients > num_clients {
             return bad(format!(
-                "min_fit_clients {} must be in 1..={num_clients} (the number of clients)",
+                "federated.min_fit_clients {} must be in 1..={num_clients} (the number of clients)",
                 self.min_fit_clients
             ));
         }
         if self.num_rounds == 0 {
-            return bad("num_rounds must be at least 1".into());
+            return bad("federated.num_rounds must be at least 1".into());
         }
         let mu = self.client.proximal_mu;
         if !(mu >= 0.0 && mu.is_finite()) {
-            return bad(format!("proximal_mu {mu} must be a finite number >= 0"));
+            return bad(format!("federated.proximal_mu {mu} must be a finite number >= 0"));
         }
         Ok(())
     }
@@ -186,6 +186,9 @@ pub fn run(
         );
         e
     } else {
+        if let Some(dir) = out_dir {
+            crate::store::refuse_fresh_start(dir)?;
+        }
         RoundEngine::new(cfg.clone(), strategy, initial, n)?
     };
     while let Some(ex) = engine.next_exchange()? {

@@ -36,6 +36,71 @@ pub fn checkpoint_path(dir: &Path) -> PathBuf {
     dir.join(CKPT)
 }
 
+/// The files of a run's folder that a fresh start would silently replace.
+const RUN_FILES: [&str; 2] = [CKPT, "metrics.jsonl"];
+
+/// What a run does with an earlier run's files in its output folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A new run; refused while the folder holds an earlier run's checkpoint.
+    Fresh,
+    /// Continue the earlier run from its checkpoint.
+    Resume,
+    /// Discard the earlier run's checkpoint and metrics, then start a new one.
+    Overwrite,
+}
+
+/// Locks `dir` for `command` (held until the returned lock drops) and applies `start`: an
+/// overwrite removes the earlier run's round checkpoint, metrics and `own_files` (the caller's
+/// own run files); a fresh start is refused while any of them exists, so a rerun without
+/// `--resume` never replaces a later round's checkpoint with round 1's.
+pub fn open_run_folder(
+    dir: &Path,
+    command: &str,
+    start: Start,
+    own_files: &[&str],
+) -> Result<crate::FolderLock, FlError> {
+    let lock = crate::FolderLock::acquire(dir, command)?;
+    match start {
+        Start::Resume => {}
+        Start::Overwrite => {
+            for name in RUN_FILES.iter().chain(own_files) {
+                let p = dir.join(name);
+                match std::fs::remove_file(&p) {
+                    Ok(()) => tracing::info!("overwrite: removed {}", p.display()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(FlError::Config(format!("removing {}: {e}", p.display())));
+                    }
+                }
+            }
+        }
+        Start::Fresh => {
+            refuse_fresh_start(dir)?;
+            if let Some(p) = own_files.iter().map(|f| dir.join(f)).find(|p| p.exists()) {
+                return Err(FlError::Config(format!(
+                    "{} is an earlier run's: continue that run with --resume, or discard it with --overwrite",
+                    p.display()
+                )));
+            }
+        }
+    }
+    Ok(lock)
+}
+
+/// A fresh run into `dir` is refused while `dir` holds an earlier run's round checkpoint:
+/// starting again would replace its later rounds with round 1. The error says both ways out.
+pub fn refuse_fresh_start(dir: &Path) -> Result<(), FlError> {
+    let path = checkpoint_path(dir);
+    if path.exists() {
+        return Err(FlError::Config(format!(
+            "{} holds the round checkpoint of an earlier run: continue it with --resume, or discard it with --overwrite (Flower: run_config resume=true or overwrite=true)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Writes the round checkpoint and `metrics.jsonl` into `dir`, each atomically.
 pub fn save_round(dir: &Path, ck: &Checkpoint) -> Result<(), FlError> {
     save_checkpoint(&checkpoint_path(dir), ck)?;

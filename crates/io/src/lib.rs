@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{SafeTensorError, View};
 
 /// Writes `bytes` to `path` through a temporary file in the same folder (created if missing),
-/// fsync, then rename: the file is either the old one or the whole new one.
+/// fsync, rename, fsync of the folder: the file is either the old one or the whole new one, also
+/// after a power cut.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path
         .parent()
@@ -40,12 +41,20 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        sync_dir(dir)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// fsyncs a folder, so the renames into it survive a power cut: without it the kernel may
+/// bring back the old file (or none) after a crash, although the new file's data was synced.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The version of a file whose metadata names `format`: 1 for the first layout, which spelled

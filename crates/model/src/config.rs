@@ -240,7 +240,10 @@ impl HubertConfig {
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self, ModelError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        Self::from_json_str(&text)
+        Self::from_json_str(&text).map_err(|e| ModelError::File {
+            path: path.to_path_buf(),
+            why: format!("not a usable HuBERT config.json: {e}"),
+        })
     }
 
     /// Serialise as a HF `config.json` (with `model_type` "hubert" and `architectures`
@@ -408,6 +411,16 @@ impl HubertConfig {
         self.conv_stride.iter().product()
     }
 
+    /// The fewest input samples that give one frame: 400 (25 ms at 16 kHz) in every
+    /// published HuBERT. Shorter audio has no frame at all, so every command refuses it.
+    pub fn receptive_field(&self) -> usize {
+        self.conv_kernel
+            .iter()
+            .zip(&self.conv_stride)
+            .rev()
+            .fold(1, |len, (&k, &s)| (len - 1) * s + k)
+    }
+
     /// Number of frames the conv front-end produces for `num_samples` input samples
     /// (HF `_get_feat_extract_output_lengths`); 0 if the input is too short.
     ///
@@ -428,6 +441,14 @@ impl HubertConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_receptive_field_is_the_shortest_input_with_a_frame() {
+        let c = HubertConfig::base();
+        assert_eq!(c.receptive_field(), 400);
+        assert_eq!(c.num_frames(399), 0);
+        assert_eq!(c.num_frames(400), 1);
+    }
 
     fn field_of(err: ModelError) -> &'static str {
         match err {

@@ -54,6 +54,14 @@ pub enum ModelError {
     /// Inputs of a forward call are inconsistent.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A file could not be used (its content, not its reading, is at fault).
+    #[error("{}: {why}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
 }
 
 impl ModelError {

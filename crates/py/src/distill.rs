@@ -8,9 +8,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use fedhubert_distill::config::Mode;
-use fedhubert_distill::setup::{read_server_log, write_server_log};
+use fedhubert_distill::setup::{SERVER_LOG, read_server_log, write_server_log};
 use fedhubert_distill::{DistillRunFile, DistillSetup, ServerDistill, ServerRoundLog};
 use fedhubert_fl::Progress;
+use fedhubert_fl::store::Start;
 use fedhubert_train::RunFile;
 
 use crate::{BridgeError, RoundServer};
@@ -70,7 +71,7 @@ impl ServerDistillation {
         self,
         out: &Path,
         num_clients: usize,
-        resume: bool,
+        start: Start,
     ) -> Result<DistillServer, BridgeError> {
         let client_rf = self.client_run_file();
         let strategy = self.strategy;
@@ -82,7 +83,8 @@ impl ServerDistillation {
             Box::new(strategy),
             out,
             num_clients,
-            resume,
+            start,
+            &[SERVER_LOG],
         )?;
         let next = rounds.history().len() as u64 + 1;
         *log.lock().unwrap_or_else(|p| p.into_inner()) = read_server_log(out, next)?;

@@ -344,19 +344,41 @@ fn exchange_to_py(ex: Exchange) -> PyResult<PyExchange> {
     Ok((kind.to_string(), ex.round, clients))
 }
 
+/// The ServerApp's `resume` / `overwrite` run-config keys as a start.
+fn start_of(resume: bool, overwrite: bool) -> PyResult<fedhubert_fl::store::Start> {
+    use fedhubert_fl::store::Start;
+    match (resume, overwrite) {
+        (true, true) => Err(PyValueError::new_err(
+            "resume and overwrite: give one of them (resume continues the checkpoint in out-dir, overwrite discards it)",
+        )),
+        (true, false) => Ok(Start::Resume),
+        (false, true) => Ok(Start::Overwrite),
+        (false, false) => Ok(Start::Fresh),
+    }
+}
+
 #[pymethods]
 impl Server {
-    /// `run_file`: JSON from `load_run_file`; `out`: checkpoint folder; clients are numbered
-    /// 0..num_clients; `resume` continues from `out/checkpoint.safetensors` when it exists.
+    /// `run_file`: JSON from `load_run_file`; `out`: checkpoint folder, locked while this
+    /// server lives; clients are numbered 0..num_clients; `resume` continues from
+    /// `out/checkpoint.safetensors` when it exists; `overwrite` discards it. With neither, an
+    /// existing checkpoint is an error.
     #[new]
-    fn new(run_file: &str, out: PathBuf, num_clients: usize, resume: bool) -> PyResult<Self> {
+    #[pyo3(signature = (run_file, out, num_clients, resume, overwrite=false))]
+    fn new(
+        run_file: &str,
+        out: PathBuf,
+        num_clients: usize,
+        resume: bool,
+        overwrite: bool,
+    ) -> PyResult<Self> {
         let rf = parse_run_file(run_file)?;
         Ok(Self {
             inner: Box::new(Rounds::Pretrain(RoundServer::new(
                 rf,
                 &out,
                 num_clients,
-                resume,
+                start_of(resume, overwrite)?,
             )?)),
         })
     }
@@ -557,19 +579,22 @@ impl PyServerDistillation {
         self.notes.clone()
     }
 
-    /// The round loop over clients 0..num_clients, checkpointing into `out`; `resume` continues
-    /// from `out/checkpoint.safetensors` when it exists. Once per ServerDistillation.
+    /// The round loop over clients 0..num_clients, checkpointing into `out`; `resume` and
+    /// `overwrite` as for `Server`. Once per ServerDistillation.
+    #[pyo3(signature = (out, num_clients, resume, overwrite=false))]
     fn server(
         &mut self,
         py: Python<'_>,
         out: PathBuf,
         num_clients: usize,
         resume: bool,
+        overwrite: bool,
     ) -> PyResult<Server> {
+        let start = start_of(resume, overwrite)?;
         let sd = self.inner.take().ok_or_else(|| {
             PyRuntimeError::new_err("ServerDistillation.server() was already called")
         })?;
-        let d = py.detach(move || sd.server(&out, num_clients, resume))?;
+        let d = py.detach(move || sd.server(&out, num_clients, start))?;
         Ok(Server {
             inner: Box::new(Rounds::Distill(d)),
         })

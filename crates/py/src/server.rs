@@ -7,8 +7,10 @@
 
 use std::path::{Path, PathBuf};
 
-use fedhubert_fl::store::{checkpoint_path, load_checkpoint, save_round};
-use fedhubert_fl::{Exchange, Progress, Reply, RoundEngine, RoundRecord, Strategy, Weights};
+use fedhubert_fl::store::{Start, checkpoint_path, load_checkpoint, open_run_folder, save_round};
+use fedhubert_fl::{
+    Exchange, FolderLock, Progress, Reply, RoundEngine, RoundRecord, Strategy, Weights,
+};
 use fedhubert_model::HubertForPretraining;
 use fedhubert_train::RunFile;
 
@@ -19,16 +21,18 @@ pub struct RoundServer {
     engine: RoundEngine,
     template: HubertForPretraining,
     out: PathBuf,
+    // The output folder is this server's until it is dropped.
+    _lock: FolderLock,
 }
 
 impl RoundServer {
-    /// A fresh run (or, with `resume`, the run whose checkpoint is in `out`) over `num_clients`
-    /// clients numbered 0..num_clients, the partition's `client_K` folders.
+    /// A run over `num_clients` clients numbered 0..num_clients, the partition's `client_K`
+    /// folders, started in `out` as `start` says.
     pub fn new(
         rf: RunFile,
         out: &Path,
         num_clients: usize,
-        resume: bool,
+        start: Start,
     ) -> Result<Self, BridgeError> {
         let template = HubertForPretraining::new(
             &rf.model_config()?,
@@ -37,7 +41,7 @@ impl RoundServer {
             &fedhubert_model::cpu_device(),
         )?;
         let strategy = rf.strategy()?.build()?;
-        Self::with_model(rf, template, strategy, out, num_clients, resume)
+        Self::with_model(rf, template, strategy, out, num_clients, start, &[])
     }
 
     /// As [`RoundServer::new`], for a run whose initial model (`template`'s weights) and strategy
@@ -48,14 +52,19 @@ impl RoundServer {
         strategy: Box<dyn Strategy>,
         out: &Path,
         num_clients: usize,
-        resume: bool,
+        start: Start,
+        own_files: &[&str],
     ) -> Result<Self, BridgeError> {
         let initial = fedhubert_model::collect_tensors(&template);
         let cfg = rf.run_config()?;
-        std::fs::create_dir_all(out).map_err(|e| BridgeError::Io(out.to_path_buf(), e))?;
         let ck_path = checkpoint_path(out);
         // A ServerApp started with resume=true and no checkpoint yet starts fresh.
-        let engine = if resume && ck_path.is_file() {
+        let start = match start {
+            Start::Resume if !ck_path.is_file() => Start::Fresh,
+            s => s,
+        };
+        let lock = open_run_folder(out, "flower server", start, own_files)?;
+        let engine = if start == Start::Resume {
             let ck = load_checkpoint(&ck_path)?;
             RoundEngine::resume(cfg, strategy, initial, num_clients, ck)
                 .map_err(|e| BridgeError::Config(format!("{}: {e}", ck_path.display())))?
@@ -67,6 +76,7 @@ impl RoundServer {
             engine,
             template,
             out: out.to_path_buf(),
+            _lock: lock,
         })
     }
 

@@ -4,6 +4,7 @@
 
 mod common;
 
+use fedhubert_fl::store::Start;
 use fedhubert_train::core::Reported;
 use std::path::{Path, PathBuf};
 
@@ -97,14 +98,14 @@ fn stepped_server_distillation_matches_the_native_loop_across_a_resume() {
     let sd = ServerDistillation::new(rf.clone()).unwrap();
     // The clients train the student the server aggregates: its head follows the teacher's.
     assert_eq!(sd.client_run_file().pretraining.vocab_size, 20);
-    let mut s = sd.server(&out, 5, false).unwrap();
+    let mut s = sd.server(&out, 5, Start::Fresh).unwrap();
     drive(&mut s, &mut Fake { n: 5 }, Some(1));
     assert_eq!(s.server_log().len(), 1);
     drop(s);
     // A restarted ServerApp picks up after round 1: checkpoint, server heads and moments, log.
     let mut s = ServerDistillation::new(rf.clone())
         .unwrap()
-        .server(&out, 5, true)
+        .server(&out, 5, Start::Resume)
         .unwrap();
     assert_eq!(s.rounds.next_round(), Some(2));
     drive(&mut s, &mut Fake { n: 5 }, None);

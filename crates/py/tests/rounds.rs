@@ -3,6 +3,7 @@
 
 mod common;
 
+use fedhubert_fl::store::Start;
 use std::collections::BTreeMap;
 
 use common::{Fake, drive, same_history};
@@ -61,12 +62,12 @@ fn stepped_rounds_match_the_native_loop_with_failures_and_resume() {
         );
 
         let out = dir.path().join("stepped");
-        let mut s = RoundServer::new(rf.clone(), &out, 5, false).unwrap();
+        let mut s = RoundServer::new(rf.clone(), &out, 5, Start::Fresh).unwrap();
         drive(&mut s, &mut Fake { n: 5 }, Some(1));
         assert_eq!(s.history().len(), 1);
         drop(s);
         // A restarted ServerApp picks up after round 1 from the checkpoint.
-        let mut s = RoundServer::new(rf.clone(), &out, 5, true).unwrap();
+        let mut s = RoundServer::new(rf.clone(), &out, 5, Start::Resume).unwrap();
         assert_eq!(s.next_round(), Some(2));
         drive(&mut s, &mut Fake { n: 5 }, None);
         assert_eq!(s.next_round(), None);
@@ -93,7 +94,7 @@ fn stepped_rounds_match_the_native_loop_with_failures_and_resume() {
 #[test]
 fn unsampled_and_repeated_replies_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = RoundServer::new(config("fedavg", 1), dir.path(), 5, false).unwrap();
+    let mut s = RoundServer::new(config("fedavg", 1), dir.path(), 5, Start::Fresh).unwrap();
     let ex = s.next_exchange().unwrap().unwrap();
     let sampled: Vec<usize> = ex.clients.iter().map(|(c, _)| *c).collect();
     let other = (0..5).find(|c| !sampled.contains(c)).unwrap();
@@ -115,10 +116,38 @@ fn unsampled_and_repeated_replies_are_refused() {
 #[test]
 fn resume_refuses_a_checkpoint_of_another_strategy() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = RoundServer::new(config("fedavg", 1), dir.path(), 5, false).unwrap();
+    let mut s = RoundServer::new(config("fedavg", 1), dir.path(), 5, Start::Fresh).unwrap();
     drive(&mut s, &mut Fake { n: 5 }, None);
-    let e = RoundServer::new(config("fedadam", 2), dir.path(), 5, true)
+    drop(s);
+    let e = RoundServer::new(config("fedadam", 2), dir.path(), 5, Start::Resume)
         .err()
         .unwrap();
     assert!(e.to_string().contains("strategy"), "{e}");
+}
+
+#[test]
+fn a_server_owns_its_folder_and_never_silently_restarts_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = RoundServer::new(config("fedavg", 1), dir.path(), 5, Start::Fresh).unwrap();
+    // A second ServerApp on the same out-dir while the first lives.
+    let e = RoundServer::new(config("fedavg", 1), dir.path(), 5, Start::Resume)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("in use by another fedhubert run"), "{e}");
+    drive(&mut s, &mut Fake { n: 5 }, None);
+    drop(s);
+    // Started again without resume: refused, naming both ways out; the checkpoint is untouched.
+    let ck = dir.path().join("checkpoint.safetensors");
+    let before = std::fs::read(&ck).unwrap();
+    let e = RoundServer::new(config("fedavg", 1), dir.path(), 5, Start::Fresh)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("resume") && e.contains("overwrite"), "{e}");
+    assert_eq!(std::fs::read(&ck).unwrap(), before);
+    // overwrite=true discards it and starts at round 1.
+    let s = RoundServer::new(config("fedavg", 1), dir.path(), 5, Start::Overwrite).unwrap();
+    assert_eq!(s.next_round(), Some(1));
+    assert!(!ck.exists());
 }

@@ -237,7 +237,26 @@ pub enum Preset {
     Large,
 }
 
+impl std::str::FromStr for Preset {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        serde_yaml::from_str(s)
+            .map_err(|_| format!("{s:?}: expected a model preset: tiny, student, base or large"))
+    }
+}
+
 impl Preset {
+    /// The preset's name in run files and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+            Preset::Student => "student",
+            Preset::Base => "base",
+            Preset::Large => "large",
+        }
+    }
+
     pub fn config(self) -> HubertConfig {
         match self {
             Preset::Tiny => HubertConfig::tiny(),
@@ -259,54 +278,197 @@ fn cfg_err(why: impl std::fmt::Display) -> TrainError {
     TrainError::Config(why.to_string())
 }
 
-impl RunFile {
-    /// Reads a YAML file, applies `section.key=value` overrides, and validates.
-    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, TrainError> {
-        let mut tree: serde_yaml::Value = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| cfg_err(format!("{}: {e}", p.display())))?;
-                serde_yaml::from_str(&text).map_err(|e| cfg_err(format!("{}: {e}", p.display())))?
+/// Largest run file read: a run file is a few kB; this bounds what a wrong path costs.
+const MAX_RUN_FILE_BYTES: u64 = 1 << 20;
+/// Deepest nesting accepted: run files nest three levels (`distillation.mvq.key`).
+const MAX_RUN_FILE_DEPTH: usize = 16;
+
+/// A run file's text, refused when it is too large or nests deeper than a run file can.
+pub fn read_run_text(path: &Path) -> Result<String, TrainError> {
+    let at = |why: String| cfg_err(format!("{}: {why}", path.display()));
+    let len = std::fs::metadata(path).map_err(|e| at(e.to_string()))?.len();
+    if len > MAX_RUN_FILE_BYTES {
+        return Err(at(format!(
+            "{len} bytes; a run file is YAML of at most {MAX_RUN_FILE_BYTES} bytes"
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| at(e.to_string()))?;
+    let depth = nesting_depth(&text);
+    if depth > MAX_RUN_FILE_DEPTH {
+        return Err(at(format!(
+            "nested {depth} levels deep; a run file has sections of keys (at most {MAX_RUN_FILE_DEPTH} levels)"
+        )));
+    }
+    Ok(text)
+}
+
+/// An upper bound of a YAML text's nesting: flow brackets plus block indentation levels.
+/// Checked before parsing because a hostile file nested thousands deep took the YAML parser
+/// tens of seconds to reject.
+fn nesting_depth(text: &str) -> usize {
+    let (mut flow, mut max_flow) = (0usize, 0usize);
+    let mut indents: Vec<usize> = Vec::new();
+    let mut max_block = 0;
+    for line in text.lines() {
+        let body = line.trim_start_matches([' ', '-']);
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - body.len();
+        while indents.last().is_some_and(|&i| i >= indent) {
+            indents.pop();
+        }
+        indents.push(indent);
+        max_block = max_block.max(indents.len());
+        for c in body.chars() {
+            match c {
+                '[' | '{' => {
+                    flow += 1;
+                    max_flow = max_flow.max(flow);
+                }
+                ']' | '}' => flow = flow.saturating_sub(1),
+                _ => {}
             }
-            None => serde_yaml::Value::Mapping(Default::default()),
-        };
-        if tree.is_null() {
-            tree = serde_yaml::Value::Mapping(Default::default());
         }
-        for o in overrides {
-            let (key, value) = o
-                .split_once('=')
-                .ok_or_else(|| cfg_err(format!("override {o:?}: expected section.key=value")))?;
-            let (section, field) = key.split_once('.').ok_or_else(|| {
-                cfg_err(format!(
-                    "override {o:?}: expected section.key=value (e.g. federated.num_rounds=20)"
-                ))
-            })?;
-            let v: serde_yaml::Value =
-                serde_yaml::from_str(value).map_err(|e| cfg_err(format!("override {o:?}: {e}")))?;
-            let map = tree
+    }
+    max_block + max_flow
+}
+
+/// The YAML tree of a run file's text: a mapping of sections. An empty file is an error: it
+/// used to train HuBERT Base on every default without a word.
+pub fn parse_run_tree(path: &Path, text: &str) -> Result<serde_yaml::Value, TrainError> {
+    let at = |why: String| cfg_err(format!("{}: {why}", path.display()));
+    let tree: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| at(e.to_string()))?;
+    match &tree {
+        serde_yaml::Value::Null => Err(at(
+            "the file is empty: a run file names at least its model (pretraining: preset: tiny|student|base|large); see configs/*.yaml".into(),
+        )),
+        serde_yaml::Value::Mapping(m) if m.is_empty() => Err(at(
+            "the file is an empty mapping: a run file names at least its model (pretraining: preset: ...)".into(),
+        )),
+        serde_yaml::Value::Mapping(_) => Ok(tree),
+        _ => Err(at("expected a mapping of sections (federated:, pretraining:, ...)".into())),
+    }
+}
+
+/// Applies `a.b.c=value` overrides (the value parsed as YAML) to a run file's tree.
+pub fn apply_overrides(tree: &mut serde_yaml::Value, overrides: &[String]) -> Result<(), TrainError> {
+    type V = serde_yaml::Value;
+    for o in overrides {
+        let (key, value) = o
+            .split_once('=')
+            .ok_or_else(|| cfg_err(format!("override {o:?}: expected section.key=value")))?;
+        let parts: Vec<&str> = key.split('.').collect();
+        if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+            return Err(cfg_err(format!(
+                "override {o:?}: expected section.key=value (e.g. federated.num_rounds=20)"
+            )));
+        }
+        let v: V =
+            serde_yaml::from_str(value).map_err(|e| cfg_err(format!("override {o:?}: {e}")))?;
+        let mut node = &mut *tree;
+        for p in &parts[..parts.len() - 1] {
+            let map = node
                 .as_mapping_mut()
-                .ok_or_else(|| cfg_err("config root must be a mapping"))?;
-            let sec = map
-                .entry(serde_yaml::Value::String(section.to_string()))
-                .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
-            sec.as_mapping_mut()
-                .ok_or_else(|| cfg_err(format!("config section {section} must be a mapping")))?
-                .insert(serde_yaml::Value::String(field.to_string()), v);
+                .ok_or_else(|| cfg_err(format!("override {o:?}: {p} is not a mapping")))?;
+            node = map
+                .entry(V::String(p.to_string()))
+                .or_insert_with(|| V::Mapping(Default::default()));
         }
-        let where_ = path
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "config".into());
-        let rf: RunFile =
-            serde_yaml::from_value(tree).map_err(|e| cfg_err(format!("{where_}: {e}")))?;
+        node.as_mapping_mut()
+            .ok_or_else(|| cfg_err(format!("override {o:?}: its section is not a mapping")))?
+            .insert(V::String(parts[parts.len() - 1].to_string()), v);
+    }
+    Ok(())
+}
+
+/// The typed run file of `tree` (a file's, or the defaults') with `overrides` applied. A type
+/// error is reported where it is: the file alone is parsed again from its text, which names the
+/// field's line and column, or the overrides are applied one by one to name the one at fault.
+pub fn typed_run_file<T: serde::de::DeserializeOwned>(
+    tree: serde_yaml::Value,
+    path: Option<&Path>,
+    text: Option<&str>,
+    overrides: &[String],
+) -> Result<T, TrainError> {
+    let mut merged = tree.clone();
+    apply_overrides(&mut merged, overrides)?;
+    let why = match serde_yaml::from_value::<T>(merged) {
+        Ok(t) => return Ok(t),
+        Err(e) => e.to_string(),
+    };
+    let where_ = path.map(|p| p.display().to_string());
+    if let (Some(w), Some(t)) = (&where_, text)
+        && let Err(e) = serde_yaml::from_str::<T>(t)
+    {
+        return Err(cfg_err(format!("{w}: {}", run_file_names(&e.to_string()))));
+    }
+    let mut partial = tree;
+    for o in overrides {
+        apply_overrides(&mut partial, std::slice::from_ref(o))?;
+        if let Err(e) = serde_yaml::from_value::<T>(partial.clone()) {
+            return Err(cfg_err(format!(
+                "--set {o}: {}",
+                run_file_names(&e.to_string())
+            )));
+        }
+    }
+    let w = where_.unwrap_or_else(|| "the defaults".into());
+    Err(cfg_err(format!("{w}: {}", run_file_names(&why))))
+}
+
+/// Messages in the run file's names: the model and engine configs validate under their HF and
+/// Flower names, which a run file never spells.
+pub fn run_file_names(why: &str) -> String {
+    const NAMES: [(&str, &str); 5] = [
+        ("mask_time_prob", "mask_prob"),
+        ("mask_time_length", "mask_length"),
+        ("num_classes", "vocab_size"),
+        ("fraction_fit", "client_fraction"),
+        ("min_sample_size", "min_audio_length"),
+    ];
+    NAMES
+        .iter()
+        .fold(why.to_string(), |s, (internal, ours)| s.replace(internal, ours))
+}
+
+impl RunFile {
+    /// Reads a YAML file, applies `section.key=value` overrides, and validates. Without a file
+    /// only the overrides are applied to the defaults (callers that run a model require a file
+    /// or a named preset; see `fedhubert pretrain --preset`).
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, TrainError> {
+        let text = path.map(read_run_text).transpose()?;
+        let tree = match (path, &text) {
+            (Some(p), Some(t)) => parse_run_tree(p, t)?,
+            _ => serde_yaml::Value::Mapping(Default::default()),
+        };
+        let rf: RunFile = typed_run_file(tree, path, text.as_deref(), overrides)?;
         rf.validate()?;
         Ok(rf)
+    }
+
+    /// The resolved configuration as YAML: every key, defaults included (what the run prints
+    /// and writes beside its checkpoint).
+    pub fn to_yaml(&self) -> Result<String, TrainError> {
+        serde_yaml::to_string(self).map_err(|e| cfg_err(format!("writing the run file: {e}")))
     }
 
     /// Every derived config builds and validates (model, strategy, trainer): what a run file
     /// read from a file, or received over the wire, must pass before use.
     pub fn validate(&self) -> Result<(), TrainError> {
-        self.model_config()?;
+        let model = self.model_config()?;
+        let field = model.receptive_field();
+        let p = &self.pretraining;
+        for (key, v) in [
+            ("min_audio_length", p.min_audio_length),
+            ("max_audio_length", p.max_audio_length),
+        ] {
+            if v < field {
+                return Err(cfg_err(format!(
+                    "pretraining.{key}: {v} samples is shorter than the conv front-end's receptive field of {field} samples (one frame)"
+                )));
+            }
+        }
         self.strategy()?;
         // The schedule is checked where a run builds it: a federated run's in `run_config`,
         // a centralized run's (another length) by `lr_schedule(Some(steps))`.
@@ -393,7 +555,7 @@ impl RunFile {
         c.mask_time_prob = p.mask_prob;
         c.mask_time_length = p.mask_length;
         c.validate()
-            .map_err(|e| cfg_err(format!("pretraining: {e}")))?;
+            .map_err(|e| cfg_err(format!("pretraining: {}", run_file_names(&e.to_string()))))?;
         Ok(c)
     }
 
@@ -416,7 +578,7 @@ impl RunFile {
             ..Default::default()
         };
         c.validate()
-            .map_err(|e| cfg_err(format!("pretraining: {e}")))?;
+            .map_err(|e| cfg_err(format!("pretraining: {}", run_file_names(&e.to_string()))))?;
         Ok(c)
     }
 

@@ -67,7 +67,7 @@ impl TrainConfig {
         let bad = |k: &str, why: String| Err(TrainError::Config(format!("{k}: {why}")));
         if !(self.learning_rate > 0.0) {
             return bad(
-                "learning_rate",
+                "pretraining.learning_rate",
                 format!("must be > 0, got {}", self.learning_rate),
             );
         }
@@ -78,16 +78,16 @@ impl TrainConfig {
             );
         }
         if self.update_freq == 0 {
-            return bad("update_freq", "must be >= 1".into());
+            return bad("pretraining.update_freq", "must be >= 1".into());
         }
         if self.batch.batch_size == 0 {
-            return bad("batch_size", "must be >= 1".into());
+            return bad("pretraining.batch_size", "must be >= 1".into());
         }
         if self.batch.min_sample_size > self.batch.max_sample_size {
             return bad(
-                "min_sample_size",
+                "pretraining.min_audio_length",
                 format!(
-                    "{} exceeds max_sample_size {}",
+                    "{} exceeds pretraining.max_audio_length {}",
                     self.batch.min_sample_size, self.batch.max_sample_size
                 ),
             );

@@ -28,7 +28,7 @@ use super::prepare::{
 };
 use super::pretrain::{FederatedSummary, PretrainMode, PretrainOutcome, PretrainRequest, pretrain};
 use super::probe::{ProbeRequest, print_report, probe};
-use crate::common::{bundled, device};
+use crate::common::{Start, bundled, device};
 use fedhubert_audio::partition::{Method, PartitionConfig};
 use report::{DataSummary, ProbeRow, Results, StageRow, fmt, mb};
 
@@ -233,7 +233,8 @@ fn pretrain_stage(args: &Args, k: usize) -> anyhow::Result<FederatedSummary> {
         clients: partition_dir(args),
         out: args.out.join("pretrain"),
         steps: 0,
-        resume: false,
+        // The stage did not finish (it has no marker): whatever it left is redone.
+        start: Start::Overwrite,
         heldout: None,
         run_file: rf,
         device: device("cpu")?,
@@ -277,7 +278,8 @@ fn distill_stage(args: &Args) -> anyhow::Result<DistillOutcome> {
         out: args.out.join("distill"),
         quantizer: None,
         device: device("cpu")?,
-        resume: false,
+        // The stage did not finish (it has no marker): whatever it left is redone.
+        start: Start::Overwrite,
     };
     distill(&req)
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use fedhubert_distill::ServerRoundLog;
 use fedhubert_distill::config::Mode;
-use fedhubert_distill::setup::{read_server_log, write_server_log};
+use fedhubert_distill::setup::{SERVER_LOG, read_server_log, write_server_log};
 use fedhubert_distill::student::{DistillStudent, hubert_param_count};
 use fedhubert_distill::{
     DistillClients, DistillParts, DistillRunFile, DistillSetup, Quantizer, QuantizerReport,
@@ -18,11 +18,14 @@ use fedhubert_distill::{
 use fedhubert_fl::store::checkpoint_path;
 use fedhubert_fl::{RoundRecord, RunConfig, StrategyConfig, Weights};
 use fedhubert_model::{Device, HubertForPretraining, load_tensors};
-use fedhubert_train::{HubertClients, RunFile, TrainConfig};
+use fedhubert_train::{HubertClients, Preset, RunFile, TrainConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::common::{device, federated_clients, json_pretty, train_quantizer, write_json};
+use crate::common::{
+    Start, StartArgs, device, federated_clients, json_pretty, open_run_folder, train_quantizer,
+    write_json, write_resolved_config,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -31,8 +34,11 @@ pub struct Args {
     pub mode: Mode,
     /// YAML with `federated:`, `pretraining:` (the student; preset defaults to `student`, 384/3) and
     /// `distillation:` sections; every key can be overridden with --set.
-    #[arg(long)]
+    #[arg(long, required_unless_present = "preset")]
     pub config: Option<PathBuf>,
+    /// Without --config: the student is this model preset and every other key its default.
+    #[arg(long, conflicts_with = "config")]
+    pub preset: Option<Preset>,
     /// Teacher: a fedhubert checkpoint (model.safetensors of `fedhubert pretrain`) or a HF directory.
     #[arg(long)]
     pub teacher: Option<PathBuf>,
@@ -51,9 +57,8 @@ pub struct Args {
     pub quantizer: Option<PathBuf>,
     #[command(flatten)]
     pub overrides: crate::common::Overrides,
-    /// Continue from the checkpoint in --out.
-    #[arg(long)]
-    pub resume: bool,
+    #[command(flatten)]
+    pub start: StartArgs,
     /// cpu, or cuda[:N] when built with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -78,8 +83,8 @@ pub struct DistillRequest {
     /// MVQ: a trained quantizer (else one is trained on the server-side set).
     pub quantizer: Option<PathBuf>,
     pub device: Device,
-    /// Continue from the checkpoint in `out`.
-    pub resume: bool,
+    /// What to do with an earlier run's files in `out`.
+    pub start: Start,
 }
 
 /// `summary.json` of a distillation run: the figures read elsewhere typed, the rest (teacher,
@@ -125,7 +130,11 @@ impl DistillOutcome {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut rf = DistillRunFile::load(args.config.as_deref(), &args.overrides.pairs())?;
+    let mut set = args.overrides.pairs();
+    if let Some(p) = args.preset {
+        set.insert(0, format!("pretraining.preset={}", p.name()));
+    }
+    let mut rf = DistillRunFile::load(args.config.as_deref(), &set)?;
     if let Some(t) = &args.teacher {
         rf.distillation.teacher = Some(t.clone());
     }
@@ -139,7 +148,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         out: args.out,
         quantizer: args.quantizer,
         device: device(&args.device)?,
-        resume: args.resume,
+        start: args.start.start(),
     };
     let summary = distill(&req)?;
     println!("{}", json_pretty(&summary)?);
@@ -179,7 +188,8 @@ pub fn distill(req: &DistillRequest) -> anyhow::Result<DistillOutcome> {
         &req.device,
     );
     let t0 = Instant::now();
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let _lock = open_run_folder(out, "distill", req.start, &[SERVER_LOG])?;
+    write_resolved_config(out, &rf.to_yaml()?)?;
     let d = rf.distillation.clone();
     if d.teacher.is_none() {
         bail!("distillation.teacher: no teacher given (use --teacher PATH)");
@@ -204,7 +214,7 @@ pub fn distill(req: &DistillRequest) -> anyhow::Result<DistillOutcome> {
         dirs,
         out,
         dev,
-        resume: req.resume,
+        resume: req.start == Start::Resume,
         run_cfg: base.run_config()?,
         train_cfg: base.train_config()?,
         strategy_cfg: base.strategy()?,

@@ -123,12 +123,13 @@ pub fn embed(req: &EmbedRequest) -> anyhow::Result<EmbedOutcome> {
     } else {
         audio.samples
     };
-    let min = model.config().conv_kernel[0];
-    if wave.len() < min * 2 {
+    let min = model.config().receptive_field();
+    if wave.len() < min {
         bail!(
-            "{}: {} samples is too short for the conv front-end",
+            "{}: {} samples is too short: the conv front-end needs at least {min} ({} ms at 16 kHz) for one frame",
             req.audio.display(),
-            wave.len()
+            wave.len(),
+            min / 16
         );
     }
     let (hs, last) = hidden_states(&model, &wave)?;

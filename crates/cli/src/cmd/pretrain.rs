@@ -6,18 +6,25 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use fedhubert_fl::{RoundRecord, StrategyConfig};
 use fedhubert_model::{Device, HubertForPretraining};
-use fedhubert_train::{Heldout, HubertClients, LocalTrainer, RunFile, load_client_dir};
+use fedhubert_train::{Heldout, HubertClients, LocalTrainer, Preset, RunFile, load_client_dir};
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    Overrides, client_dirs, device, federated_clients, json_pretty, resources, write_json,
+    Overrides, Start, StartArgs, client_dirs, device, federated_clients, json_pretty,
+    open_run_folder, resources, write_json, write_resolved_config,
 };
+
+/// The centralized baseline's checkpoint (model and optimizer) in `--out`.
+const CENTRALIZED_CHECKPOINT: &str = "trainer.safetensors";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// YAML run configuration (configs/*.yaml); every key can be overridden below or with --set.
-    #[arg(long)]
+    #[arg(long, required_unless_present = "preset")]
     pub config: Option<PathBuf>,
+    /// Without --config: every default of this model preset (tiny, student, base, large).
+    #[arg(long, conflicts_with = "config")]
+    pub preset: Option<Preset>,
     /// Partition folder written by `fedhubert prepare` (client_K/manifest.csv + labels from `fedhubert kmeans`).
     #[arg(long)]
     pub clients: PathBuf,
@@ -35,9 +42,8 @@ pub struct Args {
     pub steps: u64,
     #[command(flatten)]
     pub overrides: Overrides,
-    /// Continue from the checkpoint in --out.
-    #[arg(long)]
-    pub resume: bool,
+    #[command(flatten)]
+    pub start: StartArgs,
     /// A client-layout folder (manifest, features, labels from `kmeans --codebook`) of speakers
     /// no client has: the server evaluates the global model on all of it after every round (or
     /// every logged step when centralized), as `server_eval` in metrics.jsonl.
@@ -49,10 +55,11 @@ pub struct Args {
 }
 
 fn build_run_file(args: &Args) -> anyhow::Result<RunFile> {
-    Ok(RunFile::load(
-        args.config.as_deref(),
-        &args.overrides.pairs(),
-    )?)
+    let mut set = args.overrides.pairs();
+    if let Some(p) = args.preset {
+        set.insert(0, format!("pretraining.preset={}", p.name()));
+    }
+    Ok(RunFile::load(args.config.as_deref(), &set)?)
 }
 
 /// Federated simulation or the pooled (centralized) baseline.
@@ -71,8 +78,8 @@ pub struct PretrainRequest {
     pub out: PathBuf,
     /// Centralized: optimizer steps.
     pub steps: u64,
-    /// Continue from the checkpoint in `out`.
-    pub resume: bool,
+    /// What to do with an earlier run's files in `out`.
+    pub start: Start,
     /// Unseen-speaker folder the server evaluates on.
     pub heldout: Option<PathBuf>,
     pub run_file: RunFile,
@@ -173,7 +180,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         clients: args.clients,
         out: args.out,
         steps: args.steps,
-        resume: args.resume,
+        start: args.start.start(),
         heldout: args.heldout,
         run_file: rf,
         device: dev,
@@ -184,7 +191,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// Pretrains as the request says and writes the model (checkpoint and HF export) into `out`.
 pub fn pretrain(req: &PretrainRequest) -> anyhow::Result<PretrainOutcome> {
     let (rf, dev) = (&req.run_file, &req.device);
-    std::fs::create_dir_all(&req.out).with_context(|| format!("creating {}", req.out.display()))?;
+    let own: &[&str] = match req.mode {
+        PretrainMode::Centralized => &[CENTRALIZED_CHECKPOINT],
+        PretrainMode::Federated => &[],
+    };
+    let _lock = open_run_folder(&req.out, "pretrain", req.start, own)?;
+    write_resolved_config(&req.out, &rf.to_yaml()?)?;
     Ok(match req.mode {
         PretrainMode::Centralized => PretrainOutcome::Centralized(centralized(req, rf, dev)?),
         PretrainMode::Federated => PretrainOutcome::Federated(federated(req, rf, dev)?),
@@ -221,7 +233,7 @@ fn federated(
     rf: &RunFile,
     dev: &Device,
 ) -> anyhow::Result<FederatedSummary> {
-    let (out, resume) = (req.out.as_path(), req.resume);
+    let (out, resume) = (req.out.as_path(), req.start == Start::Resume);
     let dirs = federated_clients(&req.clients, rf.federated.run.num_clients)?;
     let model_cfg = rf.model_config()?;
     let pre = rf.pretrain_config()?;
@@ -313,15 +325,16 @@ fn centralized(
         dev,
     )?;
     let mut tr = LocalTrainer::new(model, tcfg, dev)?;
-    let ckpt = args.out.join("trainer.safetensors");
+    let ckpt = args.out.join(CENTRALIZED_CHECKPOINT);
+    let resume = args.start == Start::Resume;
     let mut start = 0;
-    if args.resume {
+    if resume {
         let meta = tr.load(&ckpt)?;
         start = meta.get("step").and_then(|s| s.parse().ok()).unwrap_or(0);
         println!("resuming at step {start} from {}", ckpt.display());
     }
     let metrics_path = args.out.join("metrics.jsonl");
-    let mut lines = if args.resume {
+    let mut lines = if resume {
         std::fs::read_to_string(&metrics_path).unwrap_or_default()
     } else {
         String::new()
