@@ -9,9 +9,9 @@ pub mod scan;
 
 use std::path::Path;
 
-pub use decode::{Audio, MODEL_SAMPLE_RATE, is_audio_file, load_audio};
+pub use decode::{Audio, MODEL_SAMPLE_RATE, decode_audio_bytes, is_audio_file, load_audio};
 pub use error::AudioError;
-pub use manifest::{Entry, Manifest, Split};
+pub use manifest::{Entry, Manifest, ManifestOptions, Split};
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a reader
 /// never sees a half-written file.

@@ -3,7 +3,7 @@
 //! The root is not stored in the CSV itself (it would break plain CSV readers); it is declared in
 //! `partition.json` next to the client folders, or given explicitly.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +34,21 @@ impl Entry {
     pub fn duration_s(&self) -> f64 {
         self.num_samples as f64 / crate::MODEL_SAMPLE_RATE as f64
     }
+
+    /// Errors unless `decoded` (samples at 16 kHz, as `load_audio` returns) equals the manifest's
+    /// `num_samples`: a file replaced or re-encoded since `prepare` would otherwise feed frames
+    /// that no longer match the features and labels computed from it.
+    pub fn check_decoded_len(&self, decoded: usize) -> Result<(), AudioError> {
+        if decoded as u64 == self.num_samples {
+            return Ok(());
+        }
+        Err(AudioError::NumSamplesMismatch {
+            path: PathBuf::from(&self.path),
+            id: self.id.clone(),
+            manifest: self.num_samples,
+            decoded: decoded as u64,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -42,8 +57,83 @@ pub struct Manifest {
     pub entries: Vec<Entry>,
 }
 
+/// How strictly a manifest is read. The default refuses everything the issue "nothing silently
+/// wrong" names: entries outside the root.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ManifestOptions {
+    /// Accept entry paths that are absolute or climb above the root with `..`. Off by default: a
+    /// partition is meant to move with its root, and a stray `../` reads audio nobody declared.
+    pub allow_outside_root: bool,
+}
+
 /// Name of the partition description written by `prepare` next to the client folders.
 pub const PARTITION_FILE: &str = "partition.json";
+
+/// Positions of the manifest's columns; the optional ones may be absent.
+struct Columns {
+    id: usize,
+    path: usize,
+    num_samples: usize,
+    split: Option<usize>,
+    sample_rate: Option<usize>,
+    speaker: Option<usize>,
+    chapter: Option<usize>,
+    transcript: Option<usize>,
+}
+
+impl Columns {
+    fn find(
+        path: &Path,
+        headers: &csv::StringRecord,
+        require_split: bool,
+    ) -> Result<Self, AudioError> {
+        let idx = |name: &str| headers.iter().position(|h| h == name);
+        let need = |name: &str, what: &str| {
+            idx(name).ok_or_else(|| AudioError::Manifest {
+                path: path.to_path_buf(),
+                line: 1,
+                why: format!("missing column `{name}` ({what})"),
+            })
+        };
+        let split = if require_split {
+            Some(need(
+                "split",
+                "train or valid for each row; without it every row would silently be a training row",
+            )?)
+        } else {
+            idx("split")
+        };
+        let basic = "expected at least id, path, num_samples";
+        Ok(Columns {
+            id: need("id", basic)?,
+            path: need("path", basic)?,
+            num_samples: need("num_samples", basic)?,
+            split,
+            sample_rate: idx("sample_rate"),
+            speaker: idx("speaker"),
+            chapter: idx("chapter"),
+            transcript: idx("transcript"),
+        })
+    }
+}
+
+/// True when `rel` joined to a root stays inside it: relative, and no `..` climbs above the start.
+/// Lexical on purpose: a symlink inside the root is the data owner's own choice.
+fn stays_inside(rel: &str) -> bool {
+    let mut depth = 0usize;
+    for c in Path::new(rel).components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => match depth.checked_sub(1) {
+                Some(d) => depth = d,
+                None => return false,
+            },
+            Component::RootDir | Component::Prefix(_) => return false,
+        }
+    }
+    true
+}
 
 impl Manifest {
     pub fn abs_path(&self, e: &Entry) -> PathBuf {
@@ -56,77 +146,36 @@ impl Manifest {
     }
 
     /// Loads a manifest; the root comes from `partition.json` in the manifest's folder or its parent.
+    /// Refuses paths outside the root (see [`Manifest::load_with`]).
     pub fn load(path: &Path) -> Result<Manifest, AudioError> {
-        let root = find_declared_root(path)?;
-        Self::load_with_root(path, root)
+        Self::load_with(path, None, ManifestOptions::default())
     }
 
+    /// Loads a manifest whose paths are relative to `root`. Refuses paths outside the root.
     pub fn load_with_root(path: &Path, root: PathBuf) -> Result<Manifest, AudioError> {
-        let mut rdr = csv::Reader::from_path(path).map_err(|e| csv_err(path, 0, e))?;
-        let headers = rdr.headers().map_err(|e| csv_err(path, 1, e))?.clone();
-        for col in ["id", "path", "num_samples"] {
-            if !headers.iter().any(|h| h == col) {
-                return Err(AudioError::Manifest {
-                    path: path.to_path_buf(),
-                    line: 1,
-                    why: format!(
-                        "missing column `{col}` (expected at least id, path, num_samples)"
-                    ),
-                });
-            }
-        }
-        let idx = |name: &str| headers.iter().position(|h| h == name);
-        let (i_id, i_path, i_n) = (
-            idx("id").unwrap(),
-            idx("path").unwrap(),
-            idx("num_samples").unwrap(),
-        );
-        let (i_split, i_sr, i_spk, i_ch, i_tr) = (
-            idx("split"),
-            idx("sample_rate"),
-            idx("speaker"),
-            idx("chapter"),
-            idx("transcript"),
-        );
-        let mut entries = Vec::new();
-        for (k, rec) in rdr.records().enumerate() {
-            let line = k + 2;
-            let rec = rec.map_err(|e| csv_err(path, line, e))?;
-            let get = |i: Option<usize>| i.and_then(|i| rec.get(i)).unwrap_or("").to_string();
-            let bad = |why: String| AudioError::Manifest {
-                path: path.to_path_buf(),
-                line,
-                why,
-            };
-            let num_samples = get(Some(i_n)).parse::<u64>().map_err(|_| {
-                bad(format!(
-                    "num_samples {:?} is not an integer",
-                    get(Some(i_n))
-                ))
-            })?;
-            let split = match get(i_split).as_str() {
-                "" | "train" => Split::Train,
-                "valid" => Split::Valid,
-                s => return Err(bad(format!("split {s:?} (expected train or valid)"))),
-            };
-            let sample_rate = match get(i_sr).as_str() {
-                "" => crate::MODEL_SAMPLE_RATE,
-                s => s
-                    .parse::<u32>()
-                    .map_err(|_| bad(format!("sample_rate {s:?} is not an integer")))?,
-            };
-            entries.push(Entry {
-                id: get(Some(i_id)),
-                path: get(Some(i_path)),
-                split,
-                num_samples,
-                sample_rate,
-                speaker: get(i_spk),
-                chapter: get(i_ch),
-                transcript: get(i_tr),
-            });
-        }
-        Ok(Manifest { root, entries })
+        Self::load_with(path, Some(root), ManifestOptions::default())
+    }
+
+    /// Loads a manifest with its root (`None`: declared by `partition.json`) and options. Every row
+    /// must have a `split`; a path outside the root is an error unless `opts` allows it.
+    pub fn load_with(
+        path: &Path,
+        root: Option<PathBuf>,
+        opts: ManifestOptions,
+    ) -> Result<Manifest, AudioError> {
+        let root = match root {
+            Some(r) => r,
+            None => find_declared_root(path)?,
+        };
+        read_manifest(path, root, opts, true)
+    }
+
+    /// Decodes the audio of `e` and checks its length against the manifest's `num_samples`.
+    /// Every reader of manifest audio should come through here rather than `load_audio`.
+    pub fn load_entry_audio(&self, e: &Entry) -> Result<crate::Audio, AudioError> {
+        let audio = crate::load_audio(&self.abs_path(e))?;
+        e.check_decoded_len(audio.samples.len())?;
+        Ok(audio)
     }
 
     /// Writes the manifest atomically.
@@ -140,6 +189,80 @@ impl Manifest {
             .map_err(|e| AudioError::io(path, e.into_error()))?;
         atomic_write(path, &bytes)
     }
+}
+
+/// Reads the rows of a manifest. `require_split` is false only for a corpus manifest given to
+/// `prepare`, whose splits the partitioner assigns anew.
+pub(crate) fn read_manifest(
+    path: &Path,
+    root: PathBuf,
+    opts: ManifestOptions,
+    require_split: bool,
+) -> Result<Manifest, AudioError> {
+    let mut rdr = csv::Reader::from_path(path).map_err(|e| csv_err(path, 0, e))?;
+    let headers = rdr.headers().map_err(|e| csv_err(path, 1, e))?.clone();
+    let cols = Columns::find(path, &headers, require_split)?;
+    let mut entries = Vec::new();
+    for (k, rec) in rdr.records().enumerate() {
+        let line = k + 2;
+        let rec = rec.map_err(|e| csv_err(path, line, e))?;
+        let e = parse_row(path, line, &rec, &cols, require_split)?;
+        if !opts.allow_outside_root && !stays_inside(&e.path) {
+            return Err(AudioError::OutsideRoot {
+                manifest: path.to_path_buf(),
+                line,
+                entry: e.path,
+                root,
+            });
+        }
+        entries.push(e);
+    }
+    Ok(Manifest { root, entries })
+}
+
+fn parse_row(
+    path: &Path,
+    line: usize,
+    rec: &csv::StringRecord,
+    cols: &Columns,
+    require_split: bool,
+) -> Result<Entry, AudioError> {
+    let get = |i: Option<usize>| i.and_then(|i| rec.get(i)).unwrap_or("").to_string();
+    let bad = |why: String| AudioError::Manifest {
+        path: path.to_path_buf(),
+        line,
+        why,
+    };
+    let n = get(Some(cols.num_samples));
+    let num_samples = n
+        .parse::<u64>()
+        .map_err(|_| bad(format!("num_samples {n:?} is not an integer")))?;
+    let split = match get(cols.split).as_str() {
+        "" if !require_split => Split::Train,
+        "train" => Split::Train,
+        "valid" => Split::Valid,
+        s => return Err(bad(format!("split {s:?} (expected train or valid)"))),
+    };
+    let sample_rate = match get(cols.sample_rate).as_str() {
+        "" => crate::MODEL_SAMPLE_RATE,
+        s => s
+            .parse::<u32>()
+            .map_err(|_| bad(format!("sample_rate {s:?} is not an integer")))?,
+    };
+    let entry_path = get(Some(cols.path));
+    if entry_path.is_empty() {
+        return Err(bad("empty path".into()));
+    }
+    Ok(Entry {
+        id: get(Some(cols.id)),
+        path: entry_path,
+        split,
+        num_samples,
+        sample_rate,
+        speaker: get(cols.speaker),
+        chapter: get(cols.chapter),
+        transcript: get(cols.transcript),
+    })
 }
 
 fn csv_err(path: &Path, line: usize, e: csv::Error) -> AudioError {

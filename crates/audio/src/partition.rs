@@ -103,12 +103,16 @@ pub fn partition(corpus: &Corpus, cfg: &PartitionConfig) -> Result<Vec<Vec<Entry
                 )));
             }
             // Longest-processing-time greedy: biggest speakers first onto the lightest client.
-            let mut spk: Vec<(&str, u64, &Vec<usize>)> = by_speaker
+            // Sums in u128: `num_samples` comes from a manifest, and u64 sums of it can overflow.
+            let mut spk: Vec<(&str, u128, &Vec<usize>)> = by_speaker
                 .iter()
-                .map(|(s, ix)| (*s, ix.iter().map(|&i| utts[i].num_samples).sum(), ix))
+                .map(|(s, ix)| {
+                    let dur = ix.iter().map(|&i| utts[i].num_samples as u128).sum();
+                    (*s, dur, ix)
+                })
                 .collect();
             spk.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-            let mut load = vec![0u64; n];
+            let mut load = vec![0u128; n];
             let mut out = vec![Vec::new(); n];
             for (_, dur, ix) in spk {
                 let c = (0..n).min_by_key(|&c| (load[c], c)).unwrap();
@@ -184,6 +188,13 @@ fn dirichlet(
     min_size: usize,
     rng: &mut ChaCha8Rng,
 ) -> Result<Vec<Vec<usize>>, AudioError> {
+    // Every client needs at least one utterance, so more clients than utterances can never
+    // succeed; refusing here also keeps a huge client count from sizing the buffers below.
+    if n > total {
+        return Err(AudioError::Partition(format!(
+            "{n} clients but only {total} utterances"
+        )));
+    }
     let gamma = Gamma::new(alpha, 1.0)
         .map_err(|e| AudioError::Partition(format!("dirichlet alpha {alpha}: {e}")))?;
     let avg = total as f64 / n as f64;

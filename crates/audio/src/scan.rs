@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::{AudioError, Entry, Manifest, Split, is_audio_file, load_audio};
+use crate::manifest::{ManifestOptions, find_declared_root, read_manifest};
+use crate::{AudioError, Entry, Split, is_audio_file, load_audio};
 
 /// A file left out under `--skip-bad`, with the reason.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -150,6 +151,8 @@ fn collect(
                     AudioError::Io { path, .. }
                     | AudioError::Decode { path, .. }
                     | AudioError::Empty { path }
+                    | AudioError::HeaderExceedsFile { path, .. }
+                    | AudioError::TooLong { path, .. }
                     | AudioError::Unsupported { path }
                     | AudioError::Resample { path, .. } => rel(&root, path),
                     _ => String::new(),
@@ -181,17 +184,30 @@ fn collect(
     })
 }
 
-/// Reads an existing manifest CSV as a corpus (splits are reassigned by the partitioner). Files are
-/// checked to exist; their sample counts are taken from the manifest.
+/// Reads an existing manifest CSV as a corpus (splits are reassigned by the partitioner, so a
+/// `split` column is optional here). Files are checked to exist; their sample counts are taken
+/// from the manifest (and checked against the audio when features are extracted). Paths outside
+/// the root are refused; see [`scan_manifest_with`].
 pub fn scan_manifest(
     path: &Path,
     root: Option<PathBuf>,
     skip_bad: bool,
 ) -> Result<Corpus, AudioError> {
-    let m = match root {
-        Some(r) => Manifest::load_with_root(path, r)?,
-        None => Manifest::load(path)?,
+    scan_manifest_with(path, root, skip_bad, ManifestOptions::default())
+}
+
+/// [`scan_manifest`] with explicit options (e.g. `allow_outside_root`).
+pub fn scan_manifest_with(
+    path: &Path,
+    root: Option<PathBuf>,
+    skip_bad: bool,
+    opts: ManifestOptions,
+) -> Result<Corpus, AudioError> {
+    let root = match root {
+        Some(r) => r,
+        None => find_declared_root(path)?,
     };
+    let m = read_manifest(path, root, opts, false)?;
     let results = m
         .entries
         .iter()

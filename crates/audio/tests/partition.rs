@@ -206,3 +206,36 @@ fn unwritable_output_is_an_error_naming_the_path() {
     let e = write_partition(&blocker.join("out"), &c, &p, &conf).unwrap_err();
     assert!(e.to_string().contains("file/out"), "{e}");
 }
+
+/// Found by `fedhubert-fuzz` (target partition): `num_samples` comes from a manifest, and one
+/// speaker's total of 2^63-1 + 2^63+1 overflowed the u64 sum (a panic in debug builds, a wrapped,
+/// wrong balance in release).
+#[test]
+fn huge_num_samples_do_not_overflow_the_speaker_balance() {
+    let mut c = synthetic(3, 1);
+    c.utterances.push(Entry {
+        id: "0-0-9".into(),
+        ..c.utterances[0].clone()
+    });
+    c.utterances[0].num_samples = (1 << 63) - 1;
+    c.utterances.last_mut().unwrap().num_samples = (1 << 63) + 1;
+    let clients = partition(&c, &cfg(Method::Speaker, 2, 0)).unwrap();
+    // Speaker 0 outweighs the others together, so it sits alone on one client.
+    let alone: Vec<_> = clients
+        .iter()
+        .filter(|k| k.iter().all(|e| e.speaker == "0"))
+        .collect();
+    assert_eq!(alone.len(), 1);
+    assert_eq!(alone[0].len(), 2);
+}
+
+/// A Dirichlet partition with more clients than utterances cannot succeed; it is refused before
+/// buffers are sized by the client count (2^40 clients asked for 24 TiB and aborted the process).
+#[test]
+fn dirichlet_with_more_clients_than_utterances_is_an_error() {
+    let c = synthetic(2, 2);
+    for n in [5, 1 << 40, usize::MAX] {
+        let e = partition(&c, &cfg(Method::Dirichlet { alpha: 1.0 }, n, 0)).unwrap_err();
+        assert!(e.to_string().contains("only 4 utterances"), "{e}");
+    }
+}

@@ -133,6 +133,38 @@ pub fn open_run_folder(
     Ok(fedhubert_fl::store::open_run_folder(out, command, start, own_files)?)
 }
 
+/// Most threads `--threads` accepts: a pool of millions of threads would exhaust the machine
+/// before it did any work.
+const MAX_THREADS: usize = 1024;
+
+/// `--threads N`: 0 (one per core) up to [`MAX_THREADS`].
+pub fn parse_threads(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number of threads (0: one per core)"))?;
+    if n > MAX_THREADS {
+        return Err(format!(
+            "{n}: at most {MAX_THREADS} threads (0: one per core, {} here)",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ));
+    }
+    Ok(n)
+}
+
+/// Whether two paths name one existing folder.
+pub fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Locks `dir` for `command` until the lock drops: every command that writes a folder holds one,
+/// so two runs never mix their files in it.
+pub fn lock_folder(dir: &Path, command: &str) -> anyhow::Result<fedhubert_fl::FolderLock> {
+    Ok(fedhubert_fl::FolderLock::acquire(dir, command)?)
+}
+
 /// Prints the run's resolved configuration (every key, defaults included) and writes it to
 /// `out/config.yaml`, beside the checkpoint, so the run's settings are never a guess.
 pub fn write_resolved_config(out: &Path, yaml: &str) -> anyhow::Result<()> {
@@ -203,7 +235,7 @@ pub fn train_quantizer(
     seed: u64,
 ) -> anyhow::Result<(Quantizer, QuantizerReport)> {
     let d = &rf.distillation;
-    let data = load_audio_dir(set, &rf.pretraining.label_stem, d.server_max_utterances)?;
+    let data = load_audio_dir(set, &rf.run_file().label_spec(), d.server_max_utterances)?;
     let (x, dim) = teacher.layer_frames(
         &data.train,
         layer,

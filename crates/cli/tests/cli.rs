@@ -414,7 +414,7 @@ fn heldout_speakers_are_labelled_with_the_codebook_and_evaluated_every_round() {
     std::fs::create_dir_all(held.join("client_3")).unwrap();
     let parts = f.path.join("parts");
     std::fs::copy(parts.join("partition.json"), held.join("partition.json")).unwrap();
-    for name in ["manifest.csv", "mfcc.npy", "mfcc.len"] {
+    for name in ["manifest.csv", "mfcc.npy", "mfcc.len", "mfcc.provenance.json"] {
         std::fs::copy(
             parts.join("client_3").join(name),
             held.join("client_3").join(name),
@@ -475,4 +475,125 @@ fn heldout_speakers_are_labelled_with_the_codebook_and_evaluated_every_round() {
     let lr = |r: &serde_json::Value| (r["lr"][0].as_f64().unwrap(), r["lr"][1].as_f64().unwrap());
     assert_eq!(lr(&recs[0]), (1e-3, 1e-3));
     assert_eq!(lr(&recs[1]), (2e-3, 1e-3));
+}
+
+/// The fixture's teacher command line, into `out` with `extra` arguments.
+fn teacher_args(parts: &str, out: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "pretrain",
+        "--simulation",
+        "--config",
+        "configs/tiny.yaml",
+        "--clients",
+        parts,
+        "--out",
+        out,
+        "--num-clients",
+        "3",
+        "--num-rounds",
+        "2",
+        "--set",
+        "pretraining.vocab_size=20",
+        "--set",
+        "pretraining.local_steps=2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn a_rerun_without_resume_is_refused_and_keeps_the_checkpoint() {
+    let f = fixture();
+    let parts = f.path.join("parts");
+    let teacher = f.path.join("teacher");
+    let ck = teacher.join("checkpoint.safetensors");
+    let before = std::fs::read(&ck).unwrap();
+    let args = teacher_args(parts.to_str().unwrap(), teacher.to_str().unwrap(), &[]);
+    let e = fail(&strs(&args));
+    assert!(e.contains("--resume") && e.contains("--overwrite"), "{e}");
+    assert!(e.contains("checkpoint.safetensors"), "{e}");
+    assert_eq!(std::fs::read(&ck).unwrap(), before, "the checkpoint was touched");
+    // The resolved configuration of the run that made it is beside it.
+    let cfg = std::fs::read_to_string(teacher.join("config.yaml")).unwrap();
+    assert!(cfg.contains("vocab_size: 20") && cfg.contains("local_steps: 2"), "{cfg}");
+}
+
+/// A copy of the fixture partition's first two clients (audio stays where it is).
+fn copy_partition(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    std::fs::copy(src.join("partition.json"), dst.join("partition.json")).unwrap();
+    for c in ["client_0", "client_1"] {
+        std::fs::create_dir_all(dst.join(c)).unwrap();
+        for e in std::fs::read_dir(src.join(c)).unwrap().flatten() {
+            if e.path().is_file() {
+                std::fs::copy(e.path(), dst.join(c).join(e.file_name())).unwrap();
+            }
+        }
+    }
+}
+
+fn two_client_run(parts: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v = teacher_args(parts.to_str().unwrap(), out.to_str().unwrap(), extra);
+    let i = v.iter().position(|a| a == "--num-clients").unwrap();
+    v[i + 1] = "2".into();
+    v
+}
+
+#[test]
+fn stale_labels_are_refused_before_training_naming_what_to_rerun() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p");
+    copy_partition(&f.path.join("parts"), &p);
+    let out = dir.path().join("out");
+    // Two manifest rows swapped after `kmeans`: same rows, other order.
+    let m = p.join("client_0/manifest.csv");
+    let text = std::fs::read_to_string(&m).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.swap(1, 2);
+    std::fs::write(&m, lines.join("\n") + "\n").unwrap();
+    let e = fail(&strs(&two_client_run(&p, &out, &[])));
+    assert!(e.contains("client_0/manifest.csv") && e.contains("rerun `fedhubert kmeans`"), "{e}");
+    assert!(!out.join("checkpoint.safetensors").exists());
+    std::fs::write(&m, &text).unwrap();
+    // Labels at 100 Hz read at another rate.
+    let e = fail(&strs(&two_client_run(&p, &out, &["--set", "pretraining.label_rate=50"])));
+    assert!(e.contains("label_rate") && e.contains("100"), "{e}");
+    // Client 1 relabelled by another codebook (a kmeans that stopped half way).
+    let q = dir.path().join("q");
+    copy_partition(&f.path.join("parts"), &q);
+    let km = dir.path().join("km10");
+    let qs = q.to_str().unwrap();
+    ok(&["kmeans", "--clients", qs, "--mode", "federated", "--k", "10", "--out", km.to_str().unwrap()]);
+    for name in ["km.npy", "km.len", "km.provenance.json"] {
+        std::fs::copy(q.join("client_1").join(name), p.join("client_1").join(name)).unwrap();
+    }
+    let e = fail(&strs(&two_client_run(&p, &out, &[])));
+    assert!(e.contains("different codebooks") && e.contains("k=10") && e.contains("k=20"), "{e}");
+}
+
+#[test]
+fn a_corrupt_checkpoint_is_refused_naming_the_tensor() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(f.path.join("teacher/model.safetensors")).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x40;
+    std::fs::write(&bad, &bytes).unwrap();
+    let e = fail(&[
+        "export",
+        "--checkpoint",
+        bad.to_str().unwrap(),
+        "--out",
+        dir.path().join("hf").to_str().unwrap(),
+    ]);
+    assert!(e.contains("model.safetensors") && e.contains("tensor `") && e.contains("corrupt"), "{e}");
 }

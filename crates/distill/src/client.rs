@@ -47,8 +47,8 @@ impl DistillClients {
     }
 
     fn data(&mut self, c: usize) -> Result<Arc<ClientData>, String> {
-        let stem = &self.sim.label_stem;
-        self.clients.get(c, |dir| load_audio_dir(dir, stem, 0))
+        let labels = &self.sim.labels;
+        self.clients.get(c, |dir| load_audio_dir(dir, labels, 0))
     }
 
     /// The trainer for client `c`: the global weights, and in MVQ mode with

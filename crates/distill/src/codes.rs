@@ -7,8 +7,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use fedhubert_audio::Manifest;
+use fedhubert_io::provenance::Provenance;
 
 use crate::{DistillError, Result};
+
+/// The files of a code shard `STEM.*`, each with whether its provenance stamp hashes it.
+pub const CODE_FILES: [(&str, bool); 2] = [("len", true), ("u8", false)];
 
 /// The codes of one client folder, by utterance id.
 #[derive(Debug, Clone)]
@@ -55,6 +59,9 @@ impl CodeTable {
                 ),
             ));
         }
+        // Codes of an edited manifest (or re-prepared folder) are another utterance's codes.
+        let remake = format!("fedhubert mvq encode --stem {stem}");
+        Provenance::read_for_shard(dir, stem, &remake)?.check(dir, &[("manifest", &mpath)])?;
         let total: usize = lens.iter().sum();
         if total * num_codebooks != bytes.len() {
             return Err(bad(

@@ -3,17 +3,17 @@
 
 use std::path::Path;
 
-use fedhubert_audio::{Manifest, Split, load_audio};
-use fedhubert_train::{ClientData, Utt, load_client_dir};
+use fedhubert_audio::{Manifest, Split};
+use fedhubert_train::{ClientData, LabelSpec, Utt, load_client_dir};
 
 use crate::{DistillError, Result};
 
 /// Loads `DIR/manifest.csv` with the labels of `DIR/{label_stem}.npy` when that shard exists,
 /// else with empty labels (masked prediction then refuses to run, naming the missing file).
 /// `max_utterances` > 0 keeps the first that many training utterances.
-pub fn load_audio_dir(dir: &Path, label_stem: &str, max_utterances: usize) -> Result<ClientData> {
-    let mut data = if dir.join(format!("{label_stem}.npy")).is_file() {
-        load_client_dir(dir, label_stem)?
+pub fn load_audio_dir(dir: &Path, labels: &LabelSpec, max_utterances: usize) -> Result<ClientData> {
+    let mut data = if dir.join(format!("{}.npy", labels.stem)).is_file() {
+        load_client_dir(dir, labels)?
     } else {
         let mpath = dir.join("manifest.csv");
         if !mpath.is_file() {
@@ -25,7 +25,7 @@ pub fn load_audio_dir(dir: &Path, label_stem: &str, max_utterances: usize) -> Re
         let manifest = Manifest::load(&mpath)?;
         let mut d = ClientData::default();
         for e in &manifest.entries {
-            let audio = load_audio(&manifest.abs_path(e))?;
+            let audio = manifest.load_entry_audio(e)?;
             let utt = Utt {
                 id: e.id.clone(),
                 wav: audio.samples,

@@ -58,6 +58,8 @@ pub enum DistillError {
     Audio(#[from] fedhubert_audio::AudioError),
     #[error(transparent)]
     Features(#[from] fedhubert_features::FeatureError),
+    #[error(transparent)]
+    Provenance(#[from] fedhubert_io::provenance::ProvenanceError),
     /// A configuration field is invalid; the message starts with the field's name.
     #[error("config: {0}")]
     Config(String),

@@ -111,7 +111,7 @@ impl DistillSetup {
         let set = d.server_set.as_ref().ok_or_else(|| {
             cfg_err("distillation.server_set: server mode needs a server-side audio set")
         })?;
-        let data = load_audio_dir(set, &rf.pretraining.label_stem, d.server_max_utterances)
+        let data = load_audio_dir(set, &rf.run_file().label_spec(), d.server_max_utterances)
             .map_err(|e| match e {
                 DistillError::Data(m) => {
                     DistillError::Data(format!("distillation.server_set: {m}"))

@@ -3,6 +3,7 @@
 //! 39-dim MFCC, a quick k-means into 16 classes, labels written as `km.npy` / `km.len`, and a tiny
 //! teacher briefly pretrained on them.
 
+use fedhubert_train::LabelSpec;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -154,6 +155,13 @@ fn build() -> Fixture {
             w.push(&labels).unwrap();
         }
         w.finish().unwrap();
+        // Labels made here, recorded as `fedhubert kmeans` records its own.
+        fedhubert_io::provenance::Provenance::new("labels", "test")
+            .input_file("manifest", &dir.join("manifest.csv"))
+            .unwrap()
+            .param("label_rate", 100.0)
+            .write_for_shard(&dir, "km")
+            .unwrap();
     }
     // Tiny teacher, briefly pretrained (masked prediction only: alpha 0, no distillation term) on
     // client 2, the server-side set of these tests.
@@ -177,7 +185,7 @@ fn build() -> Fixture {
         train: tiny_train(),
     };
     let mut tr = DistillTrainer::new(ds, parts, &dev).unwrap();
-    let data = load_audio_dir(&root.join("client_2"), "km", 0).unwrap();
+    let data = load_audio_dir(&root.join("client_2"), &LabelSpec::default(), 0).unwrap();
     let m = tr
         .train_steps(&data.train, 12, |_| 2e-3, 3, None, |_, _| {})
         .unwrap();
@@ -272,7 +280,7 @@ fn server_mode_distils_the_aggregate_and_losses_fall() {
         5,
     );
     assert_eq!(ds.feat_proj.len(), plan.feature.len());
-    let server_data = load_audio_dir(&f.root.join("client_2"), "km", 0).unwrap();
+    let server_data = load_audio_dir(&f.root.join("client_2"), &LabelSpec::default(), 0).unwrap();
     let parts = DistillParts {
         teacher: teacher,
         cfg: cfg,
@@ -449,7 +457,7 @@ fn mvq_mode_quantizer_and_codebook_loss_falls() {
     cfg.mvq.num_codebooks = 4;
     cfg.mvq.refine_iters = 2;
     let plan = cfg.layer_plan(2, teacher.num_layers()).unwrap();
-    let server = load_audio_dir(&f.root.join("client_2"), "km", 0).unwrap();
+    let server = load_audio_dir(&f.root.join("client_2"), &LabelSpec::default(), 0).unwrap();
     let (x, dim) = teacher
         .layer_frames(&server.train, plan.mvq, 160_000, 8_000, 0)
         .unwrap();
@@ -461,7 +469,7 @@ fn mvq_mode_quantizer_and_codebook_loss_falls() {
         "{rep:?}"
     );
     // Held-out frames (client 0's audio) encode with a similar error.
-    let held = load_audio_dir(&f.root.join("client_0"), "km", 3).unwrap();
+    let held = load_audio_dir(&f.root.join("client_0"), &LabelSpec::default(), 3).unwrap();
     let (hx, _) = teacher
         .layer_frames(&held.train, plan.mvq, 160_000, 4_000, 0)
         .unwrap();
@@ -549,7 +557,7 @@ fn teacher_without_head_refuses_output_distillation() {
 fn distillation_steps_honour_update_freq_and_proximal_mu() {
     let f = fixture();
     let dev = cpu_device();
-    let data = load_audio_dir(&f.root.join("client_0"), "km", 0).unwrap();
+    let data = load_audio_dir(&f.root.join("client_0"), &LabelSpec::default(), 0).unwrap();
     let make = |update_freq: usize| {
         let teacher = Teacher::load(&f.teacher, &dev).unwrap();
         let cfg = DistillConfig {

@@ -8,7 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use fedhubert_audio::{Manifest, load_audio};
+use fedhubert_audio::Manifest;
+use fedhubert_io::provenance::Provenance;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -112,7 +113,8 @@ impl FeaturesInfo {
 /// Extracts the 39-dim MFCC of every manifest row into `out_dir/STEM.npy` + `STEM.len` (rows in
 /// manifest order) and writes `out_dir/features.json`. `manifest_path` is only recorded and used in
 /// error messages. A row whose audio is missing or corrupt is an error naming the manifest line, the
-/// utterance and the file; nothing is left behind (the shard is renamed into place only when complete).
+/// utterance and the file, and so is one whose decoded length is not the row's `num_samples`;
+/// nothing is left behind (the shard is renamed into place only when complete).
 pub fn extract_manifest(
     manifest: &Manifest,
     manifest_path: &Path,
@@ -161,21 +163,17 @@ pub fn extract_manifest(
                     || mfcc.scratch(),
                     |scratch, (k, e)| {
                         let row = c * chunk + k;
-                        let path = manifest.abs_path(e);
-                        let audio = load_audio(&path).map_err(|error| FeatureError::Audio {
-                            manifest: manifest_path.to_path_buf(),
-                            line: row + 2,
-                            id: e.id.clone(),
-                            error,
-                        })?;
-                        if audio.samples.len() as u64 != e.num_samples {
-                            tracing::debug!(
-                                "{}: {} samples decoded, manifest says {}",
-                                path.display(),
-                                audio.samples.len(),
-                                e.num_samples
-                            );
-                        }
+                        // A length that disagrees with the manifest is an error: the file
+                        // changed since `prepare`, and its frames would not match its row.
+                        let audio =
+                            manifest
+                                .load_entry_audio(e)
+                                .map_err(|error| FeatureError::Audio {
+                                    manifest: manifest_path.to_path_buf(),
+                                    line: row + 2,
+                                    id: e.id.clone(),
+                                    error,
+                                })?;
                         let mut out = Vec::new();
                         mfcc.compute_into(&audio.samples, scratch, &mut out);
                         Ok((out, audio.samples.len()))
@@ -222,6 +220,26 @@ pub fn extract_manifest(
             .expect("plain struct")
             .as_bytes(),
     )?;
+    // What the labels computed from these features check: this manifest, at this frame rate.
+    let record = Provenance::new("features", "fedhubert features");
+    // A manifest built in memory has no file to hash; one read from disk is recorded.
+    let record = if manifest_path.is_file() {
+        record.input_file("manifest", manifest_path)
+    } else {
+        Ok(record)
+    };
+    record
+        .and_then(|r| {
+            r.param("feature", "mfcc")
+                .param("dims", MFCC_DIM)
+                .param("frame_rate", FRAME_RATE)
+                .param("recipe", RECIPE)
+                .write_for_shard(out_dir, &opts.stem)
+        })
+        .map_err(|e| FeatureError::Format {
+            path: e.path,
+            why: e.why,
+        })?;
     Ok(ExtractSummary {
         npy,
         len,
@@ -260,18 +278,20 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FeatureError> {
 mod tests {
     use super::*;
     use crate::shard::ShardReader;
-    use fedhubert_audio::{Entry, Split};
+    use fedhubert_audio::{Entry, Split, load_audio};
 
     fn sample_dir() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/librispeech-sample")
     }
 
+    /// An entry with the decoded length of its file (0 when it cannot be decoded).
     fn entry(id: &str, path: &str) -> Entry {
+        let num_samples = load_audio(&sample_dir().join(path)).map_or(0, |a| a.samples.len());
         Entry {
             id: id.into(),
             path: path.into(),
             split: Split::Train,
-            num_samples: 0,
+            num_samples: num_samples as u64,
             sample_rate: 16_000,
             speaker: String::new(),
             chapter: String::new(),
@@ -341,6 +361,43 @@ mod tests {
             (39, 100.0, m.entries.len(), s.frames)
         );
         assert!((info.audio_seconds - s.audio_seconds).abs() < 1e-9 && s.audio_seconds > 1.0);
+    }
+
+    #[test]
+    fn num_samples_mismatch_names_the_row_and_leaves_no_shard() {
+        let mut entries: Vec<Entry> = flacs().iter().take(2).map(|p| entry("ok", p)).collect();
+        entries[1].id = "stale".into();
+        entries[1].num_samples += 1;
+        let n = entries[1].num_samples;
+        let m = Manifest {
+            root: sample_dir(),
+            entries,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let err = extract_manifest(
+            &m,
+            Path::new("c/manifest.csv"),
+            dir.path(),
+            &Default::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(
+                &err,
+                FeatureError::Audio {
+                    error: fedhubert_audio::AudioError::NumSamplesMismatch { .. },
+                    ..
+                }
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("line 3") && msg.contains("stale") && msg.contains(&n.to_string()),
+            "{msg}"
+        );
+        assert!(!shard_exists(dir.path(), MFCC_STEM));
     }
 
     #[test]

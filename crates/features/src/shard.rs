@@ -115,6 +115,13 @@ pub struct ShardWriter<T: NpyElem> {
 
 impl<T: NpyElem> ShardWriter<T> {
     pub fn create(dir: &Path, stem: &str, dim: Option<usize>) -> Result<Self, FeatureError> {
+        if dim == Some(0) {
+            // Frames of zero values cannot be counted (and `push` would divide by zero).
+            return Err(FeatureError::Shape(format!(
+                "shard {stem} in {}: frame dim must be at least 1",
+                dir.display()
+            )));
+        }
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let (npy_path, len_path) = shard_paths(dir, stem);
         let (npy_tmp, len_tmp) = (tmp_path(&npy_path), tmp_path(&len_path));
@@ -207,8 +214,21 @@ pub struct ShardReader<T: NpyElem> {
     _t: std::marker::PhantomData<T>,
 }
 
-/// Parses the header of an `.npy` file: returns (descr, shape, header bytes).
-fn parse_header(path: &Path, r: &mut impl Read) -> Result<(String, Vec<usize>), FeatureError> {
+/// What an `.npy` header declares.
+struct NpyHeader {
+    descr: String,
+    shape: Vec<usize>,
+    /// Bytes before the data: magic, version, length field and the header dictionary.
+    data_offset: u64,
+}
+
+/// Parses the header of an `.npy` file of `file_bytes` bytes. The header length field is checked
+/// against the file before the header is read: a version-2 field can claim 4 GiB.
+fn parse_header(
+    path: &Path,
+    r: &mut impl Read,
+    file_bytes: u64,
+) -> Result<NpyHeader, FeatureError> {
     let bad = |why: &str| FeatureError::Format {
         path: path.to_path_buf(),
         why: why.to_string(),
@@ -218,16 +238,25 @@ fn parse_header(path: &Path, r: &mut impl Read) -> Result<(String, Vec<usize>), 
     if &magic[..6] != b"\x93NUMPY" {
         return Err(bad("not an .npy file (bad magic)"));
     }
-    let hlen = match magic[6] {
-        1 => u16::from_le_bytes([magic[8], magic[9]]) as usize,
+    let (hlen, prefix) = match magic[6] {
+        1 => (u16::from_le_bytes([magic[8], magic[9]]) as u64, 10),
         2 | 3 => {
             let mut rest = [0u8; 2];
             r.read_exact(&mut rest).map_err(|e| io_err(path, e))?;
-            u32::from_le_bytes([magic[8], magic[9], rest[0], rest[1]]) as usize
+            let n = u32::from_le_bytes([magic[8], magic[9], rest[0], rest[1]]);
+            (n as u64, 12)
         }
         v => return Err(bad(&format!("unsupported .npy version {v}"))),
     };
-    let mut h = vec![0u8; hlen];
+    if prefix + hlen > file_bytes {
+        return Err(FeatureError::HeaderExceedsFile {
+            path: path.to_path_buf(),
+            what: format!("{hlen}-byte header"),
+            declared: prefix + hlen,
+            file_bytes,
+        });
+    }
+    let mut h = vec![0u8; hlen as usize];
     r.read_exact(&mut h).map_err(|e| io_err(path, e))?;
     let h = String::from_utf8_lossy(&h).to_string();
     if h.contains("'fortran_order': True") {
@@ -251,42 +280,96 @@ fn parse_header(path: &Path, r: &mut impl Read) -> Result<(String, Vec<usize>), 
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<usize>().map_err(|_| bad("bad shape")))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((descr, shape))
+    Ok(NpyHeader {
+        descr,
+        shape,
+        data_offset: prefix + hlen,
+    })
+}
+
+/// Frame counts of a `.len` index, one per line.
+fn read_lengths(len_path: &Path) -> Result<Vec<usize>, FeatureError> {
+    let lf = File::open(len_path).map_err(|e| io_err(len_path, e))?;
+    let mut lengths = Vec::new();
+    for (i, line) in BufReader::new(lf).lines().enumerate() {
+        let line = line.map_err(|e| io_err(len_path, e))?;
+        let n = line
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| FeatureError::Format {
+                path: len_path.to_path_buf(),
+                why: format!("line {}: expected a frame count, found {line:?}", i + 1),
+            })?;
+        lengths.push(n);
+    }
+    Ok(lengths)
+}
+
+/// Checks what the header declares against the `.len` index and the file's size; returns `dim`.
+/// Every later read is sized from these numbers, so they must describe bytes that exist.
+fn check_layout<T: NpyElem>(
+    npy_path: &Path,
+    len_path: &Path,
+    h: &NpyHeader,
+    lengths: &[usize],
+    file_bytes: u64,
+) -> Result<usize, FeatureError> {
+    let format = |why: String| FeatureError::Format {
+        path: npy_path.to_path_buf(),
+        why,
+    };
+    if h.descr != T::DESCR {
+        return Err(format(format!("dtype {}, expected {}", h.descr, T::DESCR)));
+    }
+    let (rows, dim) = match h.shape[..] {
+        [rows] => (rows, 1),
+        [rows, dim] if dim > 0 => (rows, dim),
+        _ => {
+            return Err(format(format!(
+                "shape {:?}, expected (rows,) or (rows, dim) with dim >= 1",
+                h.shape
+            )));
+        }
+    };
+    let sum = lengths
+        .iter()
+        .try_fold(0usize, |a, &n| a.checked_add(n))
+        .ok_or_else(|| FeatureError::Format {
+            path: len_path.to_path_buf(),
+            why: "frame counts overflow when summed".into(),
+        })?;
+    if rows != sum {
+        return Err(format(format!(
+            "{:?} rows but the .len index sums to {sum} frames",
+            h.shape
+        )));
+    }
+    let available = file_bytes - h.data_offset;
+    let declared = (rows as u64)
+        .checked_mul(dim as u64)
+        .and_then(|v| v.checked_mul(T::SIZE as u64));
+    if declared != Some(available) {
+        return Err(FeatureError::DataSize {
+            path: npy_path.to_path_buf(),
+            shape: h.shape.clone(),
+            declared,
+            available,
+        });
+    }
+    Ok(dim)
 }
 
 impl<T: NpyElem> ShardReader<T> {
+    /// Opens `stem.npy` + `stem.len`, checking dtype, that the index sums to the row count, and
+    /// that the data section is exactly as long as the header's shape says.
     pub fn open(dir: &Path, stem: &str) -> Result<Self, FeatureError> {
         let (npy_path, len_path) = shard_paths(dir, stem);
-        let lf = File::open(&len_path).map_err(|e| io_err(&len_path, e))?;
-        let mut lengths = Vec::new();
-        for (i, line) in BufReader::new(lf).lines().enumerate() {
-            let line = line.map_err(|e| io_err(&len_path, e))?;
-            let n = line
-                .trim()
-                .parse::<usize>()
-                .map_err(|_| FeatureError::Format {
-                    path: len_path.clone(),
-                    why: format!("line {}: expected a frame count, found {line:?}", i + 1),
-                })?;
-            lengths.push(n);
-        }
+        let lengths = read_lengths(&len_path)?;
         let f = File::open(&npy_path).map_err(|e| io_err(&npy_path, e))?;
+        let file_bytes = f.metadata().map_err(|e| io_err(&npy_path, e))?.len();
         let mut reader = BufReader::with_capacity(1 << 20, f);
-        let (descr, shape) = parse_header(&npy_path, &mut reader)?;
-        if descr != T::DESCR {
-            return Err(FeatureError::Format {
-                path: npy_path,
-                why: format!("dtype {descr}, expected {}", T::DESCR),
-            });
-        }
-        let rows: usize = lengths.iter().sum();
-        if shape.first() != Some(&rows) {
-            return Err(FeatureError::Format {
-                path: npy_path,
-                why: format!("{shape:?} rows but the .len index sums to {rows} frames"),
-            });
-        }
-        let dim = shape.get(1).copied().unwrap_or(1);
+        let header = parse_header(&npy_path, &mut reader, file_bytes)?;
+        let dim = check_layout::<T>(&npy_path, &len_path, &header, &lengths, file_bytes)?;
         Ok(Self {
             path: npy_path,
             reader,
@@ -373,6 +456,117 @@ mod tests {
         w.push(&[1.0, 2.0]).unwrap();
         drop(w);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// An `.npy` with a hand-written header dictionary (version 1) and `data` after it.
+    fn raw_npy(dict: &str, data: &[u8]) -> Vec<u8> {
+        let mut v = b"\x93NUMPY\x01\x00".to_vec();
+        v.extend((dict.len() as u16).to_le_bytes());
+        v.extend(dict.as_bytes());
+        v.extend(data);
+        v
+    }
+
+    fn open_raw(npy: &[u8], len: &str) -> Result<ShardReader<f32>, FeatureError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.npy"), npy).unwrap();
+        std::fs::write(dir.path().join("x.len"), len).unwrap();
+        ShardReader::<f32>::open(dir.path(), "x")
+    }
+
+    #[test]
+    fn shape_larger_than_the_file_is_an_error_before_any_read() {
+        // 10 rows of 10^12 values: reading the first row once tried to allocate 4 TB.
+        let npy = raw_npy(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (10, 1000000000000), }",
+            &[0u8; 16],
+        );
+        let err = open_raw(&npy, "10\n").err().unwrap();
+        let msg = err.to_string();
+        assert!(
+            matches!(
+                &err,
+                FeatureError::DataSize {
+                    declared: Some(40_000_000_000_000),
+                    available: 16,
+                    ..
+                }
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("x.npy") && msg.contains("40000000000000"),
+            "{msg}"
+        );
+        // A product beyond u64 is reported as such, not wrapped around.
+        let npy = raw_npy(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 18446744073709551615), }",
+            &[],
+        );
+        let err = open_raw(&npy, "1\n").err().unwrap();
+        assert!(
+            matches!(err, FeatureError::DataSize { declared: None, .. }),
+            "{err}"
+        );
+        // Trailing bytes are as wrong as missing ones.
+        let npy = raw_npy(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2), }",
+            &[0u8; 12],
+        );
+        let err = open_raw(&npy, "1\n").err().unwrap();
+        assert!(
+            matches!(
+                err,
+                FeatureError::DataSize {
+                    declared: Some(8),
+                    available: 12,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let npy = raw_npy(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2), }",
+            &[0u8; 8],
+        );
+        assert_eq!(
+            open_raw(&npy, "1\n").unwrap().read_all().unwrap(),
+            vec![vec![0.0; 2]]
+        );
+    }
+
+    #[test]
+    fn header_length_beyond_the_file_is_an_error() {
+        // Version 2 carries a 32-bit header length: 4 GiB claimed by a 12-byte file.
+        let npy = b"\x93NUMPY\x02\x00\xff\xff\xff\xff".to_vec();
+        let err = open_raw(&npy, "1\n").err().unwrap();
+        assert!(
+            matches!(&err, FeatureError::HeaderExceedsFile { file_bytes: 12, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("x.npy"), "{err}");
+    }
+
+    #[test]
+    fn odd_shapes_and_index_overflow_are_errors() {
+        let dict =
+            |shape: &str| format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+        for shape in ["(2, 1, 1)", "(2, 0)", "()"] {
+            let err = open_raw(&raw_npy(&dict(shape), &[0u8; 8]), "2\n")
+                .err()
+                .unwrap();
+            assert!(matches!(err, FeatureError::Format { .. }), "{shape}: {err}");
+        }
+        let max = usize::MAX;
+        let err = open_raw(&raw_npy(&dict("(1,)"), &[0u8; 4]), &format!("{max}\n1\n"))
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("x.len") && err.to_string().contains("overflow"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        assert!(ShardWriter::<f32>::create(dir.path(), "z", Some(0)).is_err());
     }
 
     #[test]

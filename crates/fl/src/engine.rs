@@ -492,16 +492,19 @@ impl RoundEngine {
             }
         };
         a.client_bytes.insert(c, (down, up));
-        a.metrics.push((num_examples, metrics.clone()));
         let res = FitRes {
             client: c,
             weights,
             num_examples,
-            metrics,
+            metrics: metrics.clone(),
         };
+        // A reply the strategy refuses (NaN weights, a wrong layout) counts as a failure, and
+        // its metrics and examples stay out of the round's record as its weights stay out of
+        // the aggregate.
         match self.strategy.accumulate(res) {
             Err(e) => fail(a, e.to_string()),
             Ok(()) => {
+                a.metrics.push((num_examples, metrics));
                 a.participated.push(c);
                 self.synced.insert(c);
             }
@@ -559,10 +562,21 @@ impl RoundEngine {
     }
 
     fn retry(&mut self, got: usize, sampled: usize) -> Result<Progress, FlError> {
-        let why = self
-            .round_failures
+        // Each distinct failure once, with the attempts it happened in: the message used to
+        // repeat every earlier attempt's failures and grew with each retry.
+        let mut seen: Vec<(usize, &str, Vec<u32>)> = Vec::new();
+        for f in &self.round_failures {
+            match seen.iter_mut().find(|(c, w, _)| *c == f.client && *w == f.why) {
+                Some((_, _, attempts)) => attempts.push(f.attempt + 1),
+                None => seen.push((f.client, &f.why, vec![f.attempt + 1])),
+            }
+        }
+        let why = seen
             .iter()
-            .map(|f| format!("client {}: {}", f.client, f.why))
+            .map(|(c, w, a)| match a.len() {
+                1 => format!("client {c}: {w}"),
+                _ => format!("client {c} (attempts {a:?}): {w}"),
+            })
             .collect::<Vec<_>>()
             .join("; ");
         tracing::warn!(

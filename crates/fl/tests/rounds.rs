@@ -19,6 +19,38 @@ struct Toy {
     panic: Vec<usize>,
 }
 
+/// Toy clients of which some misbehave every round, and a server that dies in `die_in_round`
+/// after aggregating it but before its checkpoint (the server-side evaluation fails).
+struct Faulty {
+    toy: Toy,
+    nan: Vec<usize>,
+    die_in_round: Option<u64>,
+}
+
+impl ClientPool for Faulty {
+    fn num_clients(&self) -> usize {
+        self.toy.n
+    }
+    fn fit(&mut self, c: usize, g: &Weights, cfg: &ClientInstructions) -> Result<FitRes, String> {
+        let mut r = self.toy.fit(c, g, cfg)?;
+        if self.nan.contains(&c) {
+            r.weights.iter_data_mut().for_each(|x| *x = f32::NAN);
+            r.metrics.insert("loss".into(), f64::NAN);
+        }
+        Ok(r)
+    }
+    fn evaluate(&mut self, c: usize, g: &Weights, cfg: &ClientInstructions) -> Result<EvalRes, String> {
+        self.toy.evaluate(c, g, cfg)
+    }
+    fn evaluate_global(
+        &mut self,
+        round: u64,
+        _global: &Weights,
+    ) -> Option<Result<BTreeMap<String, f64>, String>> {
+        (self.die_in_round == Some(round)).then(|| Err("the server was killed".into()))
+    }
+}
+
 fn model(dim: usize) -> Weights {
     Weights::new(vec![
         Tensor {
@@ -489,4 +521,55 @@ fn engine_refuses_repeated_misplaced_and_unsampled_replies() {
         "no checkpoint in the middle of a round"
     );
     e.close_exchange().unwrap();
+}
+
+#[test]
+fn misbehaving_clients_and_a_killed_server_leave_the_run_exact() {
+    let faulty = |die_in_round| Faulty {
+        toy: Toy {
+            n: 6,
+            fail: vec![1],
+            slow: vec![2],
+            panic: vec![3],
+        },
+        nan: vec![4],
+        die_in_round,
+    };
+    let c = RunConfig {
+        num_rounds: 3,
+        fraction_fit: 1.0,
+        min_fit_clients: 2,
+        round_timeout_s: Some(0.2),
+        ..Default::default()
+    };
+    let whole = tempfile::tempdir().unwrap();
+    let want = run(&mut faulty(None), fedavg(), model(4), &c, Some(whole.path()), false, |_| {})
+        .unwrap();
+    for rec in &want.history {
+        // Only the well-behaved clients 0 and 5 reach the aggregate and the round's figures.
+        assert_eq!(rec.participated, vec![0, 5], "round {}", rec.round);
+        let failed: Vec<usize> = rec.failures.iter().map(|f| f.client).collect();
+        assert_eq!(failed, vec![1, 2, 3, 4]);
+        assert!(rec.failures[3].why.contains("NaN"), "{:?}", rec.failures[3]);
+        assert_eq!(rec.num_examples, 1 + 6);
+        assert!(rec.train["loss"].is_finite());
+    }
+    assert!(want.weights.iter_data().all(|x| x.is_finite()));
+    // The server dies in round 3 after aggregating it; the checkpoint is round 2's.
+    let dir = tempfile::tempdir().unwrap();
+    let e = run(&mut faulty(Some(3)), fedavg(), model(4), &c, Some(dir.path()), false, |_| {})
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("killed"), "{e}");
+    assert_eq!(load_checkpoint(&dir.path().join("checkpoint.safetensors")).unwrap().round, 2);
+    let got = run(&mut faulty(None), fedavg(), model(4), &c, Some(dir.path()), true, |_| {})
+        .unwrap();
+    assert!(got.weights == want.weights, "the resumed run differs from the uninterrupted one");
+    // Each round's record too, less its wall-clock figures (times, the straggler's lateness).
+    let key = |r: &fedhubert_fl::RoundRecord| {
+        let failed: Vec<usize> = r.failures.iter().map(|f| f.client).collect();
+        (r.round, r.participated.clone(), failed, r.train.clone(), r.num_examples)
+    };
+    let (a, b): (Vec<_>, Vec<_>) = (got.history.iter().map(key).collect(), want.history.iter().map(key).collect());
+    assert_eq!(a, b);
 }

@@ -2,6 +2,7 @@
 //! atomic writes (a reader never sees half a file, a crash never leaves one), safetensors files
 //! whose bytes depend only on their contents, and the named random streams ([`seeds`]).
 
+pub mod provenance;
 pub mod seeds;
 pub mod tensor;
 
@@ -67,6 +68,52 @@ pub fn format_version(meta: &BTreeMap<String, String>, format: &str) -> Option<u
     (named == format).then(|| meta.get("format_version")?.parse().ok())?
 }
 
+/// Metadata key of the per-tensor CRC-32 checksums every fedhubert safetensors file carries:
+/// bytes flipped in a checkpoint used to go unnoticed by resume, export, embed and probe.
+pub const CHECKSUMS_KEY: &str = "fedhubert_crc32";
+
+/// `{"tensor name": "crc32 in hex", ...}` of the tensors' data, in name order.
+fn checksums<S: AsRef<str>, V: View>(tensors: &[(S, V)]) -> String {
+    let map: BTreeMap<&str, String> = tensors
+        .iter()
+        .map(|(n, v)| (n.as_ref(), format!("{:08x}", crc32fast::hash(&v.data()))))
+        .collect();
+    serde_json::to_string(&map).unwrap_or_default()
+}
+
+/// Errors, naming the tensor, unless every tensor's data matches the checksum its writer
+/// stored (`checksums`: the [`CHECKSUMS_KEY`] metadata; files written elsewhere, such as a
+/// transformers checkpoint, have none and are read as they are).
+pub fn verify_checksums(
+    st: &safetensors::SafeTensors<'_>,
+    checksums: Option<&String>,
+) -> Result<(), String> {
+    let Some(json) = checksums else {
+        return Ok(());
+    };
+    let want: BTreeMap<String, String> = serde_json::from_str(json)
+        .map_err(|e| format!("metadata {CHECKSUMS_KEY} is not a checksum table: {e}"))?;
+    let names = st.names();
+    if let Some(missing) = want.keys().find(|n| !names.contains(&n.as_str())) {
+        return Err(format!(
+            "tensor `{missing}` is listed in the checksums but not in the file (truncated or edited)"
+        ));
+    }
+    for (name, view) in st.tensors() {
+        let got = format!("{:08x}", crc32fast::hash(view.data()));
+        match want.get(&name) {
+            Some(w) if *w == got => {}
+            Some(w) => {
+                return Err(format!(
+                    "tensor `{name}`: checksum {got}, but {w} when written: the file is corrupt (bytes changed after it was written)"
+                ));
+            }
+            None => return Err(format!("tensor `{name}` has no checksum: the file was edited")),
+        }
+    }
+    Ok(())
+}
+
 /// safetensors bytes whose header lists `__metadata__` in key order. `safetensors::serialize`
 /// takes the metadata as a `HashMap` and writes it in hash order, so the same checkpoint written
 /// twice differed byte-wise; a resumed run must be able to reproduce its files exactly.
@@ -79,10 +126,11 @@ where
     V: View,
     I: IntoIterator<Item = (S, V)>,
 {
+    let tensors: Vec<(S, V)> = tensors.into_iter().collect();
+    let mut metadata = metadata.clone();
+    metadata.insert(CHECKSUMS_KEY.into(), checksums(&tensors));
+    let metadata = &metadata;
     let plain = safetensors::serialize(tensors, None)?;
-    if metadata.is_empty() {
-        return Ok(plain);
-    }
     let n = u64::from_le_bytes(plain[..8].try_into().expect("8-byte header length")) as usize;
     let header = std::str::from_utf8(&plain[8..8 + n])
         .expect("safetensors writes a UTF-8 header")
@@ -117,6 +165,27 @@ mod tests {
     }
 
     #[test]
+    fn a_flipped_byte_is_found_and_the_tensor_named() {
+        let a: Vec<u8> = [1.0f32, 2.0, 3.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let b: Vec<u8> = [4.0f32].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let views = vec![
+            ("w.a", TensorView::new(Dtype::F32, vec![3], &a).unwrap()),
+            ("w.b", TensorView::new(Dtype::F32, vec![1], &b).unwrap()),
+        ];
+        let mut bytes = safetensors_bytes(views, &meta(&[("x", "1")])).unwrap();
+        let check = |bytes: &[u8]| {
+            let (_, m) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
+            let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+            verify_checksums(&st, m.metadata().as_ref().unwrap().get(CHECKSUMS_KEY))
+        };
+        check(&bytes).unwrap();
+        // The last data byte belongs to w.b (tensors are laid out in name order).
+        *bytes.last_mut().unwrap() ^= 0x10;
+        let e = check(&bytes).unwrap_err();
+        assert!(e.contains("`w.b`") && e.contains("corrupt"), "{e}");
+    }
+
+    #[test]
     fn metadata_is_sorted_and_file_reads_back() {
         let a: Vec<u8> = [1.0f32, 2.0, 3.0]
             .iter()
@@ -148,7 +217,9 @@ mod tests {
         assert!(pos("alpha") < pos("mid") && pos("mid") < pos("q") && pos("q") < pos("zeta"));
         let (_, parsed) = safetensors::SafeTensors::read_metadata(&first).unwrap();
         let got = parsed.metadata().clone().unwrap();
-        assert_eq!(got.len(), 4);
+        // The four given, and the checksums every file carries.
+        assert_eq!(got.len(), 5);
+        assert!(got.contains_key(CHECKSUMS_KEY));
         assert_eq!(got["q"], "\"quoted\"");
         let st = safetensors::SafeTensors::deserialize(&first).unwrap();
         assert_eq!(st.tensor("w.a").unwrap().data(), &a[..]);

@@ -191,7 +191,9 @@ pub fn save_safetensors(
 }
 
 /// Reads every f32 tensor of a safetensors file, grouped by the prefix before the first '/'.
-/// Tensor order within a group follows the file's names in sorted order unless `order` is given.
+/// Tensor order within a group follows the file's names in sorted order unless `order` is given,
+/// in which case it must name every tensor of the file exactly once. Memory is bounded by the
+/// file's size: the safetensors header is validated against the bytes that exist.
 pub fn load_safetensors(
     path: &Path,
 ) -> Result<(BTreeMap<String, Weights>, BTreeMap<String, String>), TensorError> {
@@ -212,16 +214,10 @@ pub fn load_safetensors(
         .unwrap_or_default()
         .into_iter()
         .collect();
-    let order: Vec<String> = metadata
-        .get("order")
-        .map(|o| o.split(',').map(str::to_string).collect())
-        .unwrap_or_else(|| {
-            let mut n: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-            n.sort();
-            n
-        });
+    crate::verify_checksums(&st, metadata.get(crate::CHECKSUMS_KEY)).map_err(bad)?;
+    let order = tensor_order(&st, &metadata).map_err(bad)?;
     let mut groups: BTreeMap<String, Weights> = BTreeMap::new();
-    for full in order.iter().filter(|n| !n.is_empty()) {
+    for full in &order {
         let t = st.tensor(full).map_err(|e| bad(format!("{full}: {e}")))?;
         if t.dtype() != Dtype::F32 {
             return Err(bad(format!("{full}: dtype {:?}, expected F32", t.dtype())));
@@ -245,6 +241,38 @@ pub fn load_safetensors(
     Ok((groups, metadata))
 }
 
+/// The tensor names to read, in order: the `order` metadata when present, else sorted names. A
+/// name listed twice would copy its tensor twice (a short header could multiply a large tensor
+/// without bound), and a tensor the list leaves out would be dropped silently: both are errors.
+fn tensor_order(
+    st: &safetensors::SafeTensors<'_>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<String>, String> {
+    let mut in_file: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    in_file.sort();
+    let Some(listed) = metadata.get("order") else {
+        return Ok(in_file);
+    };
+    let order: Vec<String> = listed
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for name in &order {
+        if !seen.insert(name.as_str()) {
+            return Err(format!("metadata `order` lists tensor {name} twice"));
+        }
+    }
+    if let Some(left_out) = in_file.iter().find(|n| !seen.contains(n.as_str())) {
+        return Err(format!(
+            "tensor {left_out} is in the file but not in its metadata `order` ({} names)",
+            order.len()
+        ));
+    }
+    Ok(order)
+}
+
 /// The `order` metadata entry that makes `load_safetensors` restore tensor order exactly.
 pub fn order_metadata(groups: &[(&str, &Weights)]) -> String {
     groups
@@ -252,4 +280,67 @@ pub fn order_metadata(groups: &[(&str, &Weights)]) -> String {
         .flat_map(|(p, w)| w.tensors.iter().map(move |t| format!("{p}{}", t.name)))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(names: &[&str]) -> Weights {
+        names
+            .iter()
+            .map(|n| Tensor {
+                name: n.to_string(),
+                shape: vec![2],
+                data: vec![1.0, 2.0],
+            })
+            .collect()
+    }
+
+    fn write_with_order(path: &Path, w: &Weights, order: &str) {
+        let meta = [("order".to_string(), order.to_string())].into();
+        save_safetensors(path, &[("g/", w)], meta).unwrap();
+    }
+
+    #[test]
+    fn order_restores_and_must_name_each_tensor_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.safetensors");
+        let w = weights(&["b", "a"]);
+        write_with_order(&p, &w, &order_metadata(&[("g/", &w)]));
+        let (groups, _) = load_safetensors(&p).unwrap();
+        assert_eq!(groups["g"], w, "order metadata restores b before a");
+        // A name listed twice copied the tensor twice: a short header could multiply a big
+        // tensor without bound. A tensor left out was dropped without a word.
+        for (order, why) in [("g/b,g/a,g/b", "twice"), ("g/b", "not in its metadata")] {
+            write_with_order(&p, &w, order);
+            let e = load_safetensors(&p).unwrap_err().to_string();
+            assert!(
+                e.contains("w.safetensors") && e.contains(why),
+                "{order}: {e}"
+            );
+        }
+        write_with_order(&p, &w, "g/b,g/a,g/zz");
+        assert!(
+            load_safetensors(&p).is_err(),
+            "a listed name that is absent"
+        );
+    }
+
+    #[test]
+    fn header_claiming_more_than_the_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        let w = weights(&["a"]);
+        save_safetensors(&p, &[("g/", &w)], BTreeMap::new()).unwrap();
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes.truncate(bytes.len() - 4);
+        std::fs::write(&p, &bytes).unwrap();
+        let e = load_safetensors(&p).unwrap_err();
+        assert!(matches!(e, TensorError::Format { .. }), "{e}");
+        bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&p, &bytes).unwrap();
+        let e = load_safetensors(&p).unwrap_err();
+        assert!(e.to_string().contains("t.safetensors"), "{e}");
+    }
 }

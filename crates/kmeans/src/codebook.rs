@@ -35,6 +35,16 @@ impl Codebook {
         Ok(Self { k, dim, centroids })
     }
 
+    /// SHA-256 of the codebook's shape and centroids: what the labels it made record, so labels
+    /// of two codebooks (a `kmeans` that failed half way) are never trained on together.
+    pub fn digest(&self) -> String {
+        let mut bytes = Vec::with_capacity(16 + 4 * self.centroids.len());
+        bytes.extend((self.k as u64).to_le_bytes());
+        bytes.extend((self.dim as u64).to_le_bytes());
+        bytes.extend(self.centroids.iter().flat_map(|c| c.to_le_bytes()));
+        fedhubert_io::provenance::sha256_bytes(&bytes)
+    }
+
     pub fn row(&self, j: usize) -> &[f32] {
         &self.centroids[j * self.dim..(j + 1) * self.dim]
     }
@@ -101,6 +111,8 @@ impl Codebook {
         let (_, header) =
             safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let checksums = header.metadata().as_ref().and_then(|m| m.get(fedhubert_io::CHECKSUMS_KEY));
+        fedhubert_io::verify_checksums(&st, checksums).map_err(bad)?;
         let t = st
             .tensor("centroids")
             .map_err(|e| bad(format!("no `centroids` tensor: {e}")))?;

@@ -43,6 +43,8 @@ pub enum KmError {
     },
     #[error(transparent)]
     Features(#[from] fedhubert_features::FeatureError),
+    #[error(transparent)]
+    Provenance(#[from] fedhubert_io::provenance::ProvenanceError),
     #[error("{0}")]
     Invalid(String),
     #[error("{path}: {why}")]

@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use fedhubert_features::shard::{ShardReader, ShardWriter};
+use fedhubert_io::provenance::Provenance;
 use serde::{Deserialize, Serialize};
 
 use crate::codebook::Codebook;
@@ -75,6 +76,8 @@ pub fn label_client(
             codebook.k
         )));
     }
+    let manifest = dir.join("manifest.csv");
+    let features = features_record(dir, feature, &manifest)?;
     let mut reader = ShardReader::<f32>::open(dir, feature)?;
     if reader.dim() != codebook.dim {
         return Err(KmError::Invalid(format!(
@@ -126,8 +129,44 @@ pub fn label_client(
         rep.utterances += 1;
         rep.frames += m as u64;
     }
-    if let Some(w) = writer {
+    if let (Some(w), Some(stem)) = (writer, out_stem) {
         w.finish()?;
+        label_record(&features, feature, codebook, &manifest)?.write_for_shard(dir, stem)?;
     }
     Ok(rep)
+}
+
+/// The record of the features `dir/FEATURE` labels are computed from, checked against the
+/// folder's manifest (when it has one): features of an edited or re-prepared manifest are stale.
+fn features_record(dir: &Path, feature: &str, manifest: &Path) -> Result<Provenance> {
+    let rec = Provenance::read_for_shard(dir, feature, "fedhubert features")?;
+    let inputs: Vec<(&str, &Path)> = if manifest.is_file() {
+        vec![("manifest", manifest)]
+    } else {
+        vec![]
+    };
+    rec.check(dir, &inputs)?;
+    Ok(rec)
+}
+
+/// The labels' record: their manifest, features and codebook, and the rate they run at (the
+/// features' frame rate).
+fn label_record(
+    features: &Provenance,
+    feature: &str,
+    codebook: &Codebook,
+    manifest: &Path,
+) -> Result<Provenance> {
+    let mut rec = Provenance::new("labels", "fedhubert kmeans")
+        .param("feature", feature)
+        .param("k", codebook.k)
+        .param("codebook", codebook.digest());
+    if let Some(rate) = features.params.get("frame_rate") {
+        rec = rec.param("label_rate", rate.clone());
+    }
+    rec.inputs.insert("features".into(), features.digest());
+    if manifest.is_file() {
+        rec = rec.input_file("manifest", manifest)?;
+    }
+    Ok(rec)
 }

@@ -380,6 +380,11 @@ fn write_client(dir: &Path, x: &[f32], d: usize, lens: &[usize]) {
     }
     assert_eq!(off * d, x.len());
     w.finish().unwrap();
+    // Synthetic features, recorded as `fedhubert features` records real ones.
+    fedhubert_io::provenance::Provenance::new("features", "test")
+        .param("frame_rate", 100.0)
+        .write_for_shard(dir, "mfcc")
+        .unwrap();
 }
 
 #[test]

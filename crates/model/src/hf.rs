@@ -199,6 +199,8 @@ pub fn read_safetensors(
     let metadata = meta.metadata().clone().unwrap_or_default();
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| ModelError::SafeTensors(format!("{}: {e}", path.display())))?;
+    fedhubert_io::verify_checksums(&st, metadata.get(fedhubert_io::CHECKSUMS_KEY))
+        .map_err(|e| ModelError::SafeTensors(format!("{}: {e}", path.display())))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let data = decode(&name, &view)?;

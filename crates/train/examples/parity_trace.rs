@@ -13,6 +13,7 @@
 #[allow(dead_code)]
 mod common;
 
+use fedhubert_train::LabelSpec;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -54,7 +55,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&data_dir);
     let k = 50;
     let dirs = common::labelled_partition(&data_dir, 1, k);
-    let data = load_client_dir(&dirs[0], "km").unwrap();
+    let data = load_client_dir(&dirs[0], &LabelSpec::default()).unwrap();
     let manifest = Manifest::load(&dirs[0].join("manifest.csv")).unwrap();
     let audio: BTreeMap<String, String> = (manifest.entries.iter())
         .map(|e| (e.id.clone(), manifest.abs_path(e).display().to_string()))

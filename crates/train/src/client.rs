@@ -16,14 +16,14 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::core::{AdamState, Reported};
-use crate::data::{BatchConfig, ClientData, Utt, epoch_batches, load_client_dir};
+use crate::data::{BatchConfig, ClientData, LabelSpec, Utt, epoch_batches, load_client_dir};
 use crate::trainer::{LocalTrainer, TrainConfig, evaluate_model};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimConfig {
-    /// Label shard name in each client folder (`km` → km.npy / km.len).
-    pub label_stem: String,
+    /// Label shard in each client folder (`km` → km.npy / km.len) and its rate.
+    pub labels: LabelSpec,
     /// Keep decoded client audio in memory between rounds (fine for small corpora; turn off for
     /// many large clients so memory stays bounded by one client).
     pub cache_clients: bool,
@@ -32,7 +32,7 @@ pub struct SimConfig {
 impl Default for SimConfig {
     fn default() -> Self {
         Self {
-            label_stem: "km".into(),
+            labels: LabelSpec::default(),
             cache_clients: true,
         }
     }
@@ -143,8 +143,8 @@ pub struct Heldout {
 
 impl Heldout {
     /// Every utterance (both splits) of a client-layout folder: manifest, features and labels.
-    pub fn load(dir: &Path, label_stem: &str) -> Result<Self, crate::TrainError> {
-        let d = load_client_dir(dir, label_stem)?;
+    pub fn load(dir: &Path, labels: &LabelSpec) -> Result<Self, crate::TrainError> {
+        let d = load_client_dir(dir, labels)?;
         let utts: Vec<Utt> = d.train.into_iter().chain(d.valid).collect();
         Ok(Self {
             majority_rate: majority_rate(&utts),
@@ -299,8 +299,8 @@ impl HubertClients {
     }
 
     fn data(&mut self, c: usize) -> Result<Arc<ClientData>, String> {
-        let stem = &self.sim.label_stem;
-        self.clients.get(c, |dir| load_client_dir(dir, stem))
+        let labels = &self.sim.labels;
+        self.clients.get(c, |dir| load_client_dir(dir, labels))
     }
 }
 

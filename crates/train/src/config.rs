@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
 use crate::client::SimConfig;
-use crate::data::BatchConfig;
+use crate::data::{BatchConfig, LabelSpec};
 use crate::trainer::{FEATURE_EXTRACTOR, TrainConfig};
 
 /// The `federated:` section. The seeds' YAML puts the strategy's settings beside the run's
@@ -470,6 +470,25 @@ impl RunFile {
             }
         }
         self.strategy()?;
+        // The round settings, before any partition is read (the client count is checked
+        // against the partition when the run starts).
+        let f = &self.federated.run;
+        RunConfig {
+            num_rounds: f.num_rounds,
+            fraction_fit: f.client_fraction,
+            min_fit_clients: f.min_fit_clients,
+            fraction_evaluate: f.fraction_evaluate,
+            client: ClientSettings {
+                proximal_mu: f.proximal_mu,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .validate(usize::MAX)
+        .map_err(|e| match e {
+            fedhubert_fl::FlError::Config(why) => cfg_err(why),
+            e => e.into(),
+        })?;
         // The schedule is checked where a run builds it: a federated run's in `run_config`,
         // a centralized run's (another length) by `lr_schedule(Some(steps))`.
         self.train_config()?.validate()
@@ -605,8 +624,16 @@ impl RunFile {
 
     pub fn sim_config(&self) -> SimConfig {
         SimConfig {
-            label_stem: self.pretraining.label_stem.clone(),
+            labels: self.label_spec(),
             cache_clients: self.pretraining.cache_clients,
+        }
+    }
+
+    /// The label shard clients train on and its rate.
+    pub fn label_spec(&self) -> LabelSpec {
+        LabelSpec {
+            stem: self.pretraining.label_stem.clone(),
+            rate: self.pretraining.label_rate,
         }
     }
 

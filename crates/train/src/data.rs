@@ -1,10 +1,11 @@
 //! A client's data in memory: decoded 16 kHz audio and its k-means labels, split train/valid, and
 //! fairseq-style batches (length-sorted, cropped to the shortest utterance of the batch).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use fedhubert_audio::{Manifest, Split, load_audio};
+use fedhubert_audio::{Manifest, Split};
 use fedhubert_features::shard::ShardReader;
+use fedhubert_io::provenance::Provenance;
 use rand::Rng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -34,30 +35,141 @@ impl ClientData {
     }
 }
 
-/// Loads `DIR/manifest.csv` with the labels of shard `DIR/{label_stem}.npy` (one row per manifest
-/// row, in order). Every mismatch names the file.
-pub fn load_client_dir(dir: &Path, label_stem: &str) -> Result<ClientData, TrainError> {
+/// Which label shard of a client folder the model trains on, and at which rate (frames per
+/// second) its labels run: the run file's `label_stem` and `label_rate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelSpec {
+    pub stem: String,
+    pub rate: f64,
+}
+
+impl Default for LabelSpec {
+    fn default() -> Self {
+        Self {
+            stem: "km".into(),
+            rate: 100.0,
+        }
+    }
+}
+
+/// fairseq `HubertDataset.verify_label_lengths`' tolerance: an utterance's duration from its
+/// audio and from its labels at `label_rate` may differ by this much (seconds). fairseq warns
+/// and trains on; a misaligned label file is an error here.
+pub const LABEL_LENGTH_TOLERANCE_S: f64 = 0.1;
+
+/// The command that remakes label shards.
+const REMAKE_LABELS: &str = "fedhubert kmeans";
+
+/// Errors unless the labels of `dir` were made from this very manifest (their provenance
+/// record), at `labels.rate`.
+fn check_label_provenance(dir: &Path, labels: &LabelSpec) -> Result<(), TrainError> {
+    let rec = Provenance::read_for_shard(dir, &labels.stem, REMAKE_LABELS)?;
+    rec.check(dir, &[("manifest", &dir.join("manifest.csv"))])?;
+    if let Some(made) = rec.params.get("label_rate").and_then(|v| v.as_f64())
+        && (made - labels.rate).abs() > 1e-9
+    {
+        return Err(TrainError::Data(format!(
+            "{}: labels at {made} Hz but pretraining.label_rate is {}: set label_rate: {made}, or relabel with features at {} Hz",
+            dir.join(format!("{}.npy", labels.stem)).display(),
+            labels.rate,
+            labels.rate
+        )));
+    }
+    Ok(())
+}
+
+/// Errors unless `n_labels` frames at `rate` span the utterance's audio within
+/// [`LABEL_LENGTH_TOLERANCE_S`], naming the utterance.
+fn check_label_length(
+    dir: &Path,
+    id: &str,
+    samples: usize,
+    n_labels: usize,
+    labels: &LabelSpec,
+) -> Result<(), TrainError> {
+    let from_audio = samples as f64 / fedhubert_audio::MODEL_SAMPLE_RATE as f64;
+    let from_labels = n_labels as f64 / labels.rate;
+    if (from_audio - from_labels).abs() > LABEL_LENGTH_TOLERANCE_S {
+        return Err(TrainError::Data(format!(
+            "{}: utterance {id}: {n_labels} labels at label_rate {} Hz span {from_labels:.3} s but its audio is {from_audio:.3} s (tolerance {LABEL_LENGTH_TOLERANCE_S} s): the labels are not this audio's at this rate; check pretraining.label_rate, or rerun `{REMAKE_LABELS}`",
+            dir.join(format!("{}.npy", labels.stem)).display(),
+            labels.rate
+        )));
+    }
+    Ok(())
+}
+
+/// Errors unless every client folder's labels were made from its manifest at `labels.rate`
+/// (see [`load_client_dir`]; checked before a run starts, not in its first round) and all come
+/// from one codebook: a `kmeans` that failed
+/// half way leaves some clients relabelled (say k=10) and others with the previous labels
+/// (k=20), and a run on both would train on two target sets without a word.
+pub fn check_partition_labels(dirs: &[PathBuf], labels: &LabelSpec) -> Result<(), TrainError> {
+    let mut first: Option<(&Path, String)> = None;
+    for d in dirs {
+        check_label_provenance(d, labels)?;
+        let rec = Provenance::read_for_shard(d, &labels.stem, REMAKE_LABELS)?;
+        let cb = rec
+            .params
+            .get("codebook")
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        match &first {
+            None => first = Some((d, cb)),
+            Some((d0, cb0)) if *cb0 != cb => {
+                return Err(TrainError::Data(format!(
+                    "{} and {} hold labels of different codebooks ({} and {}): a kmeans run did not finish for every client, or labelled each with its own codebook (--mode local); rerun `{REMAKE_LABELS}` on the whole partition with one codebook",
+                    d0.join(format!("{}.npy", labels.stem)).display(),
+                    d.join(format!("{}.npy", labels.stem)).display(),
+                    describe_codebook(&Provenance::read_for_shard(d0, &labels.stem, REMAKE_LABELS)?),
+                    describe_codebook(&rec),
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+fn describe_codebook(rec: &Provenance) -> String {
+    let k = rec.params.get("k").map(|v| v.to_string()).unwrap_or("?".into());
+    let h = rec
+        .params
+        .get("codebook")
+        .and_then(|v| v.as_str())
+        .map(|h| &h[..h.len().min(12)])
+        .unwrap_or("none");
+    format!("k={k}, codebook {h}")
+}
+
+/// Loads `DIR/manifest.csv` with the labels of shard `DIR/{stem}.npy` (one row per manifest
+/// row, in order). The labels must have been made from this manifest (their provenance record)
+/// and each utterance's labels must span its audio at `labels.rate`; every mismatch names the
+/// file, and the utterance where it is one.
+pub fn load_client_dir(dir: &Path, labels: &LabelSpec) -> Result<ClientData, TrainError> {
     let mpath = dir.join("manifest.csv");
     let manifest = Manifest::load(&mpath)?;
-    let mut reader = ShardReader::<u16>::open(dir, label_stem)?;
+    check_label_provenance(dir, labels)?;
+    let mut reader = ShardReader::<u16>::open(dir, &labels.stem)?;
     if reader.lengths().len() != manifest.entries.len() {
         return Err(TrainError::Data(format!(
-            "{}: {} label rows but {} has {} utterances; rerun `fedhubert kmeans` for this partition",
-            dir.join(format!("{label_stem}.len")).display(),
+            "{}: {} label rows but {} has {} utterances; rerun `{REMAKE_LABELS}` for this partition",
+            dir.join(format!("{}.len", labels.stem)).display(),
             reader.lengths().len(),
             mpath.display(),
             manifest.entries.len()
         )));
     }
     let mut data = ClientData::default();
-    let mut labels = Vec::new();
+    let mut row = Vec::new();
     for e in &manifest.entries {
-        reader.next_into(&mut labels)?;
-        let audio = load_audio(&manifest.abs_path(e))?;
+        reader.next_into(&mut row)?;
+        let audio = manifest.load_entry_audio(e)?;
+        check_label_length(dir, &e.id, audio.samples.len(), row.len(), labels)?;
         let utt = Utt {
             id: e.id.clone(),
             wav: audio.samples,
-            labels: labels.iter().map(|&l| l as u32).collect(),
+            labels: row.iter().map(|&l| l as u32).collect(),
         };
         match e.split {
             Split::Train => data.train.push(utt),

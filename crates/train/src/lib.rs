@@ -16,7 +16,9 @@ pub mod trainer;
 pub use client::{ClientCache, Heldout, HubertClients, SimConfig};
 pub use config::{FederatedRun, FederatedSection, Preset, RunFile};
 pub use core::{AdamState, Grads, StepMetrics, StepPlan};
-pub use data::{BatchConfig, ClientData, Utt, load_client_dir};
+pub use data::{
+    BatchConfig, ClientData, LabelSpec, Utt, check_partition_labels, load_client_dir,
+};
 pub use trainer::{FEATURE_EXTRACTOR, LocalTrainer, Metrics, TrainConfig, evaluate_model};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,8 @@ pub enum TrainError {
     Fl(#[from] fedhubert_fl::FlError),
     #[error(transparent)]
     Tensor(#[from] fedhubert_io::TensorError),
+    #[error(transparent)]
+    Provenance(#[from] fedhubert_io::provenance::ProvenanceError),
     #[error("data: {0}")]
     Data(String),
     #[error("config: {0}")]

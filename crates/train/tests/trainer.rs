@@ -2,6 +2,7 @@
 
 mod common;
 
+use fedhubert_train::LabelSpec;
 use fedhubert_fl::{
     ClientSettings, LocalOptimizerState, LocalWork, LrSchedule, RunConfig, StrategyConfig,
     UploadPlan, Weights, run,
@@ -42,7 +43,7 @@ fn train_cfg() -> TrainConfig {
 fn masked_loss_falls_and_masked_accuracy_rises_on_real_data() {
     let dir = tempfile::tempdir().unwrap();
     let dirs = common::labelled_partition(dir.path(), 1, 20);
-    let data = load_client_dir(&dirs[0], "km").unwrap();
+    let data = load_client_dir(&dirs[0], &LabelSpec::default()).unwrap();
     let (cfg, pre) = tiny();
     let dev = cpu_device();
     let mut tr = LocalTrainer::new(
@@ -108,7 +109,7 @@ fn a_model_learns_the_masked_context_task_on_one_utterance() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let dirs = common::labelled_partition_of(audio.path(), dir.path(), 1, 20);
-    let data = load_client_dir(&dirs[0], "km").unwrap();
+    let data = load_client_dir(&dirs[0], &LabelSpec::default()).unwrap();
     let utts: Vec<_> = data.train.into_iter().chain(data.valid).collect();
     assert_eq!(utts.len(), 1);
     let crop = 64_000;

@@ -26,7 +26,7 @@ use crate::common::json_pretty;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Threads of the compute pool (0: all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::common::parse_threads)]
     pub threads: usize,
     /// Utterances per batch.
     #[arg(long, default_value_t = 4)]

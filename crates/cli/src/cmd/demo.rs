@@ -120,7 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => bundled("assets/librispeech-sample")?,
     };
     let out = args.out.clone();
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let _lock = crate::common::lock_folder(&out, "demo")?;
     let mut st = Stages {
         out: out.clone(),
         fresh: args.fresh,
@@ -160,6 +160,7 @@ fn prepare_request(args: &Args, data: PathBuf) -> PrepareRequest {
     PrepareRequest {
         data,
         root: None,
+        manifest_options: Default::default(),
         out: partition_dir(args),
         config: PartitionConfig {
             method: Method::Speaker,
@@ -188,6 +189,7 @@ fn features_request(args: &Args) -> FeaturesRequest {
     FeaturesRequest {
         input: FeaturesInput::Clients(partition_dir(args)),
         root: None,
+        manifest_options: Default::default(),
         options: ExtractOptions::default(),
     }
 }

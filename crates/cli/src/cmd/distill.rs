@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::common::{
-    Start, StartArgs, device, federated_clients, json_pretty, open_run_folder, train_quantizer,
+    Start, StartArgs, device, same_dir, federated_clients, json_pretty, open_run_folder, train_quantizer,
     write_json, write_resolved_config,
 };
 
@@ -62,13 +62,6 @@ pub struct Args {
     /// cpu, or cuda[:N] when built with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-}
-
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
 }
 
 /// One distillation run.

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use fedhubert_audio::Manifest;
+use fedhubert_audio::{Manifest, ManifestOptions};
 use fedhubert_features::{ExtractOptions, ExtractSummary, extract_manifest};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -26,19 +26,19 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
     /// Worker threads (0: all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::common::parse_threads)]
     pub threads: usize,
     /// Utterances featurized in parallel before being written in order (bounds memory).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub chunk: u64,
+    /// Accept manifest paths that leave the audio root (absolute, or `..` above it).
+    #[arg(long)]
+    pub allow_outside_root: bool,
 }
 
-fn load_manifest(path: &Path, root: Option<&Path>) -> Result<Manifest> {
-    let m = match root {
-        Some(r) => Manifest::load_with_root(path, r.to_path_buf()),
-        None => Manifest::load(path),
-    };
-    m.with_context(|| format!("cannot load manifest {}", path.display()))
+fn load_manifest(path: &Path, root: Option<&Path>, opts: ManifestOptions) -> Result<Manifest> {
+    Manifest::load_with(path, root.map(Path::to_path_buf), opts)
+        .with_context(|| format!("cannot load manifest {}", path.display()))
 }
 
 /// Every `DIR/client_*/manifest.csv`, sorted by client number.
@@ -73,7 +73,7 @@ fn run_one(
     req: &FeaturesRequest,
     label: &str,
 ) -> Result<ExtractSummary> {
-    let manifest = load_manifest(manifest_path, req.root.as_deref())?;
+    let manifest = load_manifest(manifest_path, req.root.as_deref(), req.manifest_options)?;
     let total = manifest.entries.len() as u64;
     let bar = if std::io::stderr().is_terminal() {
         let b = ProgressBar::new(total);
@@ -127,6 +127,8 @@ pub struct FeaturesRequest {
     pub input: FeaturesInput,
     /// Audio root the manifest paths are relative to (default: from partition.json).
     pub root: Option<PathBuf>,
+    /// How strictly the manifests are read.
+    pub manifest_options: ManifestOptions,
     pub options: ExtractOptions,
 }
 
@@ -148,6 +150,9 @@ impl TryFrom<&Args> for FeaturesRequest {
         Ok(Self {
             input,
             root: args.root.clone(),
+            manifest_options: ManifestOptions {
+                allow_outside_root: args.allow_outside_root,
+            },
             options: ExtractOptions {
                 threads: args.threads,
                 chunk: args.chunk as usize,
@@ -214,6 +219,13 @@ fn jobs(input: &FeaturesInput) -> Result<Vec<(PathBuf, PathBuf, String)>> {
 
 /// Featurizes every manifest of the request, printing one line per manifest.
 pub fn features(req: &FeaturesRequest) -> Result<FeaturesOutcome> {
+    let _lock = crate::common::lock_folder(
+        match &req.input {
+            FeaturesInput::Manifest { out, .. } => out,
+            FeaturesInput::Clients(root) => root,
+        },
+        "features",
+    )?;
     let jobs = jobs(&req.input)?;
     let mut total = FeaturesOutcome {
         manifests: jobs.len(),

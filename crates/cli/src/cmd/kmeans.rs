@@ -89,7 +89,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "federated")]
     pub reference: ReferenceArg,
     /// Worker threads (0: all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = crate::common::parse_threads)]
     pub threads: usize,
     /// Label with this shared codebook instead of fitting one (clients that join later,
     /// held-out speakers); --mode, --k and the fit settings are then unused.
@@ -604,8 +604,11 @@ fn kmeans_in_pool(req: &KmeansRequest) -> Result<KmeansSummary> {
     if applied.is_none() && k > total {
         bail!("--k {k} is larger than the {total} frames of all clients together");
     }
-    std::fs::create_dir_all(&req.out)
-        .with_context(|| format!("--out {}: cannot create", req.out.display()))?;
+    // The labels go into the partition's client folders, the codebook into --out.
+    let mut _locks = vec![crate::common::lock_folder(&req.clients, "kmeans")?];
+    if !crate::common::same_dir(&req.clients, &req.out) {
+        _locks.push(crate::common::lock_folder(&req.out, "kmeans")?);
+    }
     let mode = match req.codebook {
         Some(_) => "applied",
         None => mode_name(req.mode),

@@ -6,12 +6,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use fedhubert_audio::{Manifest, load_audio};
+use fedhubert_audio::Manifest;
 use fedhubert_distill::{DistillRunFile, Quantizer, QuantizerReport, Teacher};
 use fedhubert_model::{Device, HubertConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::common::{client_dirs, device, train_quantizer};
+use fedhubert_io::provenance::Provenance;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -230,6 +231,8 @@ struct Encoder {
     stride: usize,
     field: usize,
     chunk: usize,
+    /// The quantizer's file, which the codes' provenance records.
+    quantizer: PathBuf,
     err_num: f64,
     err_den: f64,
 }
@@ -274,7 +277,7 @@ impl Encoder {
         let mut lens = String::new();
         let mut frames = 0;
         for e in &m.entries {
-            let audio = load_audio(&m.abs_path(e))?;
+            let audio = m.load_entry_audio(e)?;
             let codes = self.utterance(&audio.samples)?;
             let n_frames = codes.len() / self.q.num_codebooks();
             let n = audio.samples.len();
@@ -292,6 +295,12 @@ impl Encoder {
         fedhubert_io::atomic_write(&bin, &codes_out)
             .with_context(|| format!("writing {}", bin.display()))?;
         fedhubert_fl::atomic_write(&dir.join(format!("{stem}.len")), lens.as_bytes())?;
+        Provenance::new("mvq-codes", "fedhubert mvq encode")
+            .input_file("manifest", &mpath)?
+            .input_file("quantizer", &self.quantizer)?
+            .param("layer", self.q.layer)
+            .param("num_codebooks", self.q.num_codebooks())
+            .write_for_files(dir, stem, &fedhubert_distill::codes::CODE_FILES)?;
         println!(
             "{}: {} utterances, {} bytes",
             bin.display(),
@@ -303,6 +312,7 @@ impl Encoder {
 }
 
 pub fn encode(a: &EncodeRequest) -> anyhow::Result<EncodeOutcome> {
+    let _lock = crate::common::lock_folder(&a.clients, "mvq encode")?;
     let teacher = load_teacher(&a.teacher, &a.device)?;
     let q = Quantizer::load(&a.quantizer)?;
     if q.dim() != teacher.hidden_size() || q.layer >= teacher.num_layers() {
@@ -317,7 +327,7 @@ pub fn encode(a: &EncodeRequest) -> anyhow::Result<EncodeOutcome> {
     }
     let tcfg = teacher.model.hubert.config.clone();
     let stride = tcfg.total_stride();
-    let field = receptive_field(&tcfg.conv_kernel, &tcfg.conv_stride);
+    let field = tcfg.receptive_field();
     let chunk = (a.chunk_samples.max(16_000) / stride * stride).max(stride);
     let mut enc = Encoder {
         teacher,
@@ -326,6 +336,7 @@ pub fn encode(a: &EncodeRequest) -> anyhow::Result<EncodeOutcome> {
         stride,
         field,
         chunk,
+        quantizer: a.quantizer.clone(),
         err_num: 0.0,
         err_den: 0.0,
     };
@@ -340,27 +351,4 @@ pub fn encode(a: &EncodeRequest) -> anyhow::Result<EncodeOutcome> {
         dim: enc.q.dim(),
         rel_error: enc.err_num / enc.err_den.max(1e-30),
     })
-}
-
-/// Input samples one output frame of a conv stack sees.
-fn receptive_field(kernels: &[usize], strides: &[usize]) -> usize {
-    let (mut field, mut jump) = (1, 1);
-    for (&k, &s) in kernels.iter().zip(strides) {
-        field += (k - 1) * jump;
-        jump *= s;
-    }
-    field
-}
-
-#[cfg(test)]
-mod tests {
-    use super::receptive_field;
-
-    #[test]
-    fn hubert_front_end_sees_400_samples() {
-        assert_eq!(
-            receptive_field(&[10, 3, 3, 3, 3, 2, 2], &[5, 2, 2, 2, 2, 2, 2]),
-            400
-        );
-    }
 }

@@ -7,7 +7,8 @@ use clap::ValueEnum;
 use fedhubert_audio::partition::{
     Method, PartitionConfig, PartitionSummary, partition, write_partition,
 };
-use fedhubert_audio::scan::{scan_dir, scan_manifest};
+use fedhubert_audio::ManifestOptions;
+use fedhubert_audio::scan::{scan_dir, scan_manifest_with};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum PartitionKind {
@@ -49,6 +50,10 @@ pub struct Args {
     /// instead of stopping at the first one.
     #[arg(long)]
     pub skip_bad: bool,
+    /// Accept manifest paths that leave the audio root (absolute, or `..` above it); refused
+    /// otherwise, since a manifest is then reading files nobody declared.
+    #[arg(long)]
+    pub allow_outside_root: bool,
 }
 
 /// The fraction of each client's utterances held out for validation, unless told otherwise.
@@ -67,6 +72,8 @@ pub struct PrepareRequest {
     pub config: PartitionConfig,
     /// Leave out unreadable files instead of stopping at the first one.
     pub skip_bad: bool,
+    /// How strictly a manifest CSV input is read.
+    pub manifest_options: ManifestOptions,
 }
 
 impl From<&Args> for PrepareRequest {
@@ -88,6 +95,9 @@ impl From<&Args> for PrepareRequest {
                 min_client_utterances: args.min_client_utterances,
             },
             skip_bad: args.skip_bad,
+            manifest_options: ManifestOptions {
+                allow_outside_root: args.allow_outside_root,
+            },
         }
     }
 }
@@ -104,9 +114,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 pub fn prepare(req: &PrepareRequest) -> anyhow::Result<PartitionSummary> {
     let cfg = &req.config;
     cfg.validate()?;
+    let _lock = crate::common::lock_folder(&req.out, "prepare")?;
     tracing::info!("scanning {}", req.data.display());
     let corpus = if req.data.is_file() {
-        scan_manifest(&req.data, req.root.clone(), req.skip_bad)?
+        scan_manifest_with(&req.data, req.root.clone(), req.skip_bad, req.manifest_options)?
     } else if req.data.is_dir() {
         scan_dir(&req.data, req.skip_bad)?
     } else {

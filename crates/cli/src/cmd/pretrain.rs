@@ -6,7 +6,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use fedhubert_fl::{RoundRecord, StrategyConfig};
 use fedhubert_model::{Device, HubertForPretraining};
-use fedhubert_train::{Heldout, HubertClients, LocalTrainer, Preset, RunFile, load_client_dir};
+use fedhubert_train::{
+    Heldout, HubertClients, LocalTrainer, Preset, RunFile, check_partition_labels, load_client_dir,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
@@ -208,7 +210,7 @@ fn load_heldout(req: &PretrainRequest, rf: &RunFile) -> anyhow::Result<Option<He
     let Some(dir) = &req.heldout else {
         return Ok(None);
     };
-    let h = Heldout::load(dir, &rf.pretraining.label_stem)
+    let h = Heldout::load(dir, &rf.label_spec())
         .with_context(|| format!("--heldout {}", dir.display()))?;
     println!(
         "held-out evaluation: {} utterances from {} (majority-cluster rate {:.3})",
@@ -235,6 +237,7 @@ fn federated(
 ) -> anyhow::Result<FederatedSummary> {
     let (out, resume) = (req.out.as_path(), req.start == Start::Resume);
     let dirs = federated_clients(&req.clients, rf.federated.run.num_clients)?;
+    check_partition_labels(&dirs, &rf.label_spec())?;
     let model_cfg = rf.model_config()?;
     let pre = rf.pretrain_config()?;
     let template = HubertForPretraining::new(&model_cfg, &pre, rf.federated.run.seed, dev)?;
@@ -309,10 +312,11 @@ fn centralized(
     dev: &Device,
 ) -> anyhow::Result<CentralizedOutcome> {
     let dirs = client_dirs(&args.clients)?;
+    check_partition_labels(&dirs, &rf.label_spec())?;
     let mut train = Vec::new();
     let mut valid = Vec::new();
     for d in &dirs {
-        let data = load_client_dir(d, &rf.pretraining.label_stem)?;
+        let data = load_client_dir(d, &rf.label_spec())?;
         train.extend(data.train);
         valid.extend(data.valid);
     }
