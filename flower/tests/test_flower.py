@@ -372,7 +372,8 @@ def test_federated_kmeans_over_flower_matches_native(work: Path, partitions: Pat
     for k in range(2):
         src, dst = partitions / f"client_{k}", parts / f"client_{k}"
         dst.mkdir(parents=True)
-        for name in ("manifest.csv", "mfcc.npy", "mfcc.len"):
+        # The features travel with their provenance record, which the labelling checks.
+        for name in ("manifest.csv", "mfcc.npy", "mfcc.len", "mfcc.provenance.json"):
             shutil.copy(src / name, dst / name)
     with simulation_superlink(d) as (env, procs, logs):
         out = d / "run"

@@ -25,6 +25,25 @@ pub struct Corpus {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), AudioError> {
+    walk_once(dir, out, &mut std::collections::HashSet::new())
+}
+
+/// Walks `dir` unless its real path was walked already: a symlink loop used to be followed
+/// some 40 levels deep (until the path was too long) and its files reported as duplicate ids.
+fn walk_once(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    seen: &mut std::collections::HashSet<PathBuf>,
+) -> Result<(), AudioError> {
+    let real = std::fs::canonicalize(dir).map_err(|e| AudioError::io(dir, e))?;
+    if !seen.insert(real.clone()) {
+        tracing::warn!(
+            "{}: skipped, it is {} again (a symlink loop or a second link to one folder)",
+            dir.display(),
+            real.display()
+        );
+        return Ok(());
+    }
     let rd = std::fs::read_dir(dir).map_err(|e| AudioError::io(dir, e))?;
     let mut items: Vec<PathBuf> = Vec::new();
     for ent in rd {
@@ -33,7 +52,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), AudioError> {
     items.sort();
     for p in items {
         if p.is_dir() {
-            walk(&p, out)?;
+            walk_once(&p, out, seen)?;
         } else {
             out.push(p);
         }

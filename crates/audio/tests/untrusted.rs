@@ -252,3 +252,15 @@ fn float_wav_with_a_nan_sample_is_an_error_not_a_panic() {
     let inf = [&w[..44], &f32::INFINITY.to_le_bytes()[..], &w[48..]].concat();
     assert!(decode_audio_bytes(Path::new("inf.wav"), &inf).is_err());
 }
+
+#[test]
+fn a_symlink_loop_is_walked_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("corpus");
+    std::fs::create_dir_all(a.join("spk")).unwrap();
+    std::fs::write(a.join("spk/1-2-0001.flac"), real_flac()).unwrap();
+    // corpus/spk/loop -> corpus: followed, it nests without end.
+    std::os::unix::fs::symlink(&a, a.join("spk/loop")).unwrap();
+    let c = fedhubert_audio::scan::scan_dir(&a, false).unwrap();
+    assert_eq!(c.utterances.len(), 1, "{:?}", c.utterances);
+}

@@ -186,6 +186,25 @@ fn export_writes_a_huggingface_directory_and_embed_matches_it() {
         "post-LN: the last hidden state is hidden_states[-1]"
     );
     assert!(last.2.iter().all(|v| v.is_finite()));
+    // In 1 s pieces: the same frames as the whole file, every hidden state.
+    let c = f.path.join("chunked.safetensors");
+    ok(&[
+        "embed",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--audio",
+        audio.to_str().unwrap(),
+        "--out",
+        c.to_str().unwrap(),
+        "--chunk-seconds",
+        "1",
+    ]);
+    let tc = read(&c);
+    let shapes = |t: &[(String, Vec<usize>, Vec<f32>)]| {
+        t.iter().map(|x| (x.0.clone(), x.1.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(shapes(&tc), shapes(&ta));
+    assert_ne!(tc, ta, "a chunked run attends within its pieces");
 
     // Bad input names the file.
     let err = fail(&[
@@ -577,6 +596,13 @@ fn stale_labels_are_refused_before_training_naming_what_to_rerun() {
     }
     let e = fail(&strs(&two_client_run(&p, &out, &[])));
     assert!(e.contains("different codebooks") && e.contains("k=10") && e.contains("k=20"), "{e}");
+    // A run on the k=10 labels, then the partition relabelled: its resume is refused.
+    let qrun = dir.path().join("qrun");
+    ok(&strs(&two_client_run(&q, &qrun, &[])));
+    let km20 = dir.path().join("km20");
+    ok(&["kmeans", "--clients", qs, "--mode", "federated", "--k", "20", "--out", km20.to_str().unwrap()]);
+    let e = fail(&strs(&two_client_run(&q, &qrun, &["--resume"])));
+    assert!(e.contains("labels.json") && e.contains("relabelled"), "{e}");
 }
 
 #[test]

@@ -153,3 +153,157 @@ fn a_broken_config_json_is_named() {
     ]);
     assert!(e.contains("config.json"), "{e}");
 }
+
+fn sample_dir() -> PathBuf {
+    root().join("assets/librispeech-sample")
+}
+
+/// A manifest of two bundled utterances (with `columns` and `rows` edited by the caller).
+fn manifest(dir: &Path, header: &str, rows: &[String]) -> PathBuf {
+    let m = dir.join("manifest.csv");
+    std::fs::write(&m, format!("{header}\n{}\n", rows.join("\n"))).unwrap();
+    m
+}
+
+const HEADER: &str = "id,path,split,num_samples,sample_rate,speaker,chapter,transcript";
+const UTT: &str = "test-clean/1089/134686/1089-134686-0001.flac";
+
+fn features_of(m: &Path, out: &Path, extra: &[&str]) -> Output {
+    let root = sample_dir();
+    let mut args = vec![
+        "features",
+        "--manifest",
+        m.to_str().unwrap(),
+        "--root",
+        root.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    fedhubert(&args)
+}
+
+fn decoded_len() -> u64 {
+    fedhubert_audio::load_audio(&sample_dir().join(UTT)).unwrap().samples.len() as u64
+}
+
+#[test]
+fn manifests_need_a_split_paths_inside_the_root_and_true_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("feats");
+    let n = decoded_len();
+    let good = format!("u1,{UTT},train,{n},16000,1089,134686,");
+    // No split column: every row would have been a training row.
+    let m = manifest(dir.path(), "id,path,num_samples,sample_rate,speaker,chapter,transcript", &[format!("u1,{UTT},{n},16000,1089,134686,")]);
+    let o = features_of(&m, &out, &[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("manifest.csv") && e.contains("split"), "{e}");
+    // A path that leaves the root: refused, unless asked for.
+    let outside = format!("u1,../librispeech-sample/{UTT},train,{n},16000,1089,134686,");
+    let m = manifest(dir.path(), HEADER, &[outside]);
+    let o = features_of(&m, &out, &[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("../librispeech-sample") && e.contains("--allow-outside-root"), "{e}");
+    let o = features_of(&m, &out, &["--allow-outside-root"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // num_samples that disagrees with the audio.
+    let m = manifest(dir.path(), HEADER, &[good.replace(&format!(",{n},"), &format!(",{},", n + 1600))]);
+    let o = features_of(&m, &out, &[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("u1") && e.contains(&n.to_string()), "{e}");
+}
+
+#[test]
+fn a_flac_header_claiming_2_pow_36_samples_does_not_abort_prepare() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus/1089/134686");
+    std::fs::create_dir_all(&corpus).unwrap();
+    let mut flac = std::fs::read(sample_dir().join(UTT)).unwrap();
+    // STREAMINFO's packed field at byte 18: rate:20, channels-1:3, bits-1:5, total samples:36.
+    let f = &mut flac[18..26];
+    let v = u64::from_be_bytes(f.try_into().unwrap()) | ((1u64 << 36) - 1);
+    f.copy_from_slice(&v.to_be_bytes());
+    std::fs::write(corpus.join("1089-134686-0001.flac"), &flac).unwrap();
+    std::fs::write(corpus.join("1089-134686-0002.flac"), &flac).unwrap();
+    let o = fedhubert(&[
+        "prepare",
+        "--data",
+        dir.path().join("corpus").to_str().unwrap(),
+        "--out",
+        dir.path().join("parts").to_str().unwrap(),
+        "--num-clients",
+        "1",
+        "--skip-bad",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!e.contains("memory allocation") && !e.contains("panicked"), "{e}");
+    assert!(o.status.code().is_some(), "killed by a signal: {e}");
+}
+
+/// 16-bit mono PCM WAV bytes.
+fn wav(samples: &[i16]) -> Vec<u8> {
+    let data = samples.len() as u32 * 2;
+    let mut b = Vec::new();
+    b.extend(b"RIFF");
+    b.extend((36 + data).to_le_bytes());
+    b.extend(b"WAVEfmt ");
+    b.extend(16u32.to_le_bytes());
+    b.extend(1u16.to_le_bytes());
+    b.extend(1u16.to_le_bytes());
+    b.extend(16_000u32.to_le_bytes());
+    b.extend(32_000u32.to_le_bytes());
+    b.extend(2u16.to_le_bytes());
+    b.extend(16u16.to_le_bytes());
+    b.extend(b"data");
+    b.extend(data.to_le_bytes());
+    b.extend(samples.iter().flat_map(|s| s.to_le_bytes()));
+    b
+}
+
+#[test]
+fn audio_shorter_than_one_frame_is_an_error_in_embed() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("short.wav");
+    std::fs::write(&short, wav(&[100; 300])).unwrap();
+    let hf = root().join("assets/fixtures/hf_hubert_tiny_postnorm");
+    let e = refused(&[
+        "embed",
+        "--checkpoint",
+        hf.to_str().unwrap(),
+        "--audio",
+        short.to_str().unwrap(),
+        "--out",
+        dir.path().join("e.safetensors").to_str().unwrap(),
+    ]);
+    assert!(e.contains("short.wav") && e.contains("400"), "{e}");
+}
+
+#[test]
+fn a_long_file_is_refused_whole_and_embedded_in_pieces() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = dir.path().join("six-minutes.wav");
+    let n = 16_000 * 360;
+    std::fs::write(&long, wav(&(0..n).map(|i| ((i % 97) * 50) as i16).collect::<Vec<_>>())).unwrap();
+    let hf = root().join("assets/fixtures/hf_hubert_tiny_postnorm");
+    let out = dir.path().join("e.safetensors");
+    let args = |extra: &'static [&'static str]| {
+        let mut v = vec![
+            "embed".to_string(),
+            "--checkpoint".into(),
+            hf.to_str().unwrap().into(),
+            "--audio".into(),
+            long.to_str().unwrap().into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let whole = args(&[]);
+    let e = refused(&whole.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("six-minutes.wav") && e.contains("--chunk-seconds"), "{e}");
+    let pieces = args(&["--chunk-seconds", "30"]);
+    let o = fedhubert(&pieces.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("360.00 s of audio"));
+}

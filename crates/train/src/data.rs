@@ -104,9 +104,14 @@ fn check_label_length(
 /// from one codebook: a `kmeans` that failed
 /// half way leaves some clients relabelled (say k=10) and others with the previous labels
 /// (k=20), and a run on both would train on two target sets without a word.
-pub fn check_partition_labels(dirs: &[PathBuf], labels: &LabelSpec) -> Result<(), TrainError> {
+///
+/// Returns the codebook's hash, which a run pins (see [`pin_run_labels`]).
+pub fn check_partition_labels(dirs: &[PathBuf], labels: &LabelSpec) -> Result<String, TrainError> {
     let mut first: Option<(&Path, String)> = None;
     for d in dirs {
+        // A manifest that cannot be read (a missing column) fails here, once, rather than
+        // in every client's every attempt of round 1.
+        Manifest::load(&d.join("manifest.csv"))?;
         check_label_provenance(d, labels)?;
         let rec = Provenance::read_for_shard(d, &labels.stem, REMAKE_LABELS)?;
         let cb = rec
@@ -128,7 +133,35 @@ pub fn check_partition_labels(dirs: &[PathBuf], labels: &LabelSpec) -> Result<()
             Some(_) => {}
         }
     }
-    Ok(())
+    Ok(first.map(|(_, cb)| cb).unwrap_or_default())
+}
+
+/// The labels a run in `out` trains on: `out/labels.json` holds the codebook hash of the
+/// labels the run started with. A resume over a partition relabelled since (another `kmeans`)
+/// would continue on other targets without a word; it is refused. A new run writes the file.
+pub fn pin_run_labels(
+    out: &Path,
+    codebook: &str,
+    labels: &LabelSpec,
+    resume: bool,
+) -> Result<(), TrainError> {
+    let path = out.join("labels.json");
+    let now = serde_json::json!({"codebook": codebook, "label_stem": labels.stem, "label_rate": labels.rate});
+    if resume && path.is_file() {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
+        let then: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
+        if then != now {
+            return Err(TrainError::Data(format!(
+                "{}: this run started on other labels ({then}) than the partition holds now ({now}): the partition was relabelled since; resume with the labels it started with, or start again with --overwrite",
+                path.display()
+            )));
+        }
+        return Ok(());
+    }
+    fedhubert_io::atomic_write(&path, now.to_string().as_bytes())
+        .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))
 }
 
 fn describe_codebook(rec: &Provenance) -> String {

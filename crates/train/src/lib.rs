@@ -18,6 +18,7 @@ pub use config::{FederatedRun, FederatedSection, Preset, RunFile};
 pub use core::{AdamState, Grads, StepMetrics, StepPlan};
 pub use data::{
     BatchConfig, ClientData, LabelSpec, Utt, check_partition_labels, load_client_dir,
+    pin_run_labels,
 };
 pub use trainer::{FEATURE_EXTRACTOR, LocalTrainer, Metrics, TrainConfig, evaluate_model};
 

@@ -23,6 +23,12 @@ pub struct Args {
     /// preprocessor_config.json `do_normalize`, i.e. for the layer-norm layout only).
     #[arg(long, default_value = "auto")]
     pub normalize: String,
+    /// Run the model on pieces of about this many seconds instead of the whole file, so memory
+    /// is one piece's activations plus the output (a two-hour file asked for 5.9 GB at once).
+    /// The frames tile the whole file's exactly, as `mvq encode`'s do; the transformer then
+    /// attends within a piece, so values near the pieces' edges differ from a whole-file run.
+    #[arg(long, value_name = "S")]
+    pub chunk_seconds: Option<f64>,
 }
 
 /// Whether the waveform is normalised to zero mean / unit variance first.
@@ -43,6 +49,8 @@ pub struct EmbedRequest {
     pub audio: PathBuf,
     pub out: PathBuf,
     pub normalize: Normalize,
+    /// Samples per piece (a multiple of the conv stride), or the whole file at once.
+    pub chunk_seconds: Option<f64>,
 }
 
 impl TryFrom<&Args> for EmbedRequest {
@@ -71,6 +79,12 @@ impl TryFrom<&Args> for EmbedRequest {
             audio: args.audio.clone(),
             out: args.out.clone(),
             normalize,
+            chunk_seconds: match args.chunk_seconds {
+                Some(s) if !(s.is_finite() && s >= 1.0) => {
+                    bail!("--chunk-seconds {s}: expected at least 1 second")
+                }
+                s => s,
+            },
         })
     }
 }
@@ -132,7 +146,13 @@ pub fn embed(req: &EmbedRequest) -> anyhow::Result<EmbedOutcome> {
             min / 16
         );
     }
-    let (hs, last) = hidden_states(&model, &wave)?;
+    let (hs, last) = match req.chunk_seconds {
+        None => {
+            refuse_unbounded_attention(model.config(), wave.len(), &req.audio)?;
+            hidden_states(&model, &wave)?
+        }
+        Some(s) => chunked_hidden_states(&model, &wave, s)?,
+    };
     let mut tensors = vec![HostTensor {
         name: "input_values".to_string(),
         shape: vec![1, wave.len()],
@@ -171,4 +191,79 @@ pub fn embed(req: &EmbedRequest) -> anyhow::Result<EmbedOutcome> {
         hidden_states: n,
         normalized: normalize,
     })
+}
+
+/// [`hidden_states`] piece by piece: pieces start every `chunk` samples (a multiple of the conv
+/// stride) and reach one receptive field further, so piece k's frames are frames
+/// `k*chunk/stride ..` of the whole file and together they are exactly its `num_frames`.
+fn chunked_hidden_states(
+    model: &fedhubert_model::HubertModel,
+    wave: &[f32],
+    seconds: f64,
+) -> anyhow::Result<(Vec<HostTensor>, HostTensor)> {
+    let cfg = model.config();
+    let stride = cfg.total_stride();
+    let chunk = ((seconds * 16_000.0) as usize / stride).max(1) * stride;
+    let span = chunk + cfg.receptive_field() - stride;
+    let mut acc: Option<(Vec<HostTensor>, HostTensor)> = None;
+    for start in (0..wave.len()).step_by(chunk) {
+        let piece = &wave[start..(start + span).min(wave.len())];
+        if cfg.num_frames(piece.len()) == 0 {
+            continue;
+        }
+        let (hs, last) = hidden_states(model, piece)?;
+        acc = Some(match acc {
+            None => (hs, last),
+            Some((mut all, mut all_last)) => {
+                for (a, h) in all.iter_mut().zip(hs) {
+                    append_frames(a, h);
+                }
+                append_frames(&mut all_last, last);
+                (all, all_last)
+            }
+        });
+    }
+    let (hs, last) = acc.context("no piece of the audio is long enough for one frame")?;
+    if last.shape[1] != cfg.num_frames(wave.len()) {
+        bail!(
+            "chunked run gave {} frames, the whole file has {}",
+            last.shape[1],
+            cfg.num_frames(wave.len())
+        );
+    }
+    Ok((hs, last))
+}
+
+/// Appends `more`'s frames to `x` (both `[1, T, H]`, row-major: frames are contiguous).
+fn append_frames(x: &mut HostTensor, more: HostTensor) {
+    x.shape[1] += more.shape[1];
+    x.data.extend(more.data);
+}
+
+/// Most memory one whole-file forward may ask for its attention scores; above it `embed` needs
+/// `--chunk-seconds`. (A 20-minute file asked a tiny model for 57 GB at once, and the
+/// allocation failure aborted the process.)
+const MAX_ATTENTION_BYTES: u64 = 4 << 30;
+
+/// Errors, naming the file, when attending over the whole of `samples` would need more than
+/// [`MAX_ATTENTION_BYTES`] (frames^2 scores per head, f32).
+fn refuse_unbounded_attention(
+    cfg: &fedhubert_model::HubertConfig,
+    samples: usize,
+    audio: &std::path::Path,
+) -> anyhow::Result<()> {
+    let t = cfg.num_frames(samples) as u64;
+    let bytes = t
+        .saturating_mul(t)
+        .saturating_mul(cfg.num_attention_heads as u64)
+        .saturating_mul(4);
+    if bytes > MAX_ATTENTION_BYTES {
+        bail!(
+            "{}: {:.0} s of audio is {t} frames; attending over all of them at once needs {:.1} GB for the attention scores alone: pass --chunk-seconds 30 (frames tile the whole file exactly)",
+            audio.display(),
+            samples as f64 / 16_000.0,
+            bytes as f64 / 1e9
+        );
+    }
+    Ok(())
 }

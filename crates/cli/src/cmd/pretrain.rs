@@ -8,6 +8,7 @@ use fedhubert_fl::{RoundRecord, StrategyConfig};
 use fedhubert_model::{Device, HubertForPretraining};
 use fedhubert_train::{
     Heldout, HubertClients, LocalTrainer, Preset, RunFile, check_partition_labels, load_client_dir,
+    pin_run_labels,
 };
 use serde::{Deserialize, Serialize};
 
@@ -237,7 +238,8 @@ fn federated(
 ) -> anyhow::Result<FederatedSummary> {
     let (out, resume) = (req.out.as_path(), req.start == Start::Resume);
     let dirs = federated_clients(&req.clients, rf.federated.run.num_clients)?;
-    check_partition_labels(&dirs, &rf.label_spec())?;
+    let codebook = check_partition_labels(&dirs, &rf.label_spec())?;
+    pin_run_labels(out, &codebook, &rf.label_spec(), resume)?;
     let model_cfg = rf.model_config()?;
     let pre = rf.pretrain_config()?;
     let template = HubertForPretraining::new(&model_cfg, &pre, rf.federated.run.seed, dev)?;
@@ -312,7 +314,8 @@ fn centralized(
     dev: &Device,
 ) -> anyhow::Result<CentralizedOutcome> {
     let dirs = client_dirs(&args.clients)?;
-    check_partition_labels(&dirs, &rf.label_spec())?;
+    let codebook = check_partition_labels(&dirs, &rf.label_spec())?;
+    pin_run_labels(&args.out, &codebook, &rf.label_spec(), args.start == Start::Resume)?;
     let mut train = Vec::new();
     let mut valid = Vec::new();
     for d in &dirs {
