@@ -2,42 +2,10 @@
 //! once, then exported, embedded and distilled with each of the three methods.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn fedhubert(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fedhubert"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = fedhubert(args);
-    let out = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(
-        o.status.success(),
-        "fedhubert {}\n{out}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    out
-}
-
-fn fail(args: &[&str]) -> String {
-    let o = fedhubert(args);
-    assert!(
-        !o.status.success(),
-        "fedhubert {} should fail",
-        args.join(" ")
-    );
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
+mod common;
+use common::{fail, ok, root};
 
 struct Fixture {
     _dir: tempfile::TempDir,

@@ -2,34 +2,11 @@
 //! file, field or folder at fault. None of these needs a trained model, so they run in seconds.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn fedhubert(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fedhubert"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// Runs the command, asserts it failed, and returns its stderr.
-fn refused(args: &[&str]) -> String {
-    let o = fedhubert(args);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(
-        !o.status.success(),
-        "fedhubert {} should fail\n{}\n{err}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stdout)
-    );
-    assert!(!err.contains("panicked"), "a panic, not an error: {err}");
-    err
-}
+mod common;
+use common::{fail as refused, fedhubert, root};
 
 fn pretrain_with(config: &Path, set: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
