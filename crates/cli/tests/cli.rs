@@ -591,3 +591,34 @@ fn a_corrupt_checkpoint_is_refused_naming_the_tensor() {
     ]);
     assert!(e.contains("model.safetensors") && e.contains("tensor `") && e.contains("corrupt"), "{e}");
 }
+
+#[test]
+fn iteration_two_labels_run_at_the_teachers_rate_and_a_wrong_rate_is_refused() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p");
+    copy_partition(&f.path.join("parts"), &p);
+    let ps = p.to_str().unwrap();
+    let teacher = f.path.join("teacher/model.safetensors");
+    let t = teacher.to_str().unwrap();
+    let e = fail(&["features", "--clients", ps, "--model", t, "--layer", "9"]);
+    assert!(e.contains("--layer 9") && e.contains("2 transformer layers"), "{e}");
+    let text = ok(&["features", "--clients", ps, "--model", t, "--layer", "1"]);
+    assert!(text.contains("layer 1 (128 dims, 50 Hz)"), "{text}");
+    let km = dir.path().join("km2");
+    ok(&[
+        "kmeans", "--clients", ps, "--feature", "hubert_1", "--labels", "km2", "--k", "10",
+        "--out", km.to_str().unwrap(),
+    ]);
+    let out = dir.path().join("out");
+    // 50 Hz labels read at the default 100 Hz: refused before training, naming both rates.
+    let e = fail(&strs(&two_client_run(&p, &out, &["--set", "pretraining.label_stem=km2"])));
+    assert!(e.contains("km2.npy") && e.contains("50") && e.contains("label_rate"), "{e}");
+    let run = two_client_run(
+        &p,
+        &out,
+        &["--set", "pretraining.label_stem=km2", "--set", "pretraining.label_rate=50"],
+    );
+    let text = ok(&strs(&run));
+    assert!(text.contains("round   2"), "{text}");
+}

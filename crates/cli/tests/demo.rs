@@ -1,4 +1,5 @@
-//! The quick demo runs end to end through the real binary, and a rerun skips finished stages.
+//! The quick demo runs end to end through the real binary, both HuBERT iterations, and a rerun
+//! skips finished stages.
 
 use std::process::Command;
 
@@ -8,7 +9,7 @@ fn quick_demo_runs_and_resumes() {
     let run = || {
         Command::new(env!("CARGO_BIN_EXE_fedhubert"))
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-            .args(["demo", "--quick", "--out"])
+            .args(["demo", "--quick", "--iterations", "2", "--out"])
             .arg(out.path())
             .output()
             .unwrap()
@@ -40,6 +41,13 @@ fn quick_demo_runs_and_resumes() {
         "report/probe_teacher_confusion.png",
         "report/hf/teacher/config.json",
         "report/hf/student/model.safetensors",
+        // Iteration 2: layer features of the first teacher, their k-means, the second teacher.
+        "partition/client_0/hubert_1.npy",
+        "partition/client_0/hubert_1.provenance.json",
+        "partition/client_0/km2.npy",
+        "kmeans2/codebook.safetensors",
+        "pretrain2/hf/model.safetensors",
+        "probe/teacher-it2/probe.json",
     ] {
         assert!(out.path().join(f).is_file(), "missing {f}");
     }
@@ -75,7 +83,19 @@ fn quick_demo_runs_and_resumes() {
         &std::fs::read_to_string(out.path().join("report/summary.json")).unwrap(),
     )
     .unwrap();
-    for m in ["teacher", "student", "random", "mfcc"] {
+    // The second teacher trained on 50 Hz labels of the first one's layer 1.
+    let labels: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("pretrain2/labels.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(labels["label_rate"], 50.0);
+    assert_eq!(labels["label_stem"], "km2");
+    let it2: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("pretrain2/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(it2["final_train_loss"].as_f64().unwrap().is_finite());
+    for m in ["teacher", "student", "random", "mfcc", "teacher-it2"] {
         let acc = report["probe"][m]["cv_accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&acc), "{m}: {acc}");
     }
@@ -90,6 +110,6 @@ fn quick_demo_runs_and_resumes() {
     let second = run();
     let text = String::from_utf8_lossy(&second.stdout);
     assert!(second.status.success());
-    // prepare, features, kmeans, pretrain, distill and the four probes.
-    assert_eq!(text.matches("already done").count(), 9, "{text}");
+    // prepare, features, kmeans, pretrain, distill, the four probes and iteration 2's four.
+    assert_eq!(text.matches("already done").count(), 13, "{text}");
 }

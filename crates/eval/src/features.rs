@@ -155,3 +155,57 @@ pub fn hidden_states(
         .collect::<Result<Vec<_>, _>>()?;
     Ok((hs, host(out.last_hidden_state)?))
 }
+
+/// [`hidden_states`] piece by piece, for audio too long to attend over at once: pieces start
+/// every `chunk_samples` (rounded down to a multiple of the conv stride) and reach one
+/// receptive field further, so piece k's frames are frames `k*chunk/stride ..` of the whole
+/// file and together they are exactly its `num_frames` (as `mvq encode` tiles them). The
+/// transformer attends within a piece, so frames near the pieces' edges differ from a
+/// whole-file forward; with `chunk_samples` >= the audio this is [`hidden_states`].
+pub fn hidden_states_in_pieces(
+    model: &HubertModel,
+    wave: &[f32],
+    chunk_samples: usize,
+) -> Result<(Vec<fedhubert_model::HostTensor>, fedhubert_model::HostTensor), EvalError> {
+    let cfg = model.config();
+    let stride = cfg.total_stride();
+    let chunk = (chunk_samples / stride).max(1) * stride;
+    let span = chunk + cfg.receptive_field() - stride;
+    let mut acc: Option<(Vec<fedhubert_model::HostTensor>, fedhubert_model::HostTensor)> = None;
+    for start in (0..wave.len()).step_by(chunk) {
+        let piece = &wave[start..(start + span).min(wave.len())];
+        if cfg.num_frames(piece.len()) == 0 {
+            continue;
+        }
+        let (hs, last) = hidden_states(model, piece)?;
+        acc = Some(match acc {
+            None => (hs, last),
+            Some((mut all, mut all_last)) => {
+                for (a, h) in all.iter_mut().zip(hs) {
+                    append_frames(a, h);
+                }
+                append_frames(&mut all_last, last);
+                (all, all_last)
+            }
+        });
+    }
+    let want = cfg.num_frames(wave.len());
+    match acc {
+        Some(a) if a.1.shape[1] == want => Ok(a),
+        Some(a) => Err(EvalError::Config(format!(
+            "pieces gave {} frames, the whole audio has {want}",
+            a.1.shape[1]
+        ))),
+        None => Err(EvalError::Config(format!(
+            "{} samples: too short for one frame ({} needed)",
+            wave.len(),
+            cfg.receptive_field()
+        ))),
+    }
+}
+
+/// Appends `more`'s frames to `x` (both `[1, T, H]`, row-major: frames are contiguous).
+fn append_frames(x: &mut fedhubert_model::HostTensor, more: fedhubert_model::HostTensor) {
+    x.shape[1] += more.shape[1];
+    x.data.extend(more.data);
+}

@@ -30,6 +30,7 @@ pub mod error;
 pub mod features;
 pub mod finetune;
 pub mod head;
+pub mod layer_features;
 pub mod report;
 pub mod split;
 pub mod upstream;
@@ -39,7 +40,13 @@ mod run;
 pub use acoustic::AcousticFeature;
 pub use data::{Clip, LabelledClips, LoadConfig, load_labelled_dir, speaker_of};
 pub use error::EvalError;
-pub use features::{PooledFeatures, extract_pooled, hidden_states, normalize_wave};
+pub use features::{
+    PooledFeatures, extract_pooled, hidden_states, hidden_states_in_pieces, normalize_wave,
+};
+pub use layer_features::{
+    DEFAULT_CHUNK_SAMPLES, LayerFeaturesSummary, LayerSource, extract_layer_features,
+    layer_feature_stem,
+};
 pub use finetune::{FinetuneConfig, FinetuneOutcome, finetune};
 pub use head::{HeadConfig, HeadKind, ProbeHead, TrainOutcome, evaluate_head, train_probe};
 pub use report::{

@@ -114,11 +114,11 @@ pub fn check_partition_labels(dirs: &[PathBuf], labels: &LabelSpec) -> Result<St
         Manifest::load(&d.join("manifest.csv"))?;
         check_label_provenance(d, labels)?;
         let rec = Provenance::read_for_shard(d, &labels.stem, REMAKE_LABELS)?;
-        let cb = rec
-            .params
-            .get("codebook")
-            .map(|v| v.to_string())
-            .unwrap_or_default();
+        let cb = match rec.params.get("codebook") {
+            Some(serde_json::Value::String(h)) => h.clone(),
+            Some(v) => v.to_string(),
+            None => String::new(),
+        };
         match &first {
             None => first = Some((d, cb)),
             Some((d0, cb0)) if *cb0 != cb => {

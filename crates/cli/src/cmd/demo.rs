@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::distill::{DistillOutcome, DistillRequest, distill};
-use super::features::{FeaturesInput, FeaturesRequest, features};
+use super::features::{FeatureKind, FeaturesInput, FeaturesRequest, features};
 use super::kmeans::{KmeansRequest, KmeansSummary, ModeArg, kmeans};
 use super::prepare::{
     DEFAULT_MIN_CLIENT_UTTERANCES, DEFAULT_VALID_FRACTION, PrepareRequest, prepare, print_summary,
@@ -60,6 +60,11 @@ pub struct Args {
     pub fresh: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// HuBERT iterations: 1 (MFCC targets), or 2 (then k-means of a middle layer of the
+    /// iteration-1 teacher, 50 Hz labels, and a second teacher pretrained on them from scratch,
+    /// as fairseq's recipe).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub iterations: u8,
 }
 
 /// The features stage's record.
@@ -133,7 +138,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     st.run("kmeans", || kmeans_stage(&args, k))?;
     let pre = st.run("pretrain", || pretrain_stage(&args, k))?;
     let dis = st.run("distill", || distill_stage(&args))?;
-    let probes = probe_stages(&args, &mut st)?;
+    let mut probes = probe_stages(&args, &mut st)?;
+    if args.iterations == 2 {
+        probes.push(("teacher-it2", iteration_two(&args, &mut st, k)?));
+    }
     let r = Results {
         data,
         pretrain: pre,
@@ -191,6 +199,7 @@ fn features_request(args: &Args) -> FeaturesRequest {
         root: None,
         manifest_options: Default::default(),
         options: ExtractOptions::default(),
+        kind: FeatureKind::Mfcc,
     }
 }
 
@@ -215,6 +224,17 @@ fn kmeans_stage(args: &Args, k: usize) -> anyhow::Result<KmeansSummary> {
 }
 
 fn pretrain_stage(args: &Args, k: usize) -> anyhow::Result<FederatedSummary> {
+    pretrain_on(args, k, &[], "pretrain")
+}
+
+/// Federated pretraining on the partition's labels (`extra` overrides: another label set),
+/// into `out/NAME`.
+fn pretrain_on(
+    args: &Args,
+    k: usize,
+    extra: &[String],
+    name: &str,
+) -> anyhow::Result<FederatedSummary> {
     let config = match &args.config {
         Some(c) => c.clone(),
         None => bundled("configs/tiny.yaml")?,
@@ -229,11 +249,12 @@ fn pretrain_stage(args: &Args, k: usize) -> anyhow::Result<FederatedSummary> {
     if args.quick {
         set.push("pretraining.local_steps=3".to_string());
     }
+    set.extend(extra.iter().cloned());
     let rf = RunFile::load(Some(&config), &set)?;
     let req = PretrainRequest {
         mode: PretrainMode::Federated,
         clients: partition_dir(args),
-        out: args.out.join("pretrain"),
+        out: args.out.join(name),
         steps: 0,
         // The stage did not finish (it has no marker): whatever it left is redone.
         start: Start::Overwrite,
@@ -318,6 +339,55 @@ fn probe_stages(args: &Args, st: &mut Stages) -> anyhow::Result<Vec<(&'static st
         probes.push((name, row));
     }
     Ok(probes)
+}
+
+/// HuBERT's second iteration on the demo's partition: layer features of the iteration-1 teacher
+/// (its middle layer: fairseq takes layer 6 of Base's 12), federated k-means on them into
+/// `km2` labels at the teacher's 50 Hz, a second teacher pretrained from scratch on those
+/// (`label_rate: 50`), and its speech-commands probe.
+fn iteration_two(args: &Args, st: &mut Stages, k: usize) -> anyhow::Result<ProbeRow> {
+    let out = &args.out;
+    let teacher = out.join("pretrain/model.safetensors");
+    let layers = HubertConfig::from_json_file(out.join("pretrain/hf/config.json"))?.num_hidden_layers;
+    let layer = (layers / 2).max(1);
+    let feature = fedhubert_eval::layer_feature_stem(layer);
+    st.run("features-it2", || {
+        let mut req = features_request(args);
+        req.kind = FeatureKind::Layer {
+            model: teacher.clone(),
+            layer,
+            chunk_samples: fedhubert_eval::DEFAULT_CHUNK_SAMPLES,
+        };
+        features(&req)?.print();
+        Ok(FeaturesDone {
+            clients: args.num_clients,
+        })
+    })?;
+    st.run("kmeans-it2", || {
+        let mut req =
+            KmeansRequest::new(partition_dir(args), ModeArg::Federated, k, out.join("kmeans2"), args.seed);
+        req.feature = feature.clone();
+        req.labels = "km2".into();
+        let summary = kmeans(&req)?;
+        summary.print(&req);
+        Ok(summary)
+    })?;
+    let rate = 16_000.0 / HubertConfig::from_json_file(out.join("pretrain/hf/config.json"))?.total_stride() as f64;
+    let extra = [
+        "pretraining.label_stem=km2".to_string(),
+        format!("pretraining.label_rate={rate}"),
+    ];
+    st.run("pretrain-it2", || pretrain_on(args, k, &extra, "pretrain2"))?;
+    let commands = bundled("assets/speech-commands-sample")?;
+    let dir = out.join("probe").join("teacher-it2");
+    st.run("probe-teacher-it2", || {
+        let upstream = UpstreamSpec::HfDir(out.join("pretrain2/hf"));
+        let mut req = ProbeRequest::new(upstream, commands.clone(), dir.clone(), args.seed);
+        req.config.folds = 5;
+        let r = probe(&req)?;
+        print_report(&r, &dir);
+        Ok(ProbeRow::from(&r))
+    })
 }
 
 fn print_summary_table(args: &Args, r: &Results, rows: &[StageRow], total_s: f64) {

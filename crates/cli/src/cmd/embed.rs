@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use fedhubert_eval::{UpstreamSpec, hidden_states, load_upstream, normalize_wave};
+use fedhubert_eval::{
+    UpstreamSpec, hidden_states, hidden_states_in_pieces, load_upstream, normalize_wave,
+};
 use fedhubert_model::{FeatExtractNorm, HostTensor, Weights, write_safetensors};
 
 #[derive(clap::Args, Debug)]
@@ -151,7 +153,7 @@ pub fn embed(req: &EmbedRequest) -> anyhow::Result<EmbedOutcome> {
             refuse_unbounded_attention(model.config(), wave.len(), &req.audio)?;
             hidden_states(&model, &wave)?
         }
-        Some(s) => chunked_hidden_states(&model, &wave, s)?,
+        Some(s) => hidden_states_in_pieces(&model, &wave, (s * 16_000.0) as usize)?,
     };
     let mut tensors = vec![HostTensor {
         name: "input_values".to_string(),
@@ -191,53 +193,6 @@ pub fn embed(req: &EmbedRequest) -> anyhow::Result<EmbedOutcome> {
         hidden_states: n,
         normalized: normalize,
     })
-}
-
-/// [`hidden_states`] piece by piece: pieces start every `chunk` samples (a multiple of the conv
-/// stride) and reach one receptive field further, so piece k's frames are frames
-/// `k*chunk/stride ..` of the whole file and together they are exactly its `num_frames`.
-fn chunked_hidden_states(
-    model: &fedhubert_model::HubertModel,
-    wave: &[f32],
-    seconds: f64,
-) -> anyhow::Result<(Vec<HostTensor>, HostTensor)> {
-    let cfg = model.config();
-    let stride = cfg.total_stride();
-    let chunk = ((seconds * 16_000.0) as usize / stride).max(1) * stride;
-    let span = chunk + cfg.receptive_field() - stride;
-    let mut acc: Option<(Vec<HostTensor>, HostTensor)> = None;
-    for start in (0..wave.len()).step_by(chunk) {
-        let piece = &wave[start..(start + span).min(wave.len())];
-        if cfg.num_frames(piece.len()) == 0 {
-            continue;
-        }
-        let (hs, last) = hidden_states(model, piece)?;
-        acc = Some(match acc {
-            None => (hs, last),
-            Some((mut all, mut all_last)) => {
-                for (a, h) in all.iter_mut().zip(hs) {
-                    append_frames(a, h);
-                }
-                append_frames(&mut all_last, last);
-                (all, all_last)
-            }
-        });
-    }
-    let (hs, last) = acc.context("no piece of the audio is long enough for one frame")?;
-    if last.shape[1] != cfg.num_frames(wave.len()) {
-        bail!(
-            "chunked run gave {} frames, the whole file has {}",
-            last.shape[1],
-            cfg.num_frames(wave.len())
-        );
-    }
-    Ok((hs, last))
-}
-
-/// Appends `more`'s frames to `x` (both `[1, T, H]`, row-major: frames are contiguous).
-fn append_frames(x: &mut HostTensor, more: HostTensor) {
-    x.shape[1] += more.shape[1];
-    x.data.extend(more.data);
 }
 
 /// Most memory one whole-file forward may ask for its attention scores; above it `embed` needs

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use fedhubert_audio::{Manifest, ManifestOptions};
+use fedhubert_eval::{LayerSource, UpstreamSpec, extract_layer_features, load_upstream};
 use fedhubert_features::{ExtractOptions, ExtractSummary, extract_manifest};
+use fedhubert_io::provenance::sha256_file;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(clap::Args, Debug)]
@@ -34,6 +36,30 @@ pub struct Args {
     /// Accept manifest paths that leave the audio root (absolute, or `..` above it).
     #[arg(long)]
     pub allow_outside_root: bool,
+    /// HuBERT iteration 2: instead of MFCC, the frames of a layer of this model (a fedhubert
+    /// checkpoint or an HF directory) at its 50 Hz, into `hubert_L.npy` + `.len`.
+    #[arg(long, value_name = "CKPT|HF_DIR", requires = "layer")]
+    pub model: Option<PathBuf>,
+    /// With --model: the layer (HF `hidden_states[L]`, the output of the L-th transformer
+    /// layer, fairseq's `output_layer`; 6 for HuBERT Base's iteration 2).
+    #[arg(long, requires = "model")]
+    pub layer: Option<usize>,
+    /// With --model: audio longer than this runs in pieces (fairseq's max_chunk, 100 s).
+    #[arg(long, default_value_t = 100.0, value_name = "S")]
+    pub chunk_seconds: f64,
+}
+
+/// Which features a request writes.
+#[derive(Clone, Debug)]
+pub enum FeatureKind {
+    /// 39-dim MFCC at 100 Hz, iteration 1's targets.
+    Mfcc,
+    /// Layer `layer` of `model` at its frame rate, iteration 2's.
+    Layer {
+        model: PathBuf,
+        layer: usize,
+        chunk_samples: usize,
+    },
 }
 
 fn load_manifest(path: &Path, root: Option<&Path>, opts: ManifestOptions) -> Result<Manifest> {
@@ -130,6 +156,7 @@ pub struct FeaturesRequest {
     /// How strictly the manifests are read.
     pub manifest_options: ManifestOptions,
     pub options: ExtractOptions,
+    pub kind: FeatureKind,
 }
 
 impl TryFrom<&Args> for FeaturesRequest {
@@ -158,6 +185,19 @@ impl TryFrom<&Args> for FeaturesRequest {
                 chunk: args.chunk as usize,
                 ..Default::default()
             },
+            kind: match (&args.model, args.layer) {
+                (Some(model), Some(layer)) => {
+                    if !(args.chunk_seconds.is_finite() && args.chunk_seconds >= 1.0) {
+                        bail!("--chunk-seconds {}: expected at least 1", args.chunk_seconds);
+                    }
+                    FeatureKind::Layer {
+                        model: model.clone(),
+                        layer,
+                        chunk_samples: (args.chunk_seconds * 16_000.0) as usize,
+                    }
+                }
+                _ => FeatureKind::Mfcc,
+            },
         })
     }
 }
@@ -171,15 +211,23 @@ pub struct FeaturesOutcome {
     pub audio_seconds: f64,
     pub wall_seconds: f64,
     pub threads: usize,
+    /// Feature dimensions (39 for MFCC).
+    #[serde(default = "mfcc_dims")]
+    pub dims: usize,
+}
+
+fn mfcc_dims() -> usize {
+    fedhubert_features::MFCC_DIM
 }
 
 impl FeaturesOutcome {
     pub fn print(&self) {
         let (utts, frames, threads) = (self.utterances, self.frames, self.threads);
         println!(
-            "features: {} manifest(s), {utts} utterances, {frames} frames x 39 dims, {:.1} s of audio in {:.2} s \
+            "features: {} manifest(s), {utts} utterances, {frames} frames x {} dims, {:.1} s of audio in {:.2} s \
              ({:.1} utt/s, {:.0}x real time, {threads} threads)",
             self.manifests,
+            self.dims,
             self.audio_seconds,
             self.wall_seconds,
             utts as f64 / self.wall_seconds.max(1e-9),
@@ -227,6 +275,14 @@ pub fn features(req: &FeaturesRequest) -> Result<FeaturesOutcome> {
         "features",
     )?;
     let jobs = jobs(&req.input)?;
+    if let FeatureKind::Layer {
+        model,
+        layer,
+        chunk_samples,
+    } = &req.kind
+    {
+        return layer_features(req, &jobs, model, *layer, *chunk_samples);
+    }
     let mut total = FeaturesOutcome {
         manifests: jobs.len(),
         utterances: 0,
@@ -234,6 +290,7 @@ pub fn features(req: &FeaturesRequest) -> Result<FeaturesOutcome> {
         audio_seconds: 0.0,
         wall_seconds: 0.0,
         threads: 0,
+        dims: fedhubert_features::MFCC_DIM,
     };
     for (m, out, label) in &jobs {
         let s = run_one(m, out, req, label)?;
@@ -251,5 +308,62 @@ pub fn features(req: &FeaturesRequest) -> Result<FeaturesOutcome> {
             s.len.display()
         );
     }
+    Ok(total)
+}
+
+/// `--model M --layer L`: layer L's frames of every manifest of the request (iteration 2).
+fn layer_features(
+    req: &FeaturesRequest,
+    jobs: &[(PathBuf, PathBuf, String)],
+    model_path: &Path,
+    layer: usize,
+    chunk_samples: usize,
+) -> Result<FeaturesOutcome> {
+    let spec = if model_path.is_dir() {
+        UpstreamSpec::HfDir(model_path.to_path_buf())
+    } else {
+        UpstreamSpec::Checkpoint(model_path.to_path_buf())
+    };
+    let dev = fedhubert_model::cpu_device();
+    let model = load_upstream(&spec, &dev).with_context(|| format!("--model {}", model_path.display()))?;
+    let weights = if model_path.is_dir() {
+        model_path.join("model.safetensors")
+    } else {
+        model_path.to_path_buf()
+    };
+    let src = LayerSource {
+        model: &model,
+        layer,
+        model_digest: sha256_file(&weights).with_context(|| format!("reading {}", weights.display()))?,
+        made_by: format!("fedhubert features --model {} --layer {layer}", model_path.display()),
+        chunk_samples,
+    };
+    let t0 = std::time::Instant::now();
+    let mut total = FeaturesOutcome {
+        manifests: jobs.len(),
+        utterances: 0,
+        frames: 0,
+        audio_seconds: 0.0,
+        wall_seconds: 0.0,
+        threads: rayon::current_num_threads(),
+        dims: model.config().hidden_size,
+    };
+    for (m, out, label) in jobs {
+        let manifest = load_manifest(m, req.root.as_deref(), req.manifest_options)?;
+        let s = extract_layer_features(&src, &manifest, m, out)
+            .with_context(|| format!("{label}: layer {layer} features"))?;
+        println!(
+            "{label}: {} utterances, {} frames of layer {layer} ({} dims, {} Hz) -> {}",
+            s.utterances,
+            s.frames,
+            s.dims,
+            s.frame_rate,
+            out.join(format!("{}.npy", s.stem)).display()
+        );
+        total.utterances += s.utterances;
+        total.frames += s.frames;
+        total.audio_seconds += s.audio_seconds;
+    }
+    total.wall_seconds = t0.elapsed().as_secs_f64();
     Ok(total)
 }
