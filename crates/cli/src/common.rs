@@ -130,7 +130,9 @@ pub fn open_run_folder(
     start: Start,
     own_files: &[&str],
 ) -> anyhow::Result<fedhubert_fl::FolderLock> {
-    Ok(fedhubert_fl::store::open_run_folder(out, command, start, own_files)?)
+    Ok(fedhubert_fl::store::open_run_folder(
+        out, command, start, own_files,
+    )?)
 }
 
 /// Most threads `--threads` accepts: a pool of millions of threads would exhaust the machine
@@ -170,7 +172,11 @@ pub fn lock_folder(dir: &Path, command: &str) -> anyhow::Result<fedhubert_fl::Fo
 pub fn write_resolved_config(out: &Path, yaml: &str) -> anyhow::Result<()> {
     let path = out.join("config.yaml");
     fedhubert_fl::atomic_write(&path, yaml.as_bytes())?;
-    println!("resolved configuration (also in {}):\n{}", path.display(), yaml.trim_end());
+    println!(
+        "resolved configuration (also in {}):\n{}",
+        path.display(),
+        yaml.trim_end()
+    );
     Ok(())
 }
 

@@ -169,7 +169,9 @@ fn export_writes_a_huggingface_directory_and_embed_matches_it() {
     ]);
     let tc = read(&c);
     let shapes = |t: &[(String, Vec<usize>, Vec<f32>)]| {
-        t.iter().map(|x| (x.0.clone(), x.1.clone())).collect::<Vec<_>>()
+        t.iter()
+            .map(|x| (x.0.clone(), x.1.clone()))
+            .collect::<Vec<_>>()
     };
     assert_eq!(shapes(&tc), shapes(&ta));
     assert_ne!(tc, ta, "a chunked run attends within its pieces");
@@ -401,7 +403,12 @@ fn heldout_speakers_are_labelled_with_the_codebook_and_evaluated_every_round() {
     std::fs::create_dir_all(held.join("client_3")).unwrap();
     let parts = f.path.join("parts");
     std::fs::copy(parts.join("partition.json"), held.join("partition.json")).unwrap();
-    for name in ["manifest.csv", "mfcc.npy", "mfcc.len", "mfcc.provenance.json"] {
+    for name in [
+        "manifest.csv",
+        "mfcc.npy",
+        "mfcc.len",
+        "mfcc.provenance.json",
+    ] {
         std::fs::copy(
             parts.join("client_3").join(name),
             held.join("client_3").join(name),
@@ -506,10 +513,17 @@ fn a_rerun_without_resume_is_refused_and_keeps_the_checkpoint() {
     let e = fail(&strs(&args));
     assert!(e.contains("--resume") && e.contains("--overwrite"), "{e}");
     assert!(e.contains("checkpoint.safetensors"), "{e}");
-    assert_eq!(std::fs::read(&ck).unwrap(), before, "the checkpoint was touched");
+    assert_eq!(
+        std::fs::read(&ck).unwrap(),
+        before,
+        "the checkpoint was touched"
+    );
     // The resolved configuration of the run that made it is beside it.
     let cfg = std::fs::read_to_string(teacher.join("config.yaml")).unwrap();
-    assert!(cfg.contains("vocab_size: 20") && cfg.contains("local_steps: 2"), "{cfg}");
+    assert!(
+        cfg.contains("vocab_size: 20") && cfg.contains("local_steps: 2"),
+        "{cfg}"
+    );
 }
 
 /// A copy of the fixture partition's first two clients (audio stays where it is).
@@ -547,28 +561,58 @@ fn stale_labels_are_refused_before_training_naming_what_to_rerun() {
     lines.swap(1, 2);
     std::fs::write(&m, lines.join("\n") + "\n").unwrap();
     let e = fail(&strs(&two_client_run(&p, &out, &[])));
-    assert!(e.contains("client_0/manifest.csv") && e.contains("rerun `fedhubert kmeans`"), "{e}");
+    assert!(
+        e.contains("client_0/manifest.csv") && e.contains("rerun `fedhubert kmeans`"),
+        "{e}"
+    );
     assert!(!out.join("checkpoint.safetensors").exists());
     std::fs::write(&m, &text).unwrap();
     // Labels at 100 Hz read at another rate.
-    let e = fail(&strs(&two_client_run(&p, &out, &["--set", "pretraining.label_rate=50"])));
+    let e = fail(&strs(&two_client_run(
+        &p,
+        &out,
+        &["--set", "pretraining.label_rate=50"],
+    )));
     assert!(e.contains("label_rate") && e.contains("100"), "{e}");
     // Client 1 relabelled by another codebook (a kmeans that stopped half way).
     let q = dir.path().join("q");
     copy_partition(&f.path.join("parts"), &q);
     let km = dir.path().join("km10");
     let qs = q.to_str().unwrap();
-    ok(&["kmeans", "--clients", qs, "--mode", "federated", "--k", "10", "--out", km.to_str().unwrap()]);
+    ok(&[
+        "kmeans",
+        "--clients",
+        qs,
+        "--mode",
+        "federated",
+        "--k",
+        "10",
+        "--out",
+        km.to_str().unwrap(),
+    ]);
     for name in ["km.npy", "km.len", "km.provenance.json"] {
         std::fs::copy(q.join("client_1").join(name), p.join("client_1").join(name)).unwrap();
     }
     let e = fail(&strs(&two_client_run(&p, &out, &[])));
-    assert!(e.contains("different codebooks") && e.contains("k=10") && e.contains("k=20"), "{e}");
+    assert!(
+        e.contains("different codebooks") && e.contains("k=10") && e.contains("k=20"),
+        "{e}"
+    );
     // A run on the k=10 labels, then the partition relabelled: its resume is refused.
     let qrun = dir.path().join("qrun");
     ok(&strs(&two_client_run(&q, &qrun, &[])));
     let km20 = dir.path().join("km20");
-    ok(&["kmeans", "--clients", qs, "--mode", "federated", "--k", "20", "--out", km20.to_str().unwrap()]);
+    ok(&[
+        "kmeans",
+        "--clients",
+        qs,
+        "--mode",
+        "federated",
+        "--k",
+        "20",
+        "--out",
+        km20.to_str().unwrap(),
+    ]);
     let e = fail(&strs(&two_client_run(&q, &qrun, &["--resume"])));
     assert!(e.contains("labels.json") && e.contains("relabelled"), "{e}");
 }
@@ -589,7 +633,10 @@ fn a_corrupt_checkpoint_is_refused_naming_the_tensor() {
         "--out",
         dir.path().join("hf").to_str().unwrap(),
     ]);
-    assert!(e.contains("model.safetensors") && e.contains("tensor `") && e.contains("corrupt"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("tensor `") && e.contains("corrupt"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -602,22 +649,46 @@ fn iteration_two_labels_run_at_the_teachers_rate_and_a_wrong_rate_is_refused() {
     let teacher = f.path.join("teacher/model.safetensors");
     let t = teacher.to_str().unwrap();
     let e = fail(&["features", "--clients", ps, "--model", t, "--layer", "9"]);
-    assert!(e.contains("--layer 9") && e.contains("2 transformer layers"), "{e}");
+    assert!(
+        e.contains("--layer 9") && e.contains("2 transformer layers"),
+        "{e}"
+    );
     let text = ok(&["features", "--clients", ps, "--model", t, "--layer", "1"]);
     assert!(text.contains("layer 1 (128 dims, 50 Hz)"), "{text}");
     let km = dir.path().join("km2");
     ok(&[
-        "kmeans", "--clients", ps, "--feature", "hubert_1", "--labels", "km2", "--k", "10",
-        "--out", km.to_str().unwrap(),
+        "kmeans",
+        "--clients",
+        ps,
+        "--feature",
+        "hubert_1",
+        "--labels",
+        "km2",
+        "--k",
+        "10",
+        "--out",
+        km.to_str().unwrap(),
     ]);
     let out = dir.path().join("out");
     // 50 Hz labels read at the default 100 Hz: refused before training, naming both rates.
-    let e = fail(&strs(&two_client_run(&p, &out, &["--set", "pretraining.label_stem=km2"])));
-    assert!(e.contains("km2.npy") && e.contains("50") && e.contains("label_rate"), "{e}");
+    let e = fail(&strs(&two_client_run(
+        &p,
+        &out,
+        &["--set", "pretraining.label_stem=km2"],
+    )));
+    assert!(
+        e.contains("km2.npy") && e.contains("50") && e.contains("label_rate"),
+        "{e}"
+    );
     let run = two_client_run(
         &p,
         &out,
-        &["--set", "pretraining.label_stem=km2", "--set", "pretraining.label_rate=50"],
+        &[
+            "--set",
+            "pretraining.label_stem=km2",
+            "--set",
+            "pretraining.label_rate=50",
+        ],
     );
     let text = ok(&strs(&run));
     assert!(text.contains("round   2"), "{text}");

@@ -44,7 +44,11 @@ fn pretrain_and_distill_need_a_config_or_a_named_preset() {
 fn config_type_errors_name_the_field_and_line_or_the_override() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
-    std::fs::write(&bad, "pretraining:\n  preset: tiny\n  learning_rate: fast\n").unwrap();
+    std::fs::write(
+        &bad,
+        "pretraining:\n  preset: tiny\n  learning_rate: fast\n",
+    )
+    .unwrap();
     let e = pretrain_with(&bad, &[]);
     assert!(
         e.contains("bad.yaml") && e.contains("pretraining.learning_rate") && e.contains("line 3"),
@@ -55,9 +59,15 @@ fn config_type_errors_name_the_field_and_line_or_the_override() {
     assert!(e.contains("--set pretraining.learning_rate=fast"), "{e}");
     // Checked under the run file's names, not the model's (mask_time_prob) or Flower's.
     let e = pretrain_with(&tiny, &["pretraining.mask_prob=2"]);
-    assert!(e.contains("mask_prob") && !e.contains("mask_time_prob"), "{e}");
+    assert!(
+        e.contains("mask_prob") && !e.contains("mask_time_prob"),
+        "{e}"
+    );
     let e = pretrain_with(&tiny, &["federated.client_fraction=0"]);
-    assert!(e.contains("client_fraction") && !e.contains("fraction_fit"), "{e}");
+    assert!(
+        e.contains("client_fraction") && !e.contains("fraction_fit"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -65,7 +75,10 @@ fn audio_lengths_below_the_receptive_field_are_refused() {
     let tiny = root().join("configs/tiny.yaml");
     for key in ["min_audio_length", "max_audio_length"] {
         let e = pretrain_with(&tiny, &[&format!("pretraining.{key}=100")]);
-        assert!(e.contains(&format!("pretraining.{key}")) && e.contains("400"), "{e}");
+        assert!(
+            e.contains(&format!("pretraining.{key}")) && e.contains("400"),
+            "{e}"
+        );
     }
 }
 
@@ -78,7 +91,11 @@ fn a_deeply_nested_config_is_refused_at_once() {
     let t0 = Instant::now();
     let e = pretrain_with(&deep, &[]);
     assert!(e.contains("deep.yaml") && e.contains("nested"), "{e}");
-    assert!(t0.elapsed() < Duration::from_secs(20), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t0.elapsed()
+    );
 }
 
 #[test]
@@ -161,7 +178,10 @@ fn features_of(m: &Path, out: &Path, extra: &[&str]) -> Output {
 }
 
 fn decoded_len() -> u64 {
-    fedhubert_audio::load_audio(&sample_dir().join(UTT)).unwrap().samples.len() as u64
+    fedhubert_audio::load_audio(&sample_dir().join(UTT))
+        .unwrap()
+        .samples
+        .len() as u64
 }
 
 #[test]
@@ -171,23 +191,42 @@ fn manifests_need_a_split_paths_inside_the_root_and_true_lengths() {
     let n = decoded_len();
     let good = format!("u1,{UTT},train,{n},16000,1089,134686,");
     // No split column: every row would have been a training row.
-    let m = manifest(dir.path(), "id,path,num_samples,sample_rate,speaker,chapter,transcript", &[format!("u1,{UTT},{n},16000,1089,134686,")]);
+    let m = manifest(
+        dir.path(),
+        "id,path,num_samples,sample_rate,speaker,chapter,transcript",
+        &[format!("u1,{UTT},{n},16000,1089,134686,")],
+    );
     let o = features_of(&m, &out, &[]);
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("manifest.csv") && e.contains("split"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("manifest.csv") && e.contains("split"),
+        "{e}"
+    );
     // A path that leaves the root: refused, unless asked for.
     let outside = format!("u1,../librispeech-sample/{UTT},train,{n},16000,1089,134686,");
     let m = manifest(dir.path(), HEADER, &[outside]);
     let o = features_of(&m, &out, &[]);
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("../librispeech-sample") && e.contains("--allow-outside-root"), "{e}");
+    assert!(
+        !o.status.success()
+            && e.contains("../librispeech-sample")
+            && e.contains("--allow-outside-root"),
+        "{e}"
+    );
     let o = features_of(&m, &out, &["--allow-outside-root"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // num_samples that disagrees with the audio.
-    let m = manifest(dir.path(), HEADER, &[good.replace(&format!(",{n},"), &format!(",{},", n + 1600))]);
+    let m = manifest(
+        dir.path(),
+        HEADER,
+        &[good.replace(&format!(",{n},"), &format!(",{},", n + 1600))],
+    );
     let o = features_of(&m, &out, &[]);
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("u1") && e.contains(&n.to_string()), "{e}");
+    assert!(
+        !o.status.success() && e.contains("u1") && e.contains(&n.to_string()),
+        "{e}"
+    );
 }
 
 #[test]
@@ -213,7 +252,10 @@ fn a_flac_header_claiming_2_pow_36_samples_does_not_abort_prepare() {
         "--skip-bad",
     ]);
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!e.contains("memory allocation") && !e.contains("panicked"), "{e}");
+    assert!(
+        !e.contains("memory allocation") && !e.contains("panicked"),
+        "{e}"
+    );
     assert!(o.status.code().is_some(), "killed by a signal: {e}");
 }
 
@@ -260,7 +302,11 @@ fn a_long_file_is_refused_whole_and_embedded_in_pieces() {
     let dir = tempfile::tempdir().unwrap();
     let long = dir.path().join("six-minutes.wav");
     let n = 16_000 * 360;
-    std::fs::write(&long, wav(&(0..n).map(|i| ((i % 97) * 50) as i16).collect::<Vec<_>>())).unwrap();
+    std::fs::write(
+        &long,
+        wav(&(0..n).map(|i| ((i % 97) * 50) as i16).collect::<Vec<_>>()),
+    )
+    .unwrap();
     let hf = root().join("assets/fixtures/hf_hubert_tiny_postnorm");
     let out = dir.path().join("e.safetensors");
     let args = |extra: &'static [&'static str]| {
@@ -278,7 +324,10 @@ fn a_long_file_is_refused_whole_and_embedded_in_pieces() {
     };
     let whole = args(&[]);
     let e = refused(&whole.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(e.contains("six-minutes.wav") && e.contains("--chunk-seconds"), "{e}");
+    assert!(
+        e.contains("six-minutes.wav") && e.contains("--chunk-seconds"),
+        "{e}"
+    );
     let pieces = args(&["--chunk-seconds", "30"]);
     let o = fedhubert(&pieces.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

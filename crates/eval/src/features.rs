@@ -166,12 +166,21 @@ pub fn hidden_states_in_pieces(
     model: &HubertModel,
     wave: &[f32],
     chunk_samples: usize,
-) -> Result<(Vec<fedhubert_model::HostTensor>, fedhubert_model::HostTensor), EvalError> {
+) -> Result<
+    (
+        Vec<fedhubert_model::HostTensor>,
+        fedhubert_model::HostTensor,
+    ),
+    EvalError,
+> {
     let cfg = model.config();
     let stride = cfg.total_stride();
     let chunk = (chunk_samples / stride).max(1) * stride;
     let span = chunk + cfg.receptive_field() - stride;
-    let mut acc: Option<(Vec<fedhubert_model::HostTensor>, fedhubert_model::HostTensor)> = None;
+    let mut acc: Option<(
+        Vec<fedhubert_model::HostTensor>,
+        fedhubert_model::HostTensor,
+    )> = None;
     for start in (0..wave.len()).step_by(chunk) {
         let piece = &wave[start..(start + span).min(wave.len())];
         if cfg.num_frames(piece.len()) == 0 {

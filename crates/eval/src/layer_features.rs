@@ -123,7 +123,9 @@ fn record(
         .param("frame_rate", s.frame_rate);
     rec.inputs.insert("model".into(), src.model_digest.clone());
     if manifest_path.is_file() {
-        rec = rec.input_file("manifest", manifest_path).map_err(prov_err)?;
+        rec = rec
+            .input_file("manifest", manifest_path)
+            .map_err(prov_err)?;
     }
     rec.write_for_shard(out_dir, &s.stem).map_err(prov_err)
 }

@@ -43,12 +43,12 @@ pub use error::EvalError;
 pub use features::{
     PooledFeatures, extract_pooled, hidden_states, hidden_states_in_pieces, normalize_wave,
 };
+pub use finetune::{FinetuneConfig, FinetuneOutcome, finetune};
+pub use head::{HeadConfig, HeadKind, ProbeHead, TrainOutcome, evaluate_head, train_probe};
 pub use layer_features::{
     DEFAULT_CHUNK_SAMPLES, LayerFeaturesSummary, LayerSource, extract_layer_features,
     layer_feature_stem,
 };
-pub use finetune::{FinetuneConfig, FinetuneOutcome, finetune};
-pub use head::{HeadConfig, HeadKind, ProbeHead, TrainOutcome, evaluate_head, train_probe};
 pub use report::{
     CELL_PX, ConfusionMatrix, CrossValidation, FinetuneSummary, ProbeReport, SplitSummary,
     confusion_png, confusion_png_size, write_report,

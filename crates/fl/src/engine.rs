@@ -566,7 +566,10 @@ impl RoundEngine {
         // repeat every earlier attempt's failures and grew with each retry.
         let mut seen: Vec<(usize, &str, Vec<u32>)> = Vec::new();
         for f in &self.round_failures {
-            match seen.iter_mut().find(|(c, w, _)| *c == f.client && *w == f.why) {
+            match seen
+                .iter_mut()
+                .find(|(c, w, _)| *c == f.client && *w == f.why)
+            {
                 Some((_, _, attempts)) => attempts.push(f.attempt + 1),
                 None => seen.push((f.client, &f.why, vec![f.attempt + 1])),
             }

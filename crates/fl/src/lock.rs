@@ -42,8 +42,9 @@ impl FolderLock {
     /// that names its pid, host and command; a lock file left by a dead process is taken over.
     /// A folder that cannot be written (read-only, no permission) fails here, before any work.
     pub fn acquire(dir: &Path, command: &str) -> Result<Self, FlError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| FlError::Config(format!("creating output folder {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            FlError::Config(format!("creating output folder {}: {e}", dir.display()))
+        })?;
         let path = dir.join(LOCK_FILE);
         let mut file = OpenOptions::new()
             .read(true)
@@ -124,7 +125,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("run");
         let first = FolderLock::acquire(&out, "pretrain").unwrap();
-        let e = FolderLock::acquire(&out, "distill").unwrap_err().to_string();
+        let e = FolderLock::acquire(&out, "distill")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("in use by another fedhubert run"), "{e}");
         assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
         assert!(e.contains("fedhubert pretrain"), "{e}");

@@ -125,7 +125,9 @@ impl RunConfig {
         }
         let mu = self.client.proximal_mu;
         if !(mu >= 0.0 && mu.is_finite()) {
-            return bad(format!("federated.proximal_mu {mu} must be a finite number >= 0"));
+            return bad(format!(
+                "federated.proximal_mu {mu} must be a finite number >= 0"
+            ));
         }
         Ok(())
     }

@@ -39,7 +39,12 @@ impl ClientPool for Faulty {
         }
         Ok(r)
     }
-    fn evaluate(&mut self, c: usize, g: &Weights, cfg: &ClientInstructions) -> Result<EvalRes, String> {
+    fn evaluate(
+        &mut self,
+        c: usize,
+        g: &Weights,
+        cfg: &ClientInstructions,
+    ) -> Result<EvalRes, String> {
         self.toy.evaluate(c, g, cfg)
     }
     fn evaluate_global(
@@ -543,8 +548,16 @@ fn misbehaving_clients_and_a_killed_server_leave_the_run_exact() {
         ..Default::default()
     };
     let whole = tempfile::tempdir().unwrap();
-    let want = run(&mut faulty(None), fedavg(), model(4), &c, Some(whole.path()), false, |_| {})
-        .unwrap();
+    let want = run(
+        &mut faulty(None),
+        fedavg(),
+        model(4),
+        &c,
+        Some(whole.path()),
+        false,
+        |_| {},
+    )
+    .unwrap();
     for rec in &want.history {
         // Only the well-behaved clients 0 and 5 reach the aggregate and the round's figures.
         assert_eq!(rec.participated, vec![0, 5], "round {}", rec.round);
@@ -557,19 +570,52 @@ fn misbehaving_clients_and_a_killed_server_leave_the_run_exact() {
     assert!(want.weights.iter_data().all(|x| x.is_finite()));
     // The server dies in round 3 after aggregating it; the checkpoint is round 2's.
     let dir = tempfile::tempdir().unwrap();
-    let e = run(&mut faulty(Some(3)), fedavg(), model(4), &c, Some(dir.path()), false, |_| {})
-        .err()
-        .unwrap();
+    let e = run(
+        &mut faulty(Some(3)),
+        fedavg(),
+        model(4),
+        &c,
+        Some(dir.path()),
+        false,
+        |_| {},
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("killed"), "{e}");
-    assert_eq!(load_checkpoint(&dir.path().join("checkpoint.safetensors")).unwrap().round, 2);
-    let got = run(&mut faulty(None), fedavg(), model(4), &c, Some(dir.path()), true, |_| {})
-        .unwrap();
-    assert!(got.weights == want.weights, "the resumed run differs from the uninterrupted one");
+    assert_eq!(
+        load_checkpoint(&dir.path().join("checkpoint.safetensors"))
+            .unwrap()
+            .round,
+        2
+    );
+    let got = run(
+        &mut faulty(None),
+        fedavg(),
+        model(4),
+        &c,
+        Some(dir.path()),
+        true,
+        |_| {},
+    )
+    .unwrap();
+    assert!(
+        got.weights == want.weights,
+        "the resumed run differs from the uninterrupted one"
+    );
     // Each round's record too, less its wall-clock figures (times, the straggler's lateness).
     let key = |r: &fedhubert_fl::RoundRecord| {
         let failed: Vec<usize> = r.failures.iter().map(|f| f.client).collect();
-        (r.round, r.participated.clone(), failed, r.train.clone(), r.num_examples)
+        (
+            r.round,
+            r.participated.clone(),
+            failed,
+            r.train.clone(),
+            r.num_examples,
+        )
     };
-    let (a, b): (Vec<_>, Vec<_>) = (got.history.iter().map(key).collect(), want.history.iter().map(key).collect());
+    let (a, b): (Vec<_>, Vec<_>) = (
+        got.history.iter().map(key).collect(),
+        want.history.iter().map(key).collect(),
+    );
     assert_eq!(a, b);
 }

@@ -54,7 +54,11 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// fsyncs a folder, so the renames into it survive a power cut: without it the kernel may
 /// bring back the old file (or none) after a crash, although the new file's data was synced.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -108,7 +112,11 @@ pub fn verify_checksums(
                     "tensor `{name}`: checksum {got}, but {w} when written: the file is corrupt (bytes changed after it was written)"
                 ));
             }
-            None => return Err(format!("tensor `{name}` has no checksum: the file was edited")),
+            None => {
+                return Err(format!(
+                    "tensor `{name}` has no checksum: the file was edited"
+                ));
+            }
         }
     }
     Ok(())
@@ -166,7 +174,10 @@ mod tests {
 
     #[test]
     fn a_flipped_byte_is_found_and_the_tensor_named() {
-        let a: Vec<u8> = [1.0f32, 2.0, 3.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let a: Vec<u8> = [1.0f32, 2.0, 3.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
         let b: Vec<u8> = [4.0f32].iter().flat_map(|x| x.to_le_bytes()).collect();
         let views = vec![
             ("w.a", TensorView::new(Dtype::F32, vec![3], &a).unwrap()),

@@ -156,8 +156,12 @@ impl Provenance {
             }
             Err(e) => return Err(err(&path, e.to_string())),
         };
-        let rec: Self = serde_json::from_str(&text)
-            .map_err(|e| err(&path, format!("not a provenance record: {e}; rerun `{remake}`")))?;
+        let rec: Self = serde_json::from_str(&text).map_err(|e| {
+            err(
+                &path,
+                format!("not a provenance record: {e}; rerun `{remake}`"),
+            )
+        })?;
         if rec.format_version > PROVENANCE_VERSION {
             return Err(err(
                 &path,
@@ -172,14 +176,11 @@ impl Provenance {
 
     /// Errors unless the shard's files are still the ones stamped and input `role` still hashes
     /// to what was recorded for `input` (e.g. the manifest the shard's rows follow).
-    pub fn check(
-        &self,
-        dir: &Path,
-        inputs: &[(&str, &Path)],
-    ) -> Result<(), ProvenanceError> {
+    pub fn check(&self, dir: &Path, inputs: &[(&str, &Path)]) -> Result<(), ProvenanceError> {
         for (name, stamp) in &self.files {
             let p = dir.join(name);
-            let now = FileStamp::of(&p, stamp.sha256.is_some()).map_err(|e| err(&p, e.to_string()))?;
+            let now =
+                FileStamp::of(&p, stamp.sha256.is_some()).map_err(|e| err(&p, e.to_string()))?;
             if &now != stamp {
                 return Err(err(
                     &p,
@@ -192,7 +193,13 @@ impl Provenance {
         }
         for (role, path) in inputs {
             let Some(then) = self.inputs.get(*role) else {
-                return Err(err(path, format!("the record does not name a {role}; rerun `{}`", self.made_by)));
+                return Err(err(
+                    path,
+                    format!(
+                        "the record does not name a {role}; rerun `{}`",
+                        self.made_by
+                    ),
+                ));
             };
             let now = sha256_file(path).map_err(|e| err(path, e.to_string()))?;
             if &now != then {
@@ -200,7 +207,10 @@ impl Provenance {
                     path,
                     format!(
                         "changed since `{}` used it (the {} in {} no longer matches its rows); rerun `{}`",
-                        self.made_by, self.kind, dir.display(), self.made_by
+                        self.made_by,
+                        self.kind,
+                        dir.display(),
+                        self.made_by
                     ),
                 ));
             }
@@ -246,12 +256,21 @@ mod tests {
         rec.check(d.path(), &[("manifest", &m)]).unwrap();
         // Two manifest rows swapped: same size, other content.
         std::fs::write(&m, "id,path\nb,b.flac\na,a.flac\n").unwrap();
-        let e = rec.check(d.path(), &[("manifest", &m)]).unwrap_err().to_string();
-        assert!(e.contains("manifest.csv") && e.contains("rerun `fedhubert kmeans`"), "{e}");
+        let e = rec
+            .check(d.path(), &[("manifest", &m)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("manifest.csv") && e.contains("rerun `fedhubert kmeans`"),
+            "{e}"
+        );
         std::fs::write(&m, "id,path\na,a.flac\nb,b.flac\n").unwrap();
         // The index rewritten by something else.
         shard(d.path(), "km", b"4\n3\n", b"npy-data");
-        let e = rec.check(d.path(), &[("manifest", &m)]).unwrap_err().to_string();
+        let e = rec
+            .check(d.path(), &[("manifest", &m)])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("km.len") && e.contains("changed since"), "{e}");
     }
 
@@ -261,6 +280,9 @@ mod tests {
         let e = Provenance::read_for_shard(d.path(), "mfcc", "fedhubert features")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("mfcc.provenance.json") && e.contains("rerun `fedhubert features`"), "{e}");
+        assert!(
+            e.contains("mfcc.provenance.json") && e.contains("rerun `fedhubert features`"),
+            "{e}"
+        );
     }
 }

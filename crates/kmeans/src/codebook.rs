@@ -111,7 +111,10 @@ impl Codebook {
         let (_, header) =
             safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-        let checksums = header.metadata().as_ref().and_then(|m| m.get(fedhubert_io::CHECKSUMS_KEY));
+        let checksums = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(fedhubert_io::CHECKSUMS_KEY));
         fedhubert_io::verify_checksums(&st, checksums).map_err(bad)?;
         let t = st
             .tensor("centroids")

@@ -286,7 +286,9 @@ const MAX_RUN_FILE_DEPTH: usize = 16;
 /// A run file's text, refused when it is too large or nests deeper than a run file can.
 pub fn read_run_text(path: &Path) -> Result<String, TrainError> {
     let at = |why: String| cfg_err(format!("{}: {why}", path.display()));
-    let len = std::fs::metadata(path).map_err(|e| at(e.to_string()))?.len();
+    let len = std::fs::metadata(path)
+        .map_err(|e| at(e.to_string()))?
+        .len();
     if len > MAX_RUN_FILE_BYTES {
         return Err(at(format!(
             "{len} bytes; a run file is YAML of at most {MAX_RUN_FILE_BYTES} bytes"
@@ -352,7 +354,10 @@ pub fn parse_run_tree(path: &Path, text: &str) -> Result<serde_yaml::Value, Trai
 }
 
 /// Applies `a.b.c=value` overrides (the value parsed as YAML) to a run file's tree.
-pub fn apply_overrides(tree: &mut serde_yaml::Value, overrides: &[String]) -> Result<(), TrainError> {
+pub fn apply_overrides(
+    tree: &mut serde_yaml::Value,
+    overrides: &[String],
+) -> Result<(), TrainError> {
     type V = serde_yaml::Value;
     for o in overrides {
         let (key, value) = o
@@ -427,9 +432,9 @@ pub fn run_file_names(why: &str) -> String {
         ("fraction_fit", "client_fraction"),
         ("min_sample_size", "min_audio_length"),
     ];
-    NAMES
-        .iter()
-        .fold(why.to_string(), |s, (internal, ours)| s.replace(internal, ours))
+    NAMES.iter().fold(why.to_string(), |s, (internal, ours)| {
+        s.replace(internal, ours)
+    })
 }
 
 impl RunFile {

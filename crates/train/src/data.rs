@@ -126,7 +126,11 @@ pub fn check_partition_labels(dirs: &[PathBuf], labels: &LabelSpec) -> Result<St
                     "{} and {} hold labels of different codebooks ({} and {}): a kmeans run did not finish for every client, or labelled each with its own codebook (--mode local); rerun `{REMAKE_LABELS}` on the whole partition with one codebook",
                     d0.join(format!("{}.npy", labels.stem)).display(),
                     d.join(format!("{}.npy", labels.stem)).display(),
-                    describe_codebook(&Provenance::read_for_shard(d0, &labels.stem, REMAKE_LABELS)?),
+                    describe_codebook(&Provenance::read_for_shard(
+                        d0,
+                        &labels.stem,
+                        REMAKE_LABELS
+                    )?),
                     describe_codebook(&rec),
                 )));
             }
@@ -165,7 +169,11 @@ pub fn pin_run_labels(
 }
 
 fn describe_codebook(rec: &Provenance) -> String {
-    let k = rec.params.get("k").map(|v| v.to_string()).unwrap_or("?".into());
+    let k = rec
+        .params
+        .get("k")
+        .map(|v| v.to_string())
+        .unwrap_or("?".into());
     let h = rec
         .params
         .get("codebook")

@@ -2,12 +2,12 @@
 
 mod common;
 
-use fedhubert_train::LabelSpec;
 use fedhubert_fl::{
     ClientSettings, LocalOptimizerState, LocalWork, LrSchedule, RunConfig, StrategyConfig,
     UploadPlan, Weights, run,
 };
 use fedhubert_model::{HubertConfig, HubertForPretraining, PretrainConfig, cpu_device};
+use fedhubert_train::LabelSpec;
 use fedhubert_train::{
     BatchConfig, HubertClients, LocalTrainer, SimConfig, TrainConfig, load_client_dir,
 };

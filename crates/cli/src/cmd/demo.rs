@@ -348,7 +348,8 @@ fn probe_stages(args: &Args, st: &mut Stages) -> anyhow::Result<Vec<(&'static st
 fn iteration_two(args: &Args, st: &mut Stages, k: usize) -> anyhow::Result<ProbeRow> {
     let out = &args.out;
     let teacher = out.join("pretrain/model.safetensors");
-    let layers = HubertConfig::from_json_file(out.join("pretrain/hf/config.json"))?.num_hidden_layers;
+    let layers =
+        HubertConfig::from_json_file(out.join("pretrain/hf/config.json"))?.num_hidden_layers;
     let layer = (layers / 2).max(1);
     let feature = fedhubert_eval::layer_feature_stem(layer);
     st.run("features-it2", || {
@@ -364,15 +365,21 @@ fn iteration_two(args: &Args, st: &mut Stages, k: usize) -> anyhow::Result<Probe
         })
     })?;
     st.run("kmeans-it2", || {
-        let mut req =
-            KmeansRequest::new(partition_dir(args), ModeArg::Federated, k, out.join("kmeans2"), args.seed);
+        let mut req = KmeansRequest::new(
+            partition_dir(args),
+            ModeArg::Federated,
+            k,
+            out.join("kmeans2"),
+            args.seed,
+        );
         req.feature = feature.clone();
         req.labels = "km2".into();
         let summary = kmeans(&req)?;
         summary.print(&req);
         Ok(summary)
     })?;
-    let rate = 16_000.0 / HubertConfig::from_json_file(out.join("pretrain/hf/config.json"))?.total_stride() as f64;
+    let rate = 16_000.0
+        / HubertConfig::from_json_file(out.join("pretrain/hf/config.json"))?.total_stride() as f64;
     let extra = [
         "pretraining.label_stem=km2".to_string(),
         format!("pretraining.label_rate={rate}"),

@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::common::{
-    Start, StartArgs, device, same_dir, federated_clients, json_pretty, open_run_folder, train_quantizer,
-    write_json, write_resolved_config,
+    Start, StartArgs, device, federated_clients, json_pretty, open_run_folder, same_dir,
+    train_quantizer, write_json, write_resolved_config,
 };
 
 #[derive(clap::Args, Debug)]

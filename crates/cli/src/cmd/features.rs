@@ -188,7 +188,10 @@ impl TryFrom<&Args> for FeaturesRequest {
             kind: match (&args.model, args.layer) {
                 (Some(model), Some(layer)) => {
                     if !(args.chunk_seconds.is_finite() && args.chunk_seconds >= 1.0) {
-                        bail!("--chunk-seconds {}: expected at least 1", args.chunk_seconds);
+                        bail!(
+                            "--chunk-seconds {}: expected at least 1",
+                            args.chunk_seconds
+                        );
                     }
                     FeatureKind::Layer {
                         model: model.clone(),
@@ -325,7 +328,8 @@ fn layer_features(
         UpstreamSpec::Checkpoint(model_path.to_path_buf())
     };
     let dev = fedhubert_model::cpu_device();
-    let model = load_upstream(&spec, &dev).with_context(|| format!("--model {}", model_path.display()))?;
+    let model =
+        load_upstream(&spec, &dev).with_context(|| format!("--model {}", model_path.display()))?;
     let weights = if model_path.is_dir() {
         model_path.join("model.safetensors")
     } else {
@@ -334,8 +338,12 @@ fn layer_features(
     let src = LayerSource {
         model: &model,
         layer,
-        model_digest: sha256_file(&weights).with_context(|| format!("reading {}", weights.display()))?,
-        made_by: format!("fedhubert features --model {} --layer {layer}", model_path.display()),
+        model_digest: sha256_file(&weights)
+            .with_context(|| format!("reading {}", weights.display()))?,
+        made_by: format!(
+            "fedhubert features --model {} --layer {layer}",
+            model_path.display()
+        ),
         chunk_samples,
     };
     let t0 = std::time::Instant::now();

@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::ValueEnum;
+use fedhubert_audio::ManifestOptions;
 use fedhubert_audio::partition::{
     Method, PartitionConfig, PartitionSummary, partition, write_partition,
 };
-use fedhubert_audio::ManifestOptions;
 use fedhubert_audio::scan::{scan_dir, scan_manifest_with};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -117,7 +117,12 @@ pub fn prepare(req: &PrepareRequest) -> anyhow::Result<PartitionSummary> {
     let _lock = crate::common::lock_folder(&req.out, "prepare")?;
     tracing::info!("scanning {}", req.data.display());
     let corpus = if req.data.is_file() {
-        scan_manifest_with(&req.data, req.root.clone(), req.skip_bad, req.manifest_options)?
+        scan_manifest_with(
+            &req.data,
+            req.root.clone(),
+            req.skip_bad,
+            req.manifest_options,
+        )?
     } else if req.data.is_dir() {
         scan_dir(&req.data, req.skip_bad)?
     } else {

@@ -315,7 +315,12 @@ fn centralized(
 ) -> anyhow::Result<CentralizedOutcome> {
     let dirs = client_dirs(&args.clients)?;
     let codebook = check_partition_labels(&dirs, &rf.label_spec())?;
-    pin_run_labels(&args.out, &codebook, &rf.label_spec(), args.start == Start::Resume)?;
+    pin_run_labels(
+        &args.out,
+        &codebook,
+        &rf.label_spec(),
+        args.start == Start::Resume,
+    )?;
     let mut train = Vec::new();
     let mut valid = Vec::new();
     for d in &dirs {
