@@ -8,6 +8,8 @@ comes from the ServerApp with every message, so all nodes train the same model t
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 
 import fedhubert
@@ -151,4 +153,19 @@ def kmeans_label(msg: Message, context: Context) -> Message:
                        str(msg.content["config"]["labels"]))
     info = ConfigRecord({"partition": str(part), "utterances": int(rep["utterances"]),
                          "frames": int(rep["frames"]), "inertia": float(rep["inertia"])})
+    return Message(RecordDict({"info": info}), reply_to=msg)
+
+
+@app.query("layer_features")
+def layer_features(msg: Message, context: Context) -> Message:
+    """HuBERT iteration 2: this node's layer features, with the model the ServerApp sent."""
+    part = partition_dir(context)
+    cfg = msg.content["config"]
+    with tempfile.TemporaryDirectory() as d:
+        model = Path(d) / "model.safetensors"
+        model.write_bytes(cfg["model"])
+        s = json.loads(fedhubert.extract_layer_features(
+            str(part), str(model), int(cfg["layer"]), float(cfg["chunk-seconds"])))
+    info = ConfigRecord({"partition": str(part), "stem": s["stem"], "utterances": int(s["utterances"]),
+                         "frames": int(s["frames"])})
     return Message(RecordDict({"info": info}), reply_to=msg)

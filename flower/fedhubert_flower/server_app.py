@@ -23,6 +23,7 @@ import fedhubert
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from .features import run_features
 from .kmeans import run_kmeans
 from .messaging import exchange
 from .records import arrays_from_record, record_from_arrays
@@ -134,7 +135,7 @@ def _setup(rc) -> tuple[str, "fedhubert.ServerDistillation | None"]:
         for note in kd.notes:
             _say(note)
         return kd.client_run_file, kd
-    raise ValueError(f"run config mode={mode!r}: expected pretrain, distill-server or kmeans")
+    raise ValueError(f"run config mode={mode!r}: expected pretrain, distill-server, kmeans or features")
 
 
 def _report(rec: dict) -> None:
@@ -161,6 +162,9 @@ def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     if str(rc.get("mode", "pretrain")) == "kmeans":
         run_kmeans(grid, context)
+        return
+    if str(rc.get("mode", "pretrain")) == "features":
+        run_features(grid, context)
         return
     run_file, kd = _setup(rc)
     rf = json.loads(run_file)

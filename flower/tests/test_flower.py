@@ -393,6 +393,35 @@ def test_federated_kmeans_over_flower_matches_native(work: Path, partitions: Pat
           f"{summary['n_frames']} frames, {summary['empty_clusters']} empty clusters (native: identical bytes)")
 
 
+def test_layer_features_over_flower_match_native(work: Path, partitions: Path, native: Path):
+    """mode="features" in the simulation runtime (HuBERT iteration 2): every node computes layer 1
+    of the native teacher, sent by the ServerApp, on its own partition; the shards are
+    byte-identical to `fedhubert features --model --layer 1` on the same folders."""
+    pytest.importorskip("ray", reason="the simulation runtime needs flwr[simulation]")
+    d = work / "features-flower"
+    parts, ref = d / "partition", d / "reference"
+    for dst in (parts, ref):
+        dst.mkdir(parents=True)
+        shutil.copy(partitions / "partition.json", dst / "partition.json")
+        for k in range(2):
+            (dst / f"client_{k}").mkdir()
+            shutil.copy(partitions / f"client_{k}" / "manifest.csv", dst / f"client_{k}" / "manifest.csv")
+    model = native / "model.safetensors"
+    run_cli("features", "--clients", str(ref), "--model", str(model), "--layer", "1")
+    with simulation_superlink(d) as (env, procs, logs):
+        out = d / "run"
+        log = flwr_run(env, out, {"mode": "features", "partitions": str(parts),
+                                  "features-model": str(model), "features-layer": 1},
+                       procs, logs, "num-supernodes=2")
+    assert (out / "features_summary.json").is_file(), log[-4000:]
+    for k in range(2):
+        for name in ("hubert_1.npy", "hubert_1.len"):
+            assert (parts / f"client_{k}" / name).read_bytes() == \
+                (ref / f"client_{k}" / name).read_bytes(), f"client_{k}/{name} differs"
+        rec = json.loads((parts / f"client_{k}" / "hubert_1.provenance.json").read_text())
+        assert rec["params"]["frame_rate"] == 50.0 and rec["params"]["layer"] == 1
+
+
 def test_kmeans_bad_input_is_named(tmp_path: Path):
     with pytest.raises(ValueError, match="client_9.*mfcc"):
         fedhubert.KmeansClient(str(tmp_path / "client_9"))

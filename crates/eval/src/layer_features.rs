@@ -25,6 +25,29 @@ pub fn layer_feature_stem(layer: usize) -> String {
 /// fairseq's `max_chunk`: audio longer than this runs in pieces.
 pub const DEFAULT_CHUNK_SAMPLES: usize = 1_600_000;
 
+/// The model at `path` (a fedhubert checkpoint file or an HF directory) and the SHA-256 of its
+/// weights file, which the features' provenance records.
+pub fn load_feature_model(
+    path: &Path,
+    device: &fedhubert_model::Device,
+) -> Result<(HubertModel, String), EvalError> {
+    let (spec, weights) = if path.is_dir() {
+        (
+            crate::UpstreamSpec::HfDir(path.to_path_buf()),
+            path.join("model.safetensors"),
+        )
+    } else {
+        (
+            crate::UpstreamSpec::Checkpoint(path.to_path_buf()),
+            path.to_path_buf(),
+        )
+    };
+    let model = crate::load_upstream(&spec, device)?;
+    let digest =
+        fedhubert_io::provenance::sha256_file(&weights).map_err(|e| EvalError::io(&weights, e))?;
+    Ok((model, digest))
+}
+
 /// What [`extract_layer_features`] wrote.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LayerFeaturesSummary {

@@ -627,6 +627,45 @@ fn read_checkpoint<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, P
 }
 
 /// A round checkpoint → a HuggingFace `HubertModel` folder (plus the pretraining head files).
+/// HuBERT iteration 2 on a node: layer `layer` of the model at `model` (a fedhubert checkpoint
+/// or an HF folder) for every utterance of `partition/manifest.csv`, into
+/// `partition/hubert_L.{npy,len}` with its provenance record, exactly as `fedhubert features
+/// --model --layer` writes them; the summary as JSON. The features never leave the node.
+#[pyfunction]
+#[pyo3(signature = (partition, model, layer, chunk_seconds = 100.0))]
+fn extract_layer_features(
+    py: Python<'_>,
+    partition: PathBuf,
+    model: PathBuf,
+    layer: usize,
+    chunk_seconds: f64,
+) -> PyResult<String> {
+    if !(chunk_seconds.is_finite() && chunk_seconds >= 1.0) {
+        return Err(PyValueError::new_err(format!(
+            "chunk_seconds {chunk_seconds}: expected at least 1"
+        )));
+    }
+    let err = |e: String| PyRuntimeError::new_err(e);
+    py.detach(|| -> Result<String, String> {
+        let dev = fedhubert_model::cpu_device();
+        let (m, digest) = fedhubert_eval::load_feature_model(&model, &dev)
+            .map_err(|e| format!("model {}: {e}", model.display()))?;
+        let src = fedhubert_eval::LayerSource {
+            model: &m,
+            layer,
+            model_digest: digest,
+            made_by: format!("flower mode=features (features-layer={layer})"),
+            chunk_samples: (chunk_seconds * 16_000.0) as usize,
+        };
+        let mpath = partition.join("manifest.csv");
+        let manifest = fedhubert_audio::Manifest::load(&mpath).map_err(|e| e.to_string())?;
+        let s = fedhubert_eval::extract_layer_features(&src, &manifest, &mpath, &partition)
+            .map_err(|e| format!("{}: {e}", partition.display()))?;
+        serde_json::to_string(&s).map_err(|e| e.to_string())
+    })
+    .map_err(err)
+}
+
 #[pyfunction]
 fn export_hf(py: Python<'_>, checkpoint: PathBuf, run_file: &str, out: PathBuf) -> PyResult<()> {
     let rf = parse_run_file(run_file)?;
@@ -654,6 +693,7 @@ fn fedhubert(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load_distill_run_file, m)?)?;
     m.add_function(wrap_pyfunction!(read_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(export_hf, m)?)?;
+    m.add_function(wrap_pyfunction!(extract_layer_features, m)?)?;
     m.add_class::<Client>()?;
     m.add_class::<Server>()?;
     m.add_class::<PyServerDistillation>()?;

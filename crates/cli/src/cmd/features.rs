@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use fedhubert_audio::{Manifest, ManifestOptions};
-use fedhubert_eval::{LayerSource, UpstreamSpec, extract_layer_features, load_upstream};
+use fedhubert_eval::{LayerSource, extract_layer_features, load_feature_model};
 use fedhubert_features::{ExtractOptions, ExtractSummary, extract_manifest};
-use fedhubert_io::provenance::sha256_file;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(clap::Args, Debug)]
@@ -322,24 +321,13 @@ fn layer_features(
     layer: usize,
     chunk_samples: usize,
 ) -> Result<FeaturesOutcome> {
-    let spec = if model_path.is_dir() {
-        UpstreamSpec::HfDir(model_path.to_path_buf())
-    } else {
-        UpstreamSpec::Checkpoint(model_path.to_path_buf())
-    };
     let dev = fedhubert_model::cpu_device();
-    let model =
-        load_upstream(&spec, &dev).with_context(|| format!("--model {}", model_path.display()))?;
-    let weights = if model_path.is_dir() {
-        model_path.join("model.safetensors")
-    } else {
-        model_path.to_path_buf()
-    };
+    let (model, model_digest) = load_feature_model(model_path, &dev)
+        .with_context(|| format!("--model {}", model_path.display()))?;
     let src = LayerSource {
         model: &model,
         layer,
-        model_digest: sha256_file(&weights)
-            .with_context(|| format!("reading {}", weights.display()))?,
+        model_digest,
         made_by: format!(
             "fedhubert features --model {} --layer {layer}",
             model_path.display()
