@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant};
 
 mod common;
 use common::{fail as refused, fedhubert, root};
@@ -88,14 +87,10 @@ fn a_deeply_nested_config_is_refused_at_once() {
     let deep = dir.path().join("deep.yaml");
     let n = 20_000;
     std::fs::write(&deep, format!("a: {}{}\n", "[".repeat(n), "]".repeat(n))).unwrap();
-    let t0 = Instant::now();
+    // "nested N levels deep" comes from the check before parsing (the parser took 27 s to
+    // reject such a file), so the message shows the parser never saw it.
     let e = pretrain_with(&deep, &[]);
-    assert!(e.contains("deep.yaml") && e.contains("nested"), "{e}");
-    assert!(
-        t0.elapsed() < Duration::from_secs(20),
-        "took {:?}",
-        t0.elapsed()
-    );
+    assert!(e.contains("deep.yaml") && e.contains("nested 20001 levels"), "{e}");
 }
 
 #[test]
