@@ -90,7 +90,10 @@ fn a_deeply_nested_config_is_refused_at_once() {
     // "nested N levels deep" comes from the check before parsing (the parser took 27 s to
     // reject such a file), so the message shows the parser never saw it.
     let e = pretrain_with(&deep, &[]);
-    assert!(e.contains("deep.yaml") && e.contains("nested 20001 levels"), "{e}");
+    assert!(
+        e.contains("deep.yaml") && e.contains("nested 20001 levels"),
+        "{e}"
+    );
 }
 
 #[test]
