@@ -13,30 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
-from .messaging import exchange
+from .messaging import exchange, wait_for_nodes
 
 LAYER_FEATURES = "query.layer_features"
 
 
 def _say(text: str) -> None:
     print(f"[fedhubert features] {text}", flush=True)
-
-
-def _nodes(grid: Grid, min_nodes: int, wait_s: float) -> list[int]:
-    deadline = time.monotonic() + wait_s
-    while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"only {len(nodes)} of min-nodes={min_nodes} SuperNodes connected within node-wait-s={wait_s:.0f} s"
-            )
-        time.sleep(1.0)
-    return nodes
 
 
 def run_features(grid: Grid, context: Context) -> None:
@@ -50,7 +38,7 @@ def run_features(grid: Grid, context: Context) -> None:
     layer = int(rc.get("features-layer", 6))
     out = Path(str(rc.get("out-dir", "runs/flower"))).expanduser().resolve()
     timeout = float(rc.get("node-wait-s", 300))
-    nodes = _nodes(grid, int(rc.get("min-nodes", 2)), timeout)
+    nodes = wait_for_nodes(grid, int(rc.get("min-nodes", 2)), timeout)
     cfg = ConfigRecord({
         "layer": layer,
         "chunk-seconds": float(rc.get("features-chunk-seconds", 100.0)),

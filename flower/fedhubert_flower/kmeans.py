@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import fedhubert
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
-from .messaging import exchange
+from .messaging import exchange, wait_for_nodes
 from .records import arrays_from_record, record_from_arrays
 
 # Message types ("query.<action>"): the ClientApp routes them to its k-means handlers.
@@ -47,13 +46,7 @@ def _exchange(grid: Grid, kind: str, targets: dict[int, int], content_for, rnd: 
 
 
 def _discover(grid: Grid, feature: str, min_nodes: int, wait_s: float) -> dict[int, int]:
-    deadline = time.monotonic() + wait_s
-    while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"only {len(nodes)} of min-nodes={min_nodes} SuperNodes connected within node-wait-s={wait_s:.0f} s"
-            )
-        time.sleep(1.0)
+    nodes = wait_for_nodes(grid, min_nodes, wait_s)
     cfg = ConfigRecord({"feature": feature})
     ok, failed = _exchange(grid, HELLO, dict(enumerate(nodes)),
                            lambda _: RecordDict({"config": cfg}), 0, wait_s)

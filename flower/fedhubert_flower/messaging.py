@@ -1,13 +1,29 @@
-"""One round trip to many SuperNodes, with every reply matched to what it answers."""
+"""One round trip to many SuperNodes, with every reply matched to what it answers, and the wait
+for them to connect."""
 
 from __future__ import annotations
 
+import time
 from typing import Hashable, TypeVar
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 K = TypeVar("K", bound=Hashable)
+
+
+def wait_for_nodes(grid: Grid, min_nodes: int, wait_s: float) -> list[int]:
+    """The connected SuperNodes' ids, sorted, once at least `min_nodes` are there; an error after
+    `wait_s` seconds without them."""
+    deadline = time.monotonic() + wait_s
+    while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(nodes)} of min-nodes={min_nodes} SuperNodes connected within "
+                f"node-wait-s={wait_s:.0f} s"
+            )
+        time.sleep(1.0)
+    return nodes
 
 
 def exchange(grid: Grid, sends: list[tuple[K, Message]], timeout: float, kind: str):

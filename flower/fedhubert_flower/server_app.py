@@ -16,7 +16,6 @@ on the ``server-set`` audio (`fedhubert.ServerDistillation`).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import fedhubert
@@ -25,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .features import run_features
 from .kmeans import run_kmeans
-from .messaging import exchange
+from .messaging import exchange, wait_for_nodes
 from .records import arrays_from_record, record_from_arrays
 
 app = ServerApp()
@@ -43,17 +42,7 @@ def discover_clients(grid: Grid, run_file: str, min_nodes: int, wait_s: float, w
                      partitions: dict[int, str] | None = None) -> dict[int, int]:
     """Waits for the SuperNodes and asks each which client it is: {client index: node id}.
     Fills `partitions` with each client's partition folder as its node reported it."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= min_nodes:
-            break
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"only {len(nodes)} of min-nodes={min_nodes} SuperNodes connected within "
-                f"node-wait-s={wait_s:.0f} s"
-            )
-        time.sleep(1.0)
+    nodes = wait_for_nodes(grid, min_nodes, wait_s)
     sends = [
         (n, Message(RecordDict({"config": _config(run_file)}), dst_node_id=n, message_type=MessageType.QUERY))
         for n in nodes

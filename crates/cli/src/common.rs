@@ -100,7 +100,10 @@ pub fn resources() {
     println!("resources: {cores} CPU cores, {mem}, {gpu}");
 }
 
-pub use fedhubert_fl::store::Start;
+// Every command that writes a folder holds a `FolderLock` on it (`open_run_folder` for runs
+// with checkpoints), so two runs never mix their files in it.
+pub use fedhubert_fl::FolderLock;
+pub use fedhubert_fl::store::{Start, open_run_folder};
 
 /// `--resume` / `--overwrite`, for every command that checkpoints a run.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -121,18 +124,6 @@ impl StartArgs {
             (false, false) => Start::Fresh,
         }
     }
-}
-
-/// Locks `out` for `command` and applies `start` (see [`fedhubert_fl::store::open_run_folder`]).
-pub fn open_run_folder(
-    out: &Path,
-    command: &str,
-    start: Start,
-    own_files: &[&str],
-) -> anyhow::Result<fedhubert_fl::FolderLock> {
-    Ok(fedhubert_fl::store::open_run_folder(
-        out, command, start, own_files,
-    )?)
 }
 
 /// Most threads `--threads` accepts: a pool of millions of threads would exhaust the machine
@@ -159,12 +150,6 @@ pub fn same_dir(a: &Path, b: &Path) -> bool {
         (Ok(x), Ok(y)) => x == y,
         _ => false,
     }
-}
-
-/// Locks `dir` for `command` until the lock drops: every command that writes a folder holds one,
-/// so two runs never mix their files in it.
-pub fn lock_folder(dir: &Path, command: &str) -> anyhow::Result<fedhubert_fl::FolderLock> {
-    Ok(fedhubert_fl::FolderLock::acquire(dir, command)?)
 }
 
 /// Prints the run's resolved configuration (every key, defaults included) and writes it to

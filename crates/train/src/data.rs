@@ -60,9 +60,9 @@ pub const LABEL_LENGTH_TOLERANCE_S: f64 = 0.1;
 /// The command that remakes label shards.
 const REMAKE_LABELS: &str = "fedhubert kmeans";
 
-/// Errors unless the labels of `dir` were made from this very manifest (their provenance
-/// record), at `labels.rate`.
-fn check_label_provenance(dir: &Path, labels: &LabelSpec) -> Result<(), TrainError> {
+/// The provenance record of the labels of `dir`; errors unless they were made from this very
+/// manifest, at `labels.rate`.
+fn check_label_provenance(dir: &Path, labels: &LabelSpec) -> Result<Provenance, TrainError> {
     let rec = Provenance::read_for_shard(dir, &labels.stem, REMAKE_LABELS)?;
     rec.check(dir, &[("manifest", &dir.join("manifest.csv"))])?;
     if let Some(made) = rec.params.get("label_rate").and_then(|v| v.as_f64())
@@ -75,7 +75,7 @@ fn check_label_provenance(dir: &Path, labels: &LabelSpec) -> Result<(), TrainErr
             labels.rate
         )));
     }
-    Ok(())
+    Ok(rec)
 }
 
 /// Errors unless `n_labels` frames at `rate` span the utterance's audio within
@@ -107,37 +107,32 @@ fn check_label_length(
 ///
 /// Returns the codebook's hash, which a run pins (see [`pin_run_labels`]).
 pub fn check_partition_labels(dirs: &[PathBuf], labels: &LabelSpec) -> Result<String, TrainError> {
-    let mut first: Option<(&Path, String)> = None;
+    let mut first: Option<(&Path, Provenance, String)> = None;
     for d in dirs {
         // A manifest that cannot be read (a missing column) fails here, once, rather than
         // in every client's every attempt of round 1.
         Manifest::load(&d.join("manifest.csv"))?;
-        check_label_provenance(d, labels)?;
-        let rec = Provenance::read_for_shard(d, &labels.stem, REMAKE_LABELS)?;
+        let rec = check_label_provenance(d, labels)?;
         let cb = match rec.params.get("codebook") {
             Some(serde_json::Value::String(h)) => h.clone(),
             Some(v) => v.to_string(),
             None => String::new(),
         };
         match &first {
-            None => first = Some((d, cb)),
-            Some((d0, cb0)) if *cb0 != cb => {
+            None => first = Some((d, rec, cb)),
+            Some((d0, rec0, cb0)) if *cb0 != cb => {
                 return Err(TrainError::Data(format!(
                     "{} and {} hold labels of different codebooks ({} and {}): a kmeans run did not finish for every client, or labelled each with its own codebook (--mode local); rerun `{REMAKE_LABELS}` on the whole partition with one codebook",
                     d0.join(format!("{}.npy", labels.stem)).display(),
                     d.join(format!("{}.npy", labels.stem)).display(),
-                    describe_codebook(&Provenance::read_for_shard(
-                        d0,
-                        &labels.stem,
-                        REMAKE_LABELS
-                    )?),
+                    describe_codebook(rec0),
                     describe_codebook(&rec),
                 )));
             }
             Some(_) => {}
         }
     }
-    Ok(first.map(|(_, cb)| cb).unwrap_or_default())
+    Ok(first.map(|(_, _, cb)| cb).unwrap_or_default())
 }
 
 /// The labels a run in `out` trains on: `out/labels.json` holds the codebook hash of the

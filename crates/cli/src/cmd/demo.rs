@@ -125,7 +125,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => bundled("assets/librispeech-sample")?,
     };
     let out = args.out.clone();
-    let _lock = crate::common::lock_folder(&out, "demo")?;
+    let _lock = crate::common::FolderLock::acquire(&out, "demo")?;
     let mut st = Stages {
         out: out.clone(),
         fresh: args.fresh,
@@ -348,9 +348,8 @@ fn probe_stages(args: &Args, st: &mut Stages) -> anyhow::Result<Vec<(&'static st
 fn iteration_two(args: &Args, st: &mut Stages, k: usize) -> anyhow::Result<ProbeRow> {
     let out = &args.out;
     let teacher = out.join("pretrain/model.safetensors");
-    let layers =
-        HubertConfig::from_json_file(out.join("pretrain/hf/config.json"))?.num_hidden_layers;
-    let layer = (layers / 2).max(1);
+    let cfg = HubertConfig::from_json_file(out.join("pretrain/hf/config.json"))?;
+    let layer = (cfg.num_hidden_layers / 2).max(1);
     let feature = fedhubert_eval::layer_feature_stem(layer);
     st.run("features-it2", || {
         let mut req = features_request(args);
@@ -378,8 +377,7 @@ fn iteration_two(args: &Args, st: &mut Stages, k: usize) -> anyhow::Result<Probe
         summary.print(&req);
         Ok(summary)
     })?;
-    let rate = 16_000.0
-        / HubertConfig::from_json_file(out.join("pretrain/hf/config.json"))?.total_stride() as f64;
+    let rate = 16_000.0 / cfg.total_stride() as f64;
     let extra = [
         "pretraining.label_stem=km2".to_string(),
         format!("pretraining.label_rate={rate}"),

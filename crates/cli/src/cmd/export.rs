@@ -56,7 +56,7 @@ pub fn export(req: &Args) -> anyhow::Result<ExportOutcome> {
             checkpoint.display()
         );
     }
-    let _lock = crate::common::lock_folder(out, "export")?;
+    let _lock = crate::common::FolderLock::acquire(out, "export")?;
     let (_, meta) = fedhubert_model::read_safetensors(checkpoint)
         .with_context(|| format!("reading {}", checkpoint.display()))?;
     let encoder: HubertModel = if meta.get("format").map(String::as_str) == Some("fedhubert") {

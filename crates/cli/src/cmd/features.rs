@@ -223,6 +223,19 @@ fn mfcc_dims() -> usize {
 }
 
 impl FeaturesOutcome {
+    /// Totals of `manifests` manifests before any is featurized.
+    fn empty(manifests: usize, threads: usize, dims: usize) -> Self {
+        Self {
+            manifests,
+            utterances: 0,
+            frames: 0,
+            audio_seconds: 0.0,
+            wall_seconds: 0.0,
+            threads,
+            dims,
+        }
+    }
+
     pub fn print(&self) {
         let (utts, frames, threads) = (self.utterances, self.frames, self.threads);
         println!(
@@ -269,7 +282,7 @@ fn jobs(input: &FeaturesInput) -> Result<Vec<(PathBuf, PathBuf, String)>> {
 
 /// Featurizes every manifest of the request, printing one line per manifest.
 pub fn features(req: &FeaturesRequest) -> Result<FeaturesOutcome> {
-    let _lock = crate::common::lock_folder(
+    let _lock = crate::common::FolderLock::acquire(
         match &req.input {
             FeaturesInput::Manifest { out, .. } => out,
             FeaturesInput::Clients(root) => root,
@@ -285,15 +298,7 @@ pub fn features(req: &FeaturesRequest) -> Result<FeaturesOutcome> {
     {
         return layer_features(req, &jobs, model, *layer, *chunk_samples);
     }
-    let mut total = FeaturesOutcome {
-        manifests: jobs.len(),
-        utterances: 0,
-        frames: 0,
-        audio_seconds: 0.0,
-        wall_seconds: 0.0,
-        threads: 0,
-        dims: fedhubert_features::MFCC_DIM,
-    };
+    let mut total = FeaturesOutcome::empty(jobs.len(), 0, fedhubert_features::MFCC_DIM);
     for (m, out, label) in &jobs {
         let s = run_one(m, out, req, label)?;
         total.utterances += s.utterances;
@@ -335,15 +340,11 @@ fn layer_features(
         chunk_samples,
     };
     let t0 = std::time::Instant::now();
-    let mut total = FeaturesOutcome {
-        manifests: jobs.len(),
-        utterances: 0,
-        frames: 0,
-        audio_seconds: 0.0,
-        wall_seconds: 0.0,
-        threads: rayon::current_num_threads(),
-        dims: model.config().hidden_size,
-    };
+    let mut total = FeaturesOutcome::empty(
+        jobs.len(),
+        rayon::current_num_threads(),
+        model.config().hidden_size,
+    );
     for (m, out, label) in jobs {
         let manifest = load_manifest(m, req.root.as_deref(), req.manifest_options)?;
         let s = extract_layer_features(&src, &manifest, m, out)

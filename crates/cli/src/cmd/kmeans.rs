@@ -605,9 +605,9 @@ fn kmeans_in_pool(req: &KmeansRequest) -> Result<KmeansSummary> {
         bail!("--k {k} is larger than the {total} frames of all clients together");
     }
     // The labels go into the partition's client folders, the codebook into --out.
-    let mut _locks = vec![crate::common::lock_folder(&req.clients, "kmeans")?];
+    let mut _locks = vec![crate::common::FolderLock::acquire(&req.clients, "kmeans")?];
     if !crate::common::same_dir(&req.clients, &req.out) {
-        _locks.push(crate::common::lock_folder(&req.out, "kmeans")?);
+        _locks.push(crate::common::FolderLock::acquire(&req.out, "kmeans")?);
     }
     let mode = match req.codebook {
         Some(_) => "applied",

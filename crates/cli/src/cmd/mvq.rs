@@ -312,7 +312,7 @@ impl Encoder {
 }
 
 pub fn encode(a: &EncodeRequest) -> anyhow::Result<EncodeOutcome> {
-    let _lock = crate::common::lock_folder(&a.clients, "mvq encode")?;
+    let _lock = crate::common::FolderLock::acquire(&a.clients, "mvq encode")?;
     let teacher = load_teacher(&a.teacher, &a.device)?;
     let q = Quantizer::load(&a.quantizer)?;
     if q.dim() != teacher.hidden_size() || q.layer >= teacher.num_layers() {

@@ -114,7 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 pub fn prepare(req: &PrepareRequest) -> anyhow::Result<PartitionSummary> {
     let cfg = &req.config;
     cfg.validate()?;
-    let _lock = crate::common::lock_folder(&req.out, "prepare")?;
+    let _lock = crate::common::FolderLock::acquire(&req.out, "prepare")?;
     tracing::info!("scanning {}", req.data.display());
     let corpus = if req.data.is_file() {
         scan_manifest_with(
