@@ -44,6 +44,8 @@ enum Command {
     Probe(cmd::probe::Args),
     /// Export a checkpoint as a HuggingFace `HubertModel` directory (from_pretrained, s3prl).
     Export(cmd::export::Args),
+    /// Convert a published checkpoint (fairseq .pt, torchaudio, s3prl) to a HuggingFace directory.
+    Import(cmd::import::Args),
     /// Every hidden state of one audio file, to check a checkpoint against transformers.
     Embed(cmd::embed::Args),
     /// Time forward / training step / MFCC / aggregation and write a JSON report.
@@ -69,6 +71,7 @@ fn main() -> std::process::ExitCode {
         Command::Mvq(a) => cmd::mvq::run(a),
         Command::Probe(a) => cmd::probe::run(a),
         Command::Export(a) => cmd::export::run(a),
+        Command::Import(a) => cmd::import::run(a),
         Command::Embed(a) => cmd::embed::run(a),
         Command::Bench(a) => cmd::bench::run(a),
     };

@@ -29,13 +29,20 @@ pub struct Teacher {
 }
 
 impl Teacher {
-    /// Loads a fedhubert checkpoint file (`HubertForPretraining::save_checkpoint`) or a HF directory
+    /// Loads a published fairseq / torchaudio / s3prl checkpoint (with its pretraining head
+    /// when it has one), a fedhubert checkpoint file (`HubertForPretraining::save_checkpoint`) or a HF directory
     /// (`HubertForPretraining::from_hf_dir` when it holds `pretraining_head.safetensors`, else
     /// `HubertModel::from_hf_dir` plus a random head). The teacher lives on the plain version of
     /// `device`, in validation mode (no dropout, no LayerDrop).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let plain = device.clone().without_autodiff();
-        let (model, has_head) = if path.is_file() {
+        let (model, has_head) = if fedhubert_model::published::is_pytorch_file(path) {
+            fedhubert_model::published::read_published(path)?.for_pretraining(
+                &PretrainConfig::default(),
+                0,
+                &plain,
+            )?
+        } else if path.is_file() {
             (HubertForPretraining::load_checkpoint(path, &plain)?, true)
         } else if path.is_dir() {
             if path.join("pretraining_head.safetensors").is_file()

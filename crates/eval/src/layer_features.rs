@@ -25,22 +25,17 @@ pub fn layer_feature_stem(layer: usize) -> String {
 /// fairseq's `max_chunk`: audio longer than this runs in pieces.
 pub const DEFAULT_CHUNK_SAMPLES: usize = 1_600_000;
 
-/// The model at `path` (a fedhubert checkpoint file or an HF directory) and the SHA-256 of its
+/// The model at `path` (a fedhubert checkpoint file, an HF directory or a published fairseq,
+/// torchaudio or s3prl checkpoint) and the SHA-256 of its
 /// weights file, which the features' provenance records.
 pub fn load_feature_model(
     path: &Path,
     device: &fedhubert_model::Device,
 ) -> Result<(HubertModel, String), EvalError> {
-    let (spec, weights) = if path.is_dir() {
-        (
-            crate::UpstreamSpec::HfDir(path.to_path_buf()),
-            path.join("model.safetensors"),
-        )
-    } else {
-        (
-            crate::UpstreamSpec::Checkpoint(path.to_path_buf()),
-            path.to_path_buf(),
-        )
+    let spec = crate::UpstreamSpec::from_path(path)?;
+    let weights = match &spec {
+        crate::UpstreamSpec::HfDir(dir) => dir.join("model.safetensors"),
+        _ => path.to_path_buf(),
     };
     let model = crate::load_upstream(&spec, device)?;
     let digest =

@@ -20,6 +20,9 @@ pub enum UpstreamSpec {
     Checkpoint(PathBuf),
     /// A HuggingFace `HubertModel` directory (`config.json` + `model.safetensors`).
     HfDir(PathBuf),
+    /// A published torch checkpoint: fairseq (`hubert_base_ls960.pt`), torchaudio state dict
+    /// or s3prl's converted upstream ([`fedhubert_model::published`]).
+    Published(PathBuf),
     /// `HubertModel::new(config, seed)`, untrained.
     Random { config: HubertConfig, seed: u64 },
     /// A non-learned acoustic baseline (`mfcc`, `fbank`): no model at all.
@@ -52,14 +55,22 @@ impl UpstreamSpec {
                 seed,
             });
         }
-        let p = PathBuf::from(spec);
+        Self::from_path(Path::new(spec))
+    }
+
+    /// The model at `path`: an HF directory, a published torch checkpoint, or a fedhubert
+    /// safetensors checkpoint.
+    pub fn from_path(path: &Path) -> Result<Self, EvalError> {
+        let p = path.to_path_buf();
         if p.is_dir() {
             Ok(Self::HfDir(p))
+        } else if fedhubert_model::published::is_pytorch_file(&p) {
+            Ok(Self::Published(p))
         } else if p.is_file() {
             Ok(Self::Checkpoint(p))
         } else {
             Err(EvalError::Upstream {
-                spec: spec.into(),
+                spec: path.display().to_string(),
                 why: "no such file or directory (expected a checkpoint file, an HF directory or `random`)".into(),
             })
         }
@@ -70,6 +81,7 @@ impl UpstreamSpec {
         match self {
             Self::Checkpoint(p) => format!("checkpoint {}", p.display()),
             Self::HfDir(p) => format!("hf {}", p.display()),
+            Self::Published(p) => format!("published checkpoint {}", p.display()),
             Self::Random { config, seed } => format!(
                 "random init (hidden {}, {} layers, seed {seed})",
                 config.hidden_size, config.num_hidden_layers
@@ -119,6 +131,9 @@ pub fn load_upstream(spec: &UpstreamSpec, device: &Device) -> Result<HubertModel
     match spec {
         UpstreamSpec::Checkpoint(p) => load_file(p, device),
         UpstreamSpec::HfDir(d) => Ok(HubertModel::from_hf_dir(d, device)?),
+        UpstreamSpec::Published(p) => {
+            Ok(fedhubert_model::published::read_published(p)?.encoder(device)?)
+        }
         UpstreamSpec::Random { config, seed } => Ok(HubertModel::new(config, *seed, device)?),
         UpstreamSpec::Acoustic(a) => Err(EvalError::Upstream {
             spec: a.describe().into(),

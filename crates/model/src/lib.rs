@@ -39,6 +39,7 @@ pub mod kernels;
 pub mod masking;
 pub mod nn;
 pub mod pretraining;
+pub mod published;
 
 pub use burn::tensor::Device;
 pub use config::{FeatExtractNorm, HubertConfig};

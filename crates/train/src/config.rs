@@ -584,8 +584,13 @@ impl RunFile {
     }
 
     pub fn pretrain_config(&self) -> Result<PretrainConfig, TrainError> {
+        self.pretrain_config_for(self.model_config()?.hidden_size)
+    }
+
+    /// The head for an encoder `hidden` wide (`pretrain --init` takes the width of the
+    /// checkpoint, not of the run file).
+    pub fn pretrain_config_for(&self, hidden: usize) -> Result<PretrainConfig, TrainError> {
         let p = &self.pretraining;
-        let hidden = self.model_config()?.hidden_size;
         let c = PretrainConfig {
             num_classes: p.vocab_size,
             final_dim: p

@@ -259,6 +259,7 @@ fn pretrain_on(
         // The stage did not finish (it has no marker): whatever it left is redone.
         start: Start::Overwrite,
         heldout: None,
+        init: None,
         run_file: rf,
         device: device("cpu")?,
     };

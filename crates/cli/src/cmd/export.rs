@@ -2,7 +2,7 @@
 //! `HubertModel.from_pretrained(DIR)` and s3prl's `hf_hubert_custom` load with no missing or
 //! unexpected keys. The export is read back and compared tensor by tensor before we report success.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use fedhubert_eval::{UpstreamSpec, load_upstream};
@@ -11,7 +11,8 @@ use fedhubert_model::{HubertConfig, HubertForPretraining, HubertModel, collect_t
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A fedhubert checkpoint: `model.safetensors` of `pretrain`, `student.safetensors` of
-    /// `distill`, or a trainer checkpoint (`trainer.safetensors` of `pretrain --centralized`).
+    /// `distill`, or a trainer checkpoint (`trainer.safetensors` of `pretrain --centralized`);
+    /// or a published one (fairseq, torchaudio, s3prl), as `fedhubert import` converts.
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Output directory: config.json, model.safetensors, preprocessor_config.json (and the
@@ -56,6 +57,14 @@ pub fn export(req: &Args) -> anyhow::Result<ExportOutcome> {
             checkpoint.display()
         );
     }
+    if fedhubert_model::published::is_pytorch_file(checkpoint) {
+        let o = crate::cmd::import::import(checkpoint, out)?;
+        return Ok(ExportOutcome {
+            checkpoint: o.source,
+            out: o.out,
+            tensors: o.tensors,
+        });
+    }
     let _lock = crate::common::FolderLock::acquire(out, "export")?;
     let (_, meta) = fedhubert_model::read_safetensors(checkpoint)
         .with_context(|| format!("reading {}", checkpoint.display()))?;
@@ -73,7 +82,18 @@ pub fn export(req: &Args) -> anyhow::Result<ExportOutcome> {
             .with_context(|| format!("writing {}", out.display()))?;
         m
     };
-    let back = HubertModel::from_hf_dir(out, &dev)
+    let tensors = verify_export(&encoder, out)?;
+    Ok(ExportOutcome {
+        checkpoint: checkpoint.to_path_buf(),
+        out: out.to_path_buf(),
+        tensors,
+    })
+}
+
+/// Reads the HF directory `out` back and checks it holds `encoder`'s config and tensors, bit
+/// for bit; returns the number of tensors.
+pub fn verify_export(encoder: &HubertModel, out: &Path) -> anyhow::Result<usize> {
+    let back = HubertModel::from_hf_dir(out, &encoder.masked_spec_embed.device())
         .with_context(|| format!("reading back the export {}", out.display()))?;
     let cfg_back = HubertConfig::from_json_file(out.join("config.json"))?;
     if cfg_back != *encoder.config() {
@@ -82,7 +102,7 @@ pub fn export(req: &Args) -> anyhow::Result<ExportOutcome> {
             out.display()
         );
     }
-    let a = collect_tensors(&encoder).tensors;
+    let a = collect_tensors(encoder).tensors;
     let b = collect_tensors(&back).tensors;
     if a.len() != b.len() {
         bail!(
@@ -107,9 +127,5 @@ pub fn export(req: &Args) -> anyhow::Result<ExportOutcome> {
             );
         }
     }
-    Ok(ExportOutcome {
-        checkpoint: checkpoint.to_path_buf(),
-        out: out.to_path_buf(),
-        tensors: a.len(),
-    })
+    Ok(a.len())
 }

@@ -4,6 +4,7 @@ pub mod distill;
 pub mod embed;
 pub mod export;
 pub mod features;
+pub mod import;
 pub mod kmeans;
 pub mod mvq;
 pub mod prepare;

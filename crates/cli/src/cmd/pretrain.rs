@@ -4,8 +4,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use fedhubert_eval::{UpstreamSpec, load_upstream};
 use fedhubert_fl::{RoundRecord, StrategyConfig};
-use fedhubert_model::{Device, HubertForPretraining};
+use fedhubert_model::{
+    Device, HubertConfig, HubertForPretraining, HubertModel, collect_tensors, load_tensors,
+};
 use fedhubert_train::{
     Heldout, HubertClients, LocalTrainer, Preset, RunFile, check_partition_labels, load_client_dir,
     pin_run_labels,
@@ -52,6 +55,12 @@ pub struct Args {
     /// every logged step when centralized), as `server_eval` in metrics.jsonl.
     #[arg(long, value_name = "DIR")]
     pub heldout: Option<PathBuf>,
+    /// Start from this encoder instead of a random one: a published HuBERT (fairseq `.pt`,
+    /// torchaudio, s3prl), an HF directory or a fedhubert checkpoint. Its architecture is
+    /// kept; dropout and masking come from the run file, and the head is fresh for the run's
+    /// codebook (`pretraining.vocab_size`).
+    #[arg(long, value_name = "CKPT")]
+    pub init: Option<PathBuf>,
     /// cpu, or cuda[:N] when built with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -85,6 +94,8 @@ pub struct PretrainRequest {
     pub start: Start,
     /// Unseen-speaker folder the server evaluates on.
     pub heldout: Option<PathBuf>,
+    /// The encoder to start from (`--init`); `None`: random at the run's seed.
+    pub init: Option<PathBuf>,
     pub run_file: RunFile,
     pub device: Device,
 }
@@ -185,6 +196,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         steps: args.steps,
         start: args.start.start(),
         heldout: args.heldout,
+        init: args.init,
         run_file: rf,
         device: dev,
     };
@@ -230,6 +242,47 @@ fn heldout_text(m: &std::collections::BTreeMap<String, f64>) -> String {
     }
 }
 
+/// The model a run starts from: the run file's architecture at the run's seed, or with
+/// `--init` that encoder (its architecture, the run's dropout and masking) and a fresh head
+/// for the run's codebook.
+fn initial_model(req: &PretrainRequest, dev: &Device) -> anyhow::Result<HubertForPretraining> {
+    let rf = &req.run_file;
+    let seed = rf.federated.run.seed;
+    let Some(init) = &req.init else {
+        return Ok(HubertForPretraining::new(
+            &rf.model_config()?,
+            &rf.pretrain_config()?,
+            seed,
+            dev,
+        )?);
+    };
+    let loaded = UpstreamSpec::from_path(init)
+        .and_then(|spec| load_upstream(&spec, dev))
+        .with_context(|| format!("--init {}", init.display()))?;
+    let run = rf.model_config()?;
+    let cfg = HubertConfig {
+        hidden_dropout: run.hidden_dropout,
+        attention_dropout: run.attention_dropout,
+        activation_dropout: run.activation_dropout,
+        feat_proj_dropout: run.feat_proj_dropout,
+        layerdrop: run.layerdrop,
+        mask_time_prob: run.mask_time_prob,
+        mask_time_length: run.mask_time_length,
+        mask_time_min_masks: run.mask_time_min_masks,
+        ..loaded.config().clone()
+    };
+    let encoder = load_tensors(HubertModel::new(&cfg, seed, dev)?, collect_tensors(&loaded))?;
+    let pre = rf.pretrain_config_for(cfg.hidden_size)?;
+    println!(
+        "initialised from {} ({} layers of {}); a fresh head for {} classes",
+        init.display(),
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        pre.num_classes
+    );
+    Ok(HubertForPretraining::with_encoder(encoder, &pre, seed)?)
+}
+
 /// Runs the federated simulation and exports the final model; returns the summary it writes.
 fn federated(
     req: &PretrainRequest,
@@ -240,9 +293,7 @@ fn federated(
     let dirs = federated_clients(&req.clients, rf.federated.run.num_clients)?;
     let codebook = check_partition_labels(&dirs, &rf.label_spec())?;
     pin_run_labels(out, &codebook, &rf.label_spec(), resume)?;
-    let model_cfg = rf.model_config()?;
-    let pre = rf.pretrain_config()?;
-    let template = HubertForPretraining::new(&model_cfg, &pre, rf.federated.run.seed, dev)?;
+    let template = initial_model(req, dev)?;
     let initial = fedhubert_model::collect_tensors(&template);
     let n_params: usize = initial.num_params();
     let strategy_cfg = rf.strategy()?;
@@ -330,13 +381,7 @@ fn centralized(
     }
     let mut tcfg = rf.train_config()?;
     tcfg.lr_schedule = rf.lr_schedule(Some(args.steps))?;
-    let model = HubertForPretraining::new(
-        &rf.model_config()?,
-        &rf.pretrain_config()?,
-        rf.federated.run.seed,
-        dev,
-    )?;
-    let mut tr = LocalTrainer::new(model, tcfg, dev)?;
+    let mut tr = LocalTrainer::new(initial_model(args, dev)?, tcfg, dev)?;
     let ckpt = args.out.join(CENTRALIZED_CHECKPOINT);
     let resume = args.start == Start::Resume;
     let mut start = 0;
