@@ -666,9 +666,24 @@ fn iteration_two_labels_run_at_the_teachers_rate_and_a_wrong_rate_is_refused() {
         "km2",
         "--k",
         "10",
+        "--percent",
+        "0.5",
         "--out",
         km.to_str().unwrap(),
     ]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(km.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["percent"], 0.5);
+    let e = fail(&[
+        "kmeans",
+        "--clients",
+        ps,
+        "--percent",
+        "1.5",
+        "--out",
+        km.to_str().unwrap(),
+    ]);
+    assert!(e.contains("--percent") && e.contains("(0, 1]"), "{e}");
     let out = dir.path().join("out");
     // 50 Hz labels read at the default 100 Hz: refused before training, naming both rates.
     let e = fail(&strs(&two_client_run(
@@ -692,4 +707,77 @@ fn iteration_two_labels_run_at_the_teachers_rate_and_a_wrong_rate_is_refused() {
     );
     let text = ok(&strs(&run));
     assert!(text.contains("round   2"), "{text}");
+}
+
+fn published(name: &str) -> String {
+    root()
+        .join("assets/fixtures/published_hubert_tiny")
+        .join(name)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A published HuBERT (fairseq, torchaudio) goes through `import`, `features` and
+/// `pretrain --init` as it is; a malicious pickle is refused by name.
+#[test]
+fn a_published_checkpoint_is_imported_extracted_and_continued() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("imported");
+    let text = ok(&[
+        "import",
+        &published("fairseq_postnorm.pt"),
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(
+        text.contains("Fairseq") && text.contains("2 layers of 64"),
+        "{text}"
+    );
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "pretraining_head.safetensors",
+        "import.json",
+    ] {
+        assert!(hf.join(file).is_file(), "missing {file}");
+    }
+    let bad = dir.path().join("bad");
+    let e = fail(&[
+        "import",
+        &published("malicious_root.pt"),
+        "--out",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(e.contains("posix.system") && e.contains("malicious"), "{e}");
+    assert!(!bad.join("model.safetensors").exists());
+
+    let p = dir.path().join("p");
+    copy_partition(&f.path.join("parts"), &p);
+    let ps = p.to_str().unwrap();
+    let model = published("torchaudio_prenorm.pt");
+    let text = ok(&[
+        "features",
+        "--clients",
+        ps,
+        "--model",
+        &model,
+        "--layer",
+        "1",
+    ]);
+    assert!(text.contains("layer 1 (64 dims, 50 Hz)"), "{text}");
+
+    let out = dir.path().join("continued");
+    let init = published("fairseq_postnorm.pt");
+    let text = ok(&strs(&two_client_run(&p, &out, &["--init", &init])));
+    assert!(
+        text.contains("initialised from") && text.contains("round   2"),
+        "{text}"
+    );
+    let cfg = std::fs::read_to_string(out.join("hf/config.json")).unwrap();
+    assert!(
+        cfg.contains("\"hidden_size\": 64"),
+        "the checkpoint's architecture is kept: {cfg}"
+    );
 }

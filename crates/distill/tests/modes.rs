@@ -606,3 +606,26 @@ fn distillation_steps_honour_update_freq_and_proximal_mu() {
         "proximal term did not hold the weights: {held} vs {free}"
     );
 }
+
+/// A published fairseq or torchaudio checkpoint is a teacher as it is, with its pretraining
+/// head (so output distillation can use it); the same weights give the same teacher.
+#[test]
+fn a_published_checkpoint_is_a_teacher_with_its_head() {
+    let fixtures =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/fixtures/published_hubert_tiny");
+    let dev = cpu_device();
+    let load = |f: &str| Teacher::load(&fixtures.join(f), &dev).unwrap();
+    let fairseq = load("fairseq_postnorm.pt");
+    assert!(fairseq.has_head);
+    assert_eq!(fairseq.model.pretrain.num_classes, 20);
+    let torchaudio = load("torchaudio_postnorm.pt");
+    assert!(torchaudio.has_head);
+    assert_eq!(
+        collect_tensors(&fairseq.model).tensors,
+        collect_tensors(&torchaudio.model).tensors
+    );
+    let Err(e) = Teacher::load(&fixtures.join("malicious_root.pt"), &dev) else {
+        panic!("a malicious pickle became a teacher");
+    };
+    assert!(e.to_string().contains("posix.system"), "{e}");
+}

@@ -325,3 +325,92 @@ impl FrameSource for ConcatSource {
         Ok(())
     }
 }
+
+/// A random fraction of a shard's utterances, for the fit only: fairseq's
+/// `learn_kmeans.py --percent` (fairseq 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99,
+/// examples/hubert/simple_kmeans/learn_kmeans.py:L76 `load_feature_shard`), which draws
+/// `ceil(utterances * percent)` of them without replacement. Labelling still covers every
+/// utterance.
+pub struct SampledSource {
+    inner: ShardSource,
+    /// (first row in `inner`, rows) of each kept utterance, in shard order.
+    spans: Vec<(usize, usize)>,
+    /// First row of each kept utterance in this source.
+    starts: Vec<usize>,
+    rows: usize,
+}
+
+impl SampledSource {
+    /// Keeps `ceil(n * percent)` of `inner`'s `n` utterances, drawn at `seed`; `percent` is in
+    /// (0, 1].
+    pub fn new(inner: ShardSource, percent: f64, seed: u64) -> Result<Self> {
+        use rand::SeedableRng;
+        if !(percent > 0.0 && percent <= 1.0) {
+            return Err(KmError::Invalid(format!(
+                "percent must be in (0, 1], got {percent}"
+            )));
+        }
+        let lengths = inner.lengths();
+        let n = lengths.len();
+        let keep = ((n as f64 * percent).ceil() as usize).clamp(usize::from(n > 0), n);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut chosen = rand::seq::index::sample(&mut rng, n, keep).into_vec();
+        chosen.sort_unstable();
+        let mut first = Vec::with_capacity(n);
+        let mut row = 0;
+        for &len in lengths {
+            first.push(row);
+            row += len;
+        }
+        let spans: Vec<(usize, usize)> = chosen.iter().map(|&u| (first[u], lengths[u])).collect();
+        let mut starts = Vec::with_capacity(spans.len());
+        let mut rows = 0;
+        for &(_, len) in &spans {
+            starts.push(rows);
+            rows += len;
+        }
+        Ok(Self {
+            inner,
+            spans,
+            starts,
+            rows,
+        })
+    }
+
+    /// Utterances kept.
+    pub fn utterances(&self) -> usize {
+        self.spans.len()
+    }
+}
+
+impl FrameSource for SampledSource {
+    fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+    fn n_frames(&self) -> usize {
+        self.rows
+    }
+    fn gather(&self, idx: &[usize], out: &mut Vec<f32>) -> Result<()> {
+        let mut mapped = Vec::with_capacity(idx.len());
+        for &i in idx {
+            if i >= self.rows {
+                return Err(KmError::Invalid(format!(
+                    "{}: sampled row {i} out of range",
+                    self.inner.path().display()
+                )));
+            }
+            let s = self.starts.partition_point(|&st| st <= i) - 1;
+            mapped.push(self.spans[s].0 + (i - self.starts[s]));
+        }
+        self.inner.gather(&mapped, out)
+    }
+    fn for_each_chunk(&self, f: &mut dyn FnMut(usize, &[f32]) -> Result<()>) -> Result<()> {
+        let mut buf = Vec::new();
+        for (&(first, len), &start) in self.spans.iter().zip(&self.starts) {
+            let rows: Vec<usize> = (first..first + len).collect();
+            self.inner.gather(&rows, &mut buf)?;
+            f(start, &buf)?;
+        }
+        Ok(())
+    }
+}

@@ -502,3 +502,57 @@ fn codebook_roundtrip_and_errors() {
     .to_string();
     assert!(err.contains("client b"), "{err}");
 }
+
+/// `--percent`: a fixed fraction of whole utterances, the same draw at the same seed, and the
+/// rows it serves are exactly those utterances' rows.
+#[test]
+fn sampled_source_keeps_whole_utterances() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = 3;
+    let lens = [5usize, 0, 7, 2, 9, 4, 6, 1, 8, 3];
+    let total: usize = lens.iter().sum();
+    let x: Vec<f32> = (0..total * d).map(|v| v as f32).collect();
+    let mut w = ShardWriter::<f32>::create(dir.path(), "mfcc", Some(d)).unwrap();
+    let mut off = 0;
+    for &len in &lens {
+        w.push(&x[off * d..(off + len) * d]).unwrap();
+        off += len;
+    }
+    w.finish().unwrap();
+    let open = || ShardSource::open(dir.path(), "mfcc").unwrap();
+    let s = SampledSource::new(open(), 0.3, 7).unwrap();
+    assert_eq!(s.utterances(), 3, "ceil(10 * 0.3)");
+    let mut seen = Vec::new();
+    s.for_each_chunk(&mut |start, rows| {
+        assert_eq!(start, seen.len() / d);
+        seen.extend_from_slice(rows);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen.len(), s.n_frames() * d);
+    let mut gathered = Vec::new();
+    s.gather(&(0..s.n_frames()).rev().collect::<Vec<_>>(), &mut gathered)
+        .unwrap();
+    let reversed: Vec<f32> = seen.chunks(d).rev().flatten().copied().collect();
+    assert_eq!(gathered, reversed);
+    // Every served row is a row of the shard, and every kept utterance whole.
+    let firsts: Vec<usize> = lens
+        .iter()
+        .scan(0, |r, &l| {
+            let f = *r;
+            *r += l;
+            Some(f)
+        })
+        .collect();
+    let kept: Vec<usize> = (0..lens.len())
+        .filter(|&u| lens[u] > 0 && seen.chunks(d).any(|row| row[0] as usize == firsts[u] * d))
+        .collect();
+    assert_eq!(kept.iter().map(|&u| lens[u]).sum::<usize>(), s.n_frames());
+    let again = SampledSource::new(open(), 0.3, 7).unwrap();
+    assert_eq!(again.n_frames(), s.n_frames());
+    assert_eq!(
+        SampledSource::new(open(), 1.0, 0).unwrap().n_frames(),
+        total
+    );
+    assert!(SampledSource::new(open(), 0.0, 0).is_err());
+}

@@ -12,8 +12,8 @@ use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use fedhubert_kmeans::{
     Agreement, ClientAgreement, Codebook, CodebookMeta, ConcatSource, FederatedConfig, FrameSource,
-    InProcessClient, KmClient, MiniBatchConfig, ServerUpdate, ShardSource, fit_federated,
-    fit_minibatch, label_client, with_threads,
+    InProcessClient, KmClient, MiniBatchConfig, SampledSource, ServerUpdate, ShardSource,
+    fit_federated, fit_minibatch, label_client, with_threads,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -95,6 +95,18 @@ pub struct Args {
     /// held-out speakers); --mode, --k and the fit settings are then unused.
     #[arg(long, value_name = "FILE")]
     pub codebook: Option<PathBuf>,
+    /// Fit on this fraction of each client's utterances, drawn at --seed (fairseq
+    /// `learn_kmeans.py --percent`, 0.1 for HuBERT Base's layer features); every utterance is
+    /// still labelled.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_percent)]
+    pub percent: f64,
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err(format!("expected a fraction in (0, 1], got `{s}`")),
+    }
 }
 
 /// The feature shard stem k-means reads unless told otherwise.
@@ -120,6 +132,8 @@ pub struct KmeansRequest {
     pub threads: usize,
     /// Label with this codebook instead of fitting one.
     pub codebook: Option<PathBuf>,
+    /// Fraction of each client's utterances the fit sees (1: all).
+    pub percent: f64,
 }
 
 impl KmeansRequest {
@@ -144,6 +158,7 @@ impl KmeansRequest {
             reference: ReferenceArg::Federated,
             threads: 0,
             codebook: None,
+            percent: 1.0,
         }
     }
 
@@ -187,8 +202,13 @@ impl From<&Args> for KmeansRequest {
             reference: args.reference,
             threads: args.threads,
             codebook: args.codebook.clone(),
+            percent: args.percent,
         }
     }
+}
+
+fn all_utterances() -> f64 {
+    1.0
 }
 
 /// `summary.json`: what was fitted and how every client's frames were labelled.
@@ -199,6 +219,9 @@ pub struct KmeansSummary {
     pub dim: usize,
     pub seed: u64,
     pub feature: String,
+    /// Fraction of each client's utterances the fit saw (`--percent`).
+    #[serde(default = "all_utterances")]
+    pub percent: f64,
     pub clients_dir: PathBuf,
     pub n_clients: usize,
     pub frames: usize,
@@ -367,21 +390,33 @@ fn open_client(
     }))
 }
 
-fn fed_clients(clients: &[Client], feature: &str) -> Result<Vec<Box<dyn KmClient>>> {
+/// What client `i` fits on: its whole feature shard, or `req.percent` of its utterances.
+fn fit_source(req: &KmeansRequest, i: usize, c: &Client) -> Result<Box<dyn FrameSource>> {
+    let src = ShardSource::open(&c.dir, &req.feature)
+        .with_context(|| format!("cannot open {}", c.source.path().display()))?;
+    if req.percent >= 1.0 {
+        return Ok(Box::new(src));
+    }
+    let seed = req.seed().wrapping_add(i as u64);
+    Ok(Box::new(SampledSource::new(src, req.percent, seed)?))
+}
+
+fn fed_clients(req: &KmeansRequest, clients: &[Client]) -> Result<Vec<Box<dyn KmClient>>> {
     clients
         .iter()
-        .map(|c| {
-            let src = ShardSource::open(&c.dir, feature)
-                .with_context(|| format!("cannot open {}", c.source.path().display()))?;
-            Ok(Box::new(InProcessClient::new(c.name.clone(), Box::new(src))) as Box<dyn KmClient>)
+        .enumerate()
+        .map(|(i, c)| {
+            let src = fit_source(req, i, c)?;
+            Ok(Box::new(InProcessClient::new(c.name.clone(), src)) as Box<dyn KmClient>)
         })
         .collect()
 }
 
-fn central_source(clients: &[Client], feature: &str) -> Result<ConcatSource> {
+fn central_source(req: &KmeansRequest, clients: &[Client]) -> Result<ConcatSource> {
     let parts = clients
         .iter()
-        .map(|c| Ok(Box::new(ShardSource::open(&c.dir, feature)?) as Box<dyn FrameSource>))
+        .enumerate()
+        .map(|(i, c)| fit_source(req, i, c))
         .collect::<Result<Vec<_>>>()?;
     Ok(ConcatSource::new(parts)?)
 }
@@ -417,7 +452,7 @@ fn fit(req: &KmeansRequest, clients: &[Client]) -> Result<Fit> {
     let (mb, fcfg) = (&req.minibatch, &req.federated);
     Ok(match req.mode {
         ModeArg::Central => {
-            let f = fit_minibatch(&central_source(clients, &req.feature)?, mb)?;
+            let f = fit_minibatch(&central_source(req, clients)?, mb)?;
             Fit {
                 info: json!({"n_steps": f.n_steps, "n_iter": f.n_iter, "init_inertia_validation": f.init_inertia}),
                 global: Some(f.codebook),
@@ -425,7 +460,7 @@ fn fit(req: &KmeansRequest, clients: &[Client]) -> Result<Fit> {
             }
         }
         ModeArg::Federated => {
-            let f = fit_federated(&fed_clients(clients, &req.feature)?, fcfg)?;
+            let f = fit_federated(&fed_clients(req, clients)?, fcfg)?;
             Fit {
                 info: json!({"rounds": f.rounds, "dropouts": f.dropouts, "history": f.history}),
                 global: Some(f.codebook),
@@ -434,16 +469,17 @@ fn fit(req: &KmeansRequest, clients: &[Client]) -> Result<Fit> {
         }
         ModeArg::Local => {
             let mut v = Vec::new();
-            for c in clients {
-                if c.source.n_frames() < req.k() {
+            for (i, c) in clients.iter().enumerate() {
+                let source = fit_source(req, i, c)?;
+                if source.n_frames() < req.k() {
                     bail!(
                         "{}: {} frames, fewer than --k {} (local mode fits k clusters per client)",
                         c.source.path().display(),
-                        c.source.n_frames(),
+                        source.n_frames(),
                         req.k()
                     );
                 }
-                let f = fit_minibatch(&c.source, mb)
+                let f = fit_minibatch(source.as_ref(), mb)
                     .with_context(|| format!("local k-means of {}", c.name))?;
                 v.push(f.codebook);
             }
@@ -460,10 +496,10 @@ fn fit(req: &KmeansRequest, clients: &[Client]) -> Result<Fit> {
 fn reference_codebook(req: &KmeansRequest, clients: &[Client]) -> Result<Option<Codebook>> {
     Ok(match (req.mode, req.reference) {
         (ModeArg::Local, ReferenceArg::Federated) => {
-            Some(fit_federated(&fed_clients(clients, &req.feature)?, &req.federated)?.codebook)
+            Some(fit_federated(&fed_clients(req, clients)?, &req.federated)?.codebook)
         }
         (ModeArg::Local, ReferenceArg::Central) => {
-            Some(fit_minibatch(&central_source(clients, &req.feature)?, &req.minibatch)?.codebook)
+            Some(fit_minibatch(&central_source(req, clients)?, &req.minibatch)?.codebook)
         }
         _ => None,
     })
@@ -650,6 +686,7 @@ fn kmeans_in_pool(req: &KmeansRequest) -> Result<KmeansSummary> {
         dim,
         seed: req.seed(),
         feature: req.feature.clone(),
+        percent: req.percent,
         clients_dir: req.clients.clone(),
         n_clients: clients.len(),
         frames: total,
