@@ -75,9 +75,11 @@ def _run_file(msg: Message) -> str:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Which client this node is; opening the partition checks it before round 1."""
+    """Which client this node is, and the codebook of its labels; opening the partition checks
+    it (manifest, labels made from it at the run's label_rate) before round 1."""
     client, part = _client(context, _run_file(msg))
-    info = ConfigRecord({"client-id": client_index(context, client, part), "partition": str(part)})
+    info = ConfigRecord({"client-id": client_index(context, client, part), "partition": str(part),
+                         "codebook": client.codebook})
     return Message(RecordDict({"info": info}), reply_to=msg)
 
 

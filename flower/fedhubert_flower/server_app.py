@@ -39,9 +39,12 @@ def _config(run_file: str, **extra: str) -> ConfigRecord:
 
 
 def discover_clients(grid: Grid, run_file: str, min_nodes: int, wait_s: float, want: int,
-                     partitions: dict[int, str] | None = None) -> dict[int, int]:
-    """Waits for the SuperNodes and asks each which client it is: {client index: node id}.
-    Fills `partitions` with each client's partition folder as its node reported it."""
+                     partitions: dict[int, str] | None = None) -> tuple[dict[int, int], str]:
+    """Waits for the SuperNodes and asks each which client it is: ({client index: node id}, the
+    hash of the codebook of every client's labels). Fills `partitions` with each client's
+    partition folder as its node reported it. Each node checks its labels when it opens its
+    partition (a label_rate its labels were not made at fails here, before round 1), and all
+    clients' labels must come from one codebook, as `fedhubert pretrain` checks before it starts."""
     nodes = wait_for_nodes(grid, min_nodes, wait_s)
     sends = [
         (n, Message(RecordDict({"config": _config(run_file)}), dst_node_id=n, message_type=MessageType.QUERY))
@@ -49,6 +52,7 @@ def discover_clients(grid: Grid, run_file: str, min_nodes: int, wait_s: float, w
     ]
     ok, failed = exchange(grid, sends, wait_s, "query")
     by_client: dict[int, int] = {}
+    codebooks: dict[int, tuple[str, str]] = {}
     problems = [f"node {n}: {why}" for n, why in sorted(failed.items())]
     for node, r in sorted(ok.items()):
         info = r.content["info"]
@@ -56,6 +60,7 @@ def discover_clients(grid: Grid, run_file: str, min_nodes: int, wait_s: float, w
         if c in by_client:
             problems.append(f"nodes {by_client[c]} and {node} both claim client {c} ({info['partition']})")
         by_client[c] = node
+        codebooks[c] = (str(info.get("codebook", "")), str(info["partition"]))
         if partitions is not None:
             partitions[c] = str(info["partition"])
         _say(f"node {node} is client {c} ({info['partition']})")
@@ -68,7 +73,17 @@ def discover_clients(grid: Grid, run_file: str, min_nodes: int, wait_s: float, w
             f"clients {missing} have no SuperNode (connected: {sorted(by_client)}); every client_K "
             f"folder 0..{n - 1} of the partition needs a node"
         )
-    return {c: by_client[c] for c in range(n)}
+    (cb0, p0) = codebooks[0]
+    for c in range(1, n):
+        cb, p = codebooks[c]
+        if cb != cb0:
+            raise RuntimeError(
+                f"clients 0 ({p0}) and {c} ({p}) hold labels of different codebooks "
+                f"({cb0[:12] or 'none'} and {cb[:12] or 'none'}): a k-means run did not finish for "
+                "every client, or labelled each with its own codebook; rerun mode=\"kmeans\" on all "
+                "the nodes"
+            )
+    return {c: by_client[c] for c in range(n)}, cb0
 
 
 def _send(grid: Grid, plan, node_of, content_for, kind: str, rnd: int, timeout):
@@ -159,7 +174,7 @@ def main(grid: Grid, context: Context) -> None:
     rf = json.loads(run_file)
     out = Path(str(rc.get("out-dir", "runs/flower"))).expanduser().resolve()
     partitions: dict[int, str] = {}
-    node_of = discover_clients(
+    node_of, codebook = discover_clients(
         grid,
         run_file,
         int(rc.get("min-nodes", 2)),
@@ -171,6 +186,9 @@ def main(grid: Grid, context: Context) -> None:
     overwrite = bool(rc.get("overwrite", False))
     if kd is None:
         server = fedhubert.Server(run_file, str(out), len(node_of), resume, overwrite)
+        # out/labels.json, as `fedhubert pretrain` writes it: a resume over relabelled nodes is
+        # refused rather than continued on other targets.
+        fedhubert.pin_run_labels(str(out), codebook, run_file, resume)
     else:
         # Where the server and the nodes share a file system (simulation), the server-side set
         # must not be a client's folder: the server never holds client audio.

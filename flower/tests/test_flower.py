@@ -422,6 +422,118 @@ def test_layer_features_over_flower_match_native(work: Path, partitions: Path, n
         assert rec["params"]["frame_rate"] == 50.0 and rec["params"]["layer"] == 1
 
 
+# HuBERT's second iteration over Flower: layer features of the iteration-1 model (the `native`
+# run), federated k-means on them into `km2` labels at the model's 50 Hz, and a fresh model
+# pretrained on those labels; every stage a Flower run, checked against the native CLI.
+IT2_LAYER = 1
+IT2_K = 20
+IT2_RATE = 50
+IT2_OVERRIDES = [o for o in OVERRIDES if not o.startswith("pretraining.vocab_size=")] + [
+    f"pretraining.vocab_size={IT2_K}",
+    "pretraining.label_stem=km2",
+    f"pretraining.label_rate={IT2_RATE}",
+]
+
+
+def test_iteration_two_over_flower(work: Path, partitions: Path, native: Path):
+    """HuBERT iteration 2 entirely over Flower, in the simulation runtime: mode="features" (layer
+    1 of the iteration-1 model), mode="kmeans" on `hubert_1` into `km2` labels, then pretraining a
+    fresh model on them with label_rate 50. Each stage is byte-identical to the native CLI's
+    (`fedhubert features --model --layer`, `kmeans --feature hubert_1`, `pretrain --simulation`);
+    pretraining on the 50 Hz labels with label_rate 100 is refused, naming both rates."""
+    pytest.importorskip("ray", reason="the simulation runtime needs flwr[simulation]")
+    d = work / "iteration2-flower"
+    parts, ref = d / "partition", d / "reference"
+    for dst in (parts, ref):
+        dst.mkdir(parents=True)
+        shutil.copy(partitions / "partition.json", dst / "partition.json")
+        for k in range(2):
+            (dst / f"client_{k}").mkdir()
+            shutil.copy(partitions / f"client_{k}" / "manifest.csv", dst / f"client_{k}" / "manifest.csv")
+    model = native / "model.safetensors"
+    feature = f"hubert_{IT2_LAYER}"
+    # The native iteration 2 on the reference copy of the partition.
+    run_cli("features", "--clients", str(ref), "--model", str(model), "--layer", str(IT2_LAYER))
+    run_cli("kmeans", "--clients", str(ref), "--mode", "federated", "--k", str(IT2_K), "--feature", feature,
+            "--labels", "km2", "--out", str(d / "kmeans-native"), "--seed", "0")
+    nat_out = d / "pretrain-native"
+    args = ["pretrain", "--config", str(ROOT / "configs/tiny.yaml"), "--clients", str(ref),
+            "--simulation", "--out", str(nat_out)]
+    for o in IT2_OVERRIDES:
+        args += ["--set", o]
+    run_cli(*args)
+
+    fed = "num-supernodes=2"
+    with simulation_superlink(d) as (env, procs, logs):
+        log = flwr_run(env, d / "features", {"mode": "features", "partitions": str(parts),
+                                             "features-model": str(model), "features-layer": IT2_LAYER},
+                       procs, logs, fed)
+        assert (d / "features" / "features_summary.json").is_file(), log[-4000:]
+        km_out = d / "kmeans"
+        log = flwr_run(env, km_out, {"mode": "kmeans", "partitions": str(parts), "kmeans-k": IT2_K,
+                                     "kmeans-feature": feature, "kmeans-labels": "km2", "kmeans-seed": 0},
+                       procs, logs, fed)
+        assert (km_out / "kmeans_summary.json").is_file(), log[-4000:]
+        # A label rate that is not the labels' is refused, with both rates named.
+        bad_out = d / "pretrain-100hz"
+        bad_set = [o for o in IT2_OVERRIDES if not o.startswith("pretraining.label_rate=")]
+        bad_log = flwr_run(env, bad_out, {"partitions": str(parts), "set": " ".join(
+            bad_set + ["pretraining.label_rate=100"])}, procs, logs, fed)
+        out = d / "pretrain"
+        log = flwr_run(env, out, {"partitions": str(parts), "set": " ".join(IT2_OVERRIDES)}, procs, logs, fed)
+
+    # Features and labels: the native bytes, the labels recorded at 50 Hz from one codebook.
+    summary = json.loads((km_out / "kmeans_summary.json").read_text())
+    assert summary["k"] == IT2_K and summary["rounds"] > 1
+    assert (km_out / "codebook.safetensors").read_bytes() == \
+        (d / "kmeans-native" / "codebook.safetensors").read_bytes(), "codebook differs from the native fit"
+    codebooks = set()
+    for k in range(2):
+        for name in (f"{feature}.npy", f"{feature}.len", "km2.npy", "km2.len"):
+            assert (parts / f"client_{k}" / name).read_bytes() == \
+                (ref / f"client_{k}" / name).read_bytes(), f"client_{k}/{name} differs"
+        rec = json.loads((parts / f"client_{k}" / "km2.provenance.json").read_text())
+        assert rec["params"]["label_rate"] == IT2_RATE and rec["params"]["feature"] == feature
+        assert rec["params"]["k"] == IT2_K
+        codebooks.add(rec["params"]["codebook"])
+    nat_rec = json.loads((ref / "client_0" / "km2.provenance.json").read_text())
+    assert codebooks == {nat_rec["params"]["codebook"]}
+
+    # The mismatch never trained: every node refused it when it opened its partition, before
+    # round 1, with both rates in the message.
+    assert "SuperNode discovery failed" in bad_log and "round   1" not in bad_log, bad_log[-4000:]
+    assert not (bad_out / "checkpoint.safetensors").exists(), bad_log[-4000:]
+    for k in range(2):
+        assert f"client_{k}/km2.npy: labels at 50 Hz but pretraining.label_rate is 100" in bad_log, \
+            bad_log[-4000:]
+    bad_rf = fedhubert.load_run_file(str(ROOT / "configs/tiny.yaml"), bad_set + ["pretraining.label_rate=100"])
+    with pytest.raises(RuntimeError, match="labels at 50 Hz but pretraining.label_rate is 100"):
+        fedhubert.Client(str(parts / "client_0"), bad_rf)
+
+    # Pretraining on the new labels: finite losses, a checkpoint, the native run's weights.
+    assert (out / "summary.json").is_file(), f"the Flower run wrote no summary; its log:\n{log[-6000:]}"
+    ck = fedhubert.read_checkpoint(str(out / "checkpoint.safetensors"))
+    nat = fedhubert.read_checkpoint(str(nat_out / "checkpoint.safetensors"))
+    assert ck["round"] == nat["round"] == ROUNDS
+    hist, nat_hist = json.loads(ck["history"]), json.loads(nat["history"])
+    for h, n in zip(hist, nat_hist, strict=True):
+        assert h["participated"] == [0, 1] and not h["failures"]
+        assert np.isfinite(h["train"]["loss"]) and np.isfinite(h["eval"]["loss"])
+        for sec in ("train", "eval"):
+            same_numbers(h[sec], n[sec], f"round {h['round']} {sec}")
+    g, ng = ck["global"], nat["global"]
+    assert list(g) == list(ng)
+    diff = [k for k in g if not np.array_equal(g[k], ng[k])]
+    assert not diff, f"{len(diff)} tensors differ from the native run, e.g. {diff[:3]}"
+    assert (out / "model.safetensors").is_file() and (out / "hf" / "model.safetensors").is_file()
+    # The run pinned the labels it trained on, as the native run did.
+    pinned = json.loads((out / "labels.json").read_text())
+    assert pinned == json.loads((nat_out / "labels.json").read_text())
+    assert pinned == {"codebook": nat_rec["params"]["codebook"], "label_stem": "km2", "label_rate": IT2_RATE}
+    print(f"\n[iteration 2] flower: layer {IT2_LAYER} features, k={IT2_K} in {summary['rounds']} rounds, "
+          f"train loss per round {[h['train']['loss'] for h in hist]} (native: identical)")
+
+
 def test_kmeans_bad_input_is_named(tmp_path: Path):
     with pytest.raises(ValueError, match="client_9.*mfcc"):
         fedhubert.KmeansClient(str(tmp_path / "client_9"))

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use fedhubert_fl::{ClientInstructions, ClientPool, EvalRes, FitRes, LocalOptimizerState, Weights};
 use fedhubert_model::HubertForPretraining;
-use fedhubert_train::{HubertClients, RunFile};
+use fedhubert_train::{HubertClients, RunFile, check_partition_labels};
 
 use crate::BridgeError;
 
@@ -16,6 +16,8 @@ pub struct LocalClient {
     pub layout: Weights,
     /// The node's own folder for what it keeps between rounds.
     state: Option<NodeState>,
+    /// Hash of the codebook the partition's labels come from (their provenance record).
+    pub codebook: String,
 }
 
 /// A node's own folder for what it keeps between rounds (`local_optimizer_state: keep`): never
@@ -119,6 +121,10 @@ impl LocalClient {
                 labels.display()
             )));
         }
+        // The labels' provenance (made from this manifest, at the run's label_rate), as
+        // `fedhubert pretrain` checks it before round 1: a 50 Hz label set trained at 100 Hz
+        // fails when the node opens its partition, not in every attempt of round 1.
+        let codebook = check_partition_labels(&[dir.to_path_buf()], &rf.label_spec())?;
         let dev = fedhubert_model::cpu_device();
         // The template's initial weights are replaced by the server's every call; only its
         // architecture matters, but seeding it like the server keeps it identical to the native run.
@@ -141,6 +147,7 @@ impl LocalClient {
             pool,
             layout,
             state,
+            codebook,
         })
     }
 

@@ -249,6 +249,13 @@ impl Client {
         index_from_dir(&self.inner.dir)
     }
 
+    /// Hash of the codebook this partition's labels come from (their provenance record; empty
+    /// for a record without one): every client of a run must report the same.
+    #[getter]
+    fn codebook(&self) -> &str {
+        &self.inner.codebook
+    }
+
     /// Local training from the global weights as the instructions (JSON from the server) say.
     /// Returns (arrays, num_examples, metrics): the trainable weights, or one uint8 payload
     /// under `PAYLOAD_KEY` when compression is on (`fedhubert_fl::prepare_upload`).
@@ -666,6 +673,16 @@ fn extract_layer_features(
     .map_err(err)
 }
 
+/// Pins the labels a pretraining run in `out` trains on (`out/labels.json`: the clients'
+/// codebook hash and the run file's label stem and rate), as `fedhubert pretrain` does; on
+/// resume, refuses labels other than those the run started with (a relabelled partition).
+#[pyfunction]
+fn pin_run_labels(out: PathBuf, codebook: &str, run_file: &str, resume: bool) -> PyResult<()> {
+    let rf = parse_run_file(run_file)?;
+    fedhubert_train::pin_run_labels(&out, codebook, &rf.label_spec(), resume)
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
 #[pyfunction]
 fn export_hf(py: Python<'_>, checkpoint: PathBuf, run_file: &str, out: PathBuf) -> PyResult<()> {
     let rf = parse_run_file(run_file)?;
@@ -694,6 +711,7 @@ fn fedhubert(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(export_hf, m)?)?;
     m.add_function(wrap_pyfunction!(extract_layer_features, m)?)?;
+    m.add_function(wrap_pyfunction!(pin_run_labels, m)?)?;
     m.add_class::<Client>()?;
     m.add_class::<Server>()?;
     m.add_class::<PyServerDistillation>()?;
