@@ -59,16 +59,8 @@ impl TryFrom<&Args> for EmbedRequest {
     type Error = anyhow::Error;
 
     fn try_from(args: &Args) -> anyhow::Result<Self> {
-        let model = if args.checkpoint.is_dir() {
-            UpstreamSpec::HfDir(args.checkpoint.clone())
-        } else if args.checkpoint.is_file() {
-            UpstreamSpec::Checkpoint(args.checkpoint.clone())
-        } else {
-            bail!(
-                "--checkpoint {}: no such file or directory (expected a checkpoint file or an HF directory)",
-                args.checkpoint.display()
-            );
-        };
+        let model = UpstreamSpec::from_path(&args.checkpoint)
+            .with_context(|| format!("--checkpoint {}", args.checkpoint.display()))?;
         let normalize = match args.normalize.as_str() {
             "auto" => Normalize::Auto,
             "true" => Normalize::Yes,
