@@ -283,7 +283,7 @@ impl DistillRunFile {
     /// dots, e.g. `distillation.mvq.num_codebooks=4`), and validates. Unknown keys are errors
     /// naming the key.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        type V = serde_yaml::Value;
+        type V = serde_yaml_ng::Value;
         let text = path.map(config::read_run_text).transpose()?;
         let mut tree = match (path, &text) {
             (Some(p), Some(t)) => config::parse_run_tree(p, t)?,
@@ -306,7 +306,7 @@ impl DistillRunFile {
 
     /// The resolved configuration as YAML, defaults included.
     pub fn to_yaml(&self) -> Result<String> {
-        serde_yaml::to_string(self).map_err(|e| cfg_err(format!("writing the run file: {e}")))
+        serde_yaml_ng::to_string(self).map_err(|e| cfg_err(format!("writing the run file: {e}")))
     }
 
     /// The distillation section and the student's run file (see [`RunFile::validate`]).

@@ -241,7 +241,7 @@ impl std::str::FromStr for Preset {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        serde_yaml::from_str(s)
+        serde_yaml_ng::from_str(s)
             .map_err(|_| format!("{s:?}: expected a model preset: tiny, student, base or large"))
     }
 }
@@ -338,27 +338,27 @@ fn nesting_depth(text: &str) -> usize {
 
 /// The YAML tree of a run file's text: a mapping of sections. An empty file is an error: it
 /// used to train HuBERT Base on every default without a word.
-pub fn parse_run_tree(path: &Path, text: &str) -> Result<serde_yaml::Value, TrainError> {
+pub fn parse_run_tree(path: &Path, text: &str) -> Result<serde_yaml_ng::Value, TrainError> {
     let at = |why: String| cfg_err(format!("{}: {why}", path.display()));
-    let tree: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| at(e.to_string()))?;
+    let tree: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| at(e.to_string()))?;
     match &tree {
-        serde_yaml::Value::Null => Err(at(
+        serde_yaml_ng::Value::Null => Err(at(
             "the file is empty: a run file names at least its model (pretraining: preset: tiny|student|base|large); see configs/*.yaml".into(),
         )),
-        serde_yaml::Value::Mapping(m) if m.is_empty() => Err(at(
+        serde_yaml_ng::Value::Mapping(m) if m.is_empty() => Err(at(
             "the file is an empty mapping: a run file names at least its model (pretraining: preset: ...)".into(),
         )),
-        serde_yaml::Value::Mapping(_) => Ok(tree),
+        serde_yaml_ng::Value::Mapping(_) => Ok(tree),
         _ => Err(at("expected a mapping of sections (federated:, pretraining:, ...)".into())),
     }
 }
 
 /// Applies `a.b.c=value` overrides (the value parsed as YAML) to a run file's tree.
 pub fn apply_overrides(
-    tree: &mut serde_yaml::Value,
+    tree: &mut serde_yaml_ng::Value,
     overrides: &[String],
 ) -> Result<(), TrainError> {
-    type V = serde_yaml::Value;
+    type V = serde_yaml_ng::Value;
     for o in overrides {
         let (key, value) = o
             .split_once('=')
@@ -370,7 +370,7 @@ pub fn apply_overrides(
             )));
         }
         let v: V =
-            serde_yaml::from_str(value).map_err(|e| cfg_err(format!("override {o:?}: {e}")))?;
+            serde_yaml_ng::from_str(value).map_err(|e| cfg_err(format!("override {o:?}: {e}")))?;
         let mut node = &mut *tree;
         for p in &parts[..parts.len() - 1] {
             let map = node
@@ -391,27 +391,27 @@ pub fn apply_overrides(
 /// error is reported where it is: the file alone is parsed again from its text, which names the
 /// field's line and column, or the overrides are applied one by one to name the one at fault.
 pub fn typed_run_file<T: serde::de::DeserializeOwned>(
-    tree: serde_yaml::Value,
+    tree: serde_yaml_ng::Value,
     path: Option<&Path>,
     text: Option<&str>,
     overrides: &[String],
 ) -> Result<T, TrainError> {
     let mut merged = tree.clone();
     apply_overrides(&mut merged, overrides)?;
-    let why = match serde_yaml::from_value::<T>(merged) {
+    let why = match serde_yaml_ng::from_value::<T>(merged) {
         Ok(t) => return Ok(t),
         Err(e) => e.to_string(),
     };
     let where_ = path.map(|p| p.display().to_string());
     if let (Some(w), Some(t)) = (&where_, text)
-        && let Err(e) = serde_yaml::from_str::<T>(t)
+        && let Err(e) = serde_yaml_ng::from_str::<T>(t)
     {
         return Err(cfg_err(format!("{w}: {}", run_file_names(&e.to_string()))));
     }
     let mut partial = tree;
     for o in overrides {
         apply_overrides(&mut partial, std::slice::from_ref(o))?;
-        if let Err(e) = serde_yaml::from_value::<T>(partial.clone()) {
+        if let Err(e) = serde_yaml_ng::from_value::<T>(partial.clone()) {
             return Err(cfg_err(format!(
                 "--set {o}: {}",
                 run_file_names(&e.to_string())
@@ -445,7 +445,7 @@ impl RunFile {
         let text = path.map(read_run_text).transpose()?;
         let tree = match (path, &text) {
             (Some(p), Some(t)) => parse_run_tree(p, t)?,
-            _ => serde_yaml::Value::Mapping(Default::default()),
+            _ => serde_yaml_ng::Value::Mapping(Default::default()),
         };
         let rf: RunFile = typed_run_file(tree, path, text.as_deref(), overrides)?;
         rf.validate()?;
@@ -455,7 +455,7 @@ impl RunFile {
     /// The resolved configuration as YAML: every key, defaults included (what the run prints
     /// and writes beside its checkpoint).
     pub fn to_yaml(&self) -> Result<String, TrainError> {
-        serde_yaml::to_string(self).map_err(|e| cfg_err(format!("writing the run file: {e}")))
+        serde_yaml_ng::to_string(self).map_err(|e| cfg_err(format!("writing the run file: {e}")))
     }
 
     /// Every derived config builds and validates (model, strategy, trainer): what a run file
