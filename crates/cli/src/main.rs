@@ -32,6 +32,9 @@ enum Command {
     Features(cmd::features::Args),
     /// Fit a k-means codebook (local, federated or central) and write per-client labels.
     Kmeans(cmd::kmeans::Args),
+    /// Per layer of a model: federated k-means inertia (and probe accuracy), to choose the
+    /// layer iteration 2 clusters.
+    Layers(cmd::layers::Args),
     /// Federated (simulation) or centralized HuBERT masked-prediction pretraining.
     Pretrain(cmd::pretrain::Args),
     /// Run the pipeline on the bundled sample and print a summary.
@@ -52,6 +55,13 @@ enum Command {
     Bench(cmd::bench::Args),
 }
 
+/// Colour only on a terminal, and never with `NO_COLOR` set (no-color.org): a log file or a
+/// pipe gets plain text.
+fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -60,11 +70,13 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(colour_logs())
         .init();
     let result = match cli.command {
         Command::Prepare(a) => cmd::prepare::run(a),
         Command::Features(a) => cmd::features::run(a),
         Command::Kmeans(a) => cmd::kmeans::run(a),
+        Command::Layers(a) => cmd::layers::run(a),
         Command::Pretrain(a) => cmd::pretrain::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Distill(a) => cmd::distill::run(a),

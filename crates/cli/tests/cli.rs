@@ -781,3 +781,81 @@ fn a_published_checkpoint_is_imported_extracted_and_continued() {
         "the checkpoint's architecture is kept: {cfg}"
     );
 }
+
+/// The sorted file names of the partition's client folders.
+fn client_files(parts: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    for c in ["client_0", "client_1"] {
+        for e in std::fs::read_dir(parts.join(c)).unwrap().flatten() {
+            v.push(format!("{c}/{}", e.file_name().to_string_lossy()));
+        }
+    }
+    v.sort();
+    v
+}
+
+/// `fedhubert layers` on the 2-layer teacher: one row per hidden state, finite inertias
+/// normalised into (0, 1], every layer probed alone, and no scratch shard left behind, also
+/// when a layer's fit fails.
+#[test]
+fn layers_reports_every_layer_and_leaves_no_scratch_shards() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p");
+    copy_partition(&f.path.join("parts"), &p);
+    let before = client_files(&p);
+    let (ps, out) = (p.to_str().unwrap(), dir.path().join("layers"));
+    let teacher = f.path.join("teacher/model.safetensors");
+    let t = teacher.to_str().unwrap();
+    let args = |k: &'static str| {
+        let mut v = vec!["layers", "--model", t, "--clients", ps, "--k", k];
+        v.extend(["--percent", "0.5", "--out", out.to_str().unwrap()]);
+        v
+    };
+    let mut run = args("8");
+    run.extend([
+        "--probe-data",
+        "assets/speech-commands-sample",
+        "--folds",
+        "3",
+    ]);
+    let text = ok(&run);
+    assert!(
+        text.contains("normalised") && text.contains("fairseq takes layer 6"),
+        "{text}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("layers.json")).unwrap()).unwrap();
+    let rows = r["layers"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{r}");
+    for (l, row) in rows.iter().enumerate() {
+        assert_eq!(row["layer"], l);
+        let per_frame = row["inertia_per_frame"].as_f64().unwrap();
+        let norm = row["normalised_inertia"].as_f64().unwrap();
+        assert!(per_frame.is_finite() && per_frame > 0.0, "{row}");
+        assert!(norm > 0.0 && norm <= 1.0, "{row}");
+        let acc = row["probe_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{row}");
+        assert!(row["probe_fold_std"].as_f64().unwrap().is_finite(), "{row}");
+    }
+    let md = std::fs::read_to_string(out.join("layers.md")).unwrap();
+    assert!(
+        md.contains("| 2 | 128 |") && md.contains("Lowest normalised inertia"),
+        "{md}"
+    );
+    assert_eq!(client_files(&p), before, "scratch shards left behind");
+    // A fit that cannot run names the flag, and still removes the layer's scratch shards.
+    let e = fail(&args("60000"));
+    assert!(e.contains("--k 60000") && e.contains("layer 0"), "{e}");
+    assert_eq!(client_files(&p), before, "scratch shards left behind");
+    let e = fail(&[
+        "layers",
+        "--model",
+        "nope.safetensors",
+        "--clients",
+        ps,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(e.contains("--model nope.safetensors"), "{e}");
+}

@@ -48,6 +48,10 @@ fn quick_demo_runs_and_resumes() {
         "kmeans2/codebook.safetensors",
         "pretrain2/hf/model.safetensors",
         "probe/teacher-it2/probe.json",
+        // The layer report of the first teacher that explains the layer iteration 2 takes.
+        "layers/layers.json",
+        "layers/layers.md",
+        "report/layers.md",
     ] {
         assert!(out.path().join(f).is_file(), "missing {f}");
     }
@@ -107,9 +111,28 @@ fn quick_demo_runs_and_resumes() {
         "{md}"
     );
     assert!(text.contains("speech commands"), "{text}");
+    assert!(
+        text.contains("layer report of the iteration-1 teacher")
+            && md.contains("## Choosing the layer"),
+        "{text}"
+    );
+    let layers: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("layers/layers.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(layers["layers"].as_array().unwrap().len(), 3, "{layers}");
+    // The report's scratch shards are gone; iteration 2's own layer features are kept.
+    let client = std::fs::read_dir(out.path().join("partition/client_0")).unwrap();
+    let names: Vec<String> = client
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("layers_report_")),
+        "{names:?}"
+    );
     let second = run();
     let text = String::from_utf8_lossy(&second.stdout);
     assert!(second.status.success());
-    // prepare, features, kmeans, pretrain, distill, the four probes and iteration 2's four.
-    assert_eq!(text.matches("already done").count(), 13, "{text}");
+    // prepare, features, kmeans, pretrain, distill, the four probes and iteration 2's five.
+    assert_eq!(text.matches("already done").count(), 14, "{text}");
 }

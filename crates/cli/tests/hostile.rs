@@ -331,3 +331,24 @@ fn a_long_file_is_refused_whole_and_embedded_in_pieces() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("360.00 s of audio"));
 }
+
+/// Logs to a pipe or a file are plain text: no ANSI colour codes (issue 20).
+#[test]
+fn logs_written_to_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("parts");
+    let o = fedhubert(&[
+        "prepare",
+        "--data",
+        "no-such-corpus",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("scanning"), "the info log is there: {err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "colour codes in a piped log: {err:?}"
+    );
+}

@@ -75,6 +75,20 @@ pub fn extract_layer_features(
     manifest_path: &Path,
     out_dir: &Path,
 ) -> Result<LayerFeaturesSummary, EvalError> {
+    let stem = layer_feature_stem(src.layer);
+    extract_layer_features_as(src, manifest, manifest_path, out_dir, &stem)
+}
+
+/// [`extract_layer_features`] into the shard `out_dir/STEM.{npy,len}` (and
+/// `STEM.provenance.json`) instead of `hubert_L`: scratch features that must not replace a
+/// client's iteration-2 shard (`fedhubert layers`).
+pub fn extract_layer_features_as(
+    src: &LayerSource,
+    manifest: &Manifest,
+    manifest_path: &Path,
+    out_dir: &Path,
+    stem: &str,
+) -> Result<LayerFeaturesSummary, EvalError> {
     let cfg = src.model.config();
     if src.layer > cfg.num_hidden_layers {
         return Err(EvalError::Config(format!(
@@ -82,13 +96,12 @@ pub fn extract_layer_features(
             src.layer, cfg.num_hidden_layers
         )));
     }
-    let stem = layer_feature_stem(src.layer);
     let dims = cfg.hidden_size;
     let frame_rate = fedhubert_audio::MODEL_SAMPLE_RATE as f64 / cfg.total_stride() as f64;
     let feature_err = |e: fedhubert_features::FeatureError| EvalError::Config(e.to_string());
-    let mut writer = ShardWriter::<f32>::create(out_dir, &stem, Some(dims)).map_err(feature_err)?;
+    let mut writer = ShardWriter::<f32>::create(out_dir, stem, Some(dims)).map_err(feature_err)?;
     let mut summary = LayerFeaturesSummary {
-        stem: stem.clone(),
+        stem: stem.to_string(),
         layer: src.layer,
         dims,
         frame_rate,

@@ -47,7 +47,7 @@ pub use finetune::{FinetuneConfig, FinetuneOutcome, finetune};
 pub use head::{HeadConfig, HeadKind, ProbeHead, TrainOutcome, evaluate_head, train_probe};
 pub use layer_features::{
     DEFAULT_CHUNK_SAMPLES, LayerFeaturesSummary, LayerSource, extract_layer_features,
-    layer_feature_stem, load_feature_model,
+    extract_layer_features_as, layer_feature_stem, load_feature_model,
 };
 pub use report::{
     CELL_PX, ConfusionMatrix, CrossValidation, FinetuneSummary, ProbeReport, SplitSummary,

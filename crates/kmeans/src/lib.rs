@@ -32,7 +32,9 @@ pub use kmeanspp::kmeans_plusplus;
 pub use metrics::{Agreement, ClientAgreement, Contingency};
 pub use minibatch::{Evaluation, MiniBatchConfig, MiniBatchFit, evaluate, fit_minibatch};
 pub use modes::{LabelReport, Mode, label_client};
-pub use source::{ConcatSource, FrameSource, InMemorySource, SampledSource, ShardSource};
+pub use source::{
+    ConcatSource, FrameSource, InMemorySource, SampledSource, ShardSource, sample_utterances,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KmError {

@@ -340,22 +340,30 @@ pub struct SampledSource {
     rows: usize,
 }
 
+/// The utterances [`SampledSource`] keeps of `n`: `ceil(n * percent)` of them drawn at `seed`,
+/// in ascending order; `percent` is in (0, 1]. A client that featurizes only these (`fedhubert
+/// layers`) fits on the same frames as a `SampledSource` over all of them.
+pub fn sample_utterances(n: usize, percent: f64, seed: u64) -> Result<Vec<usize>> {
+    use rand::SeedableRng;
+    if !(percent > 0.0 && percent <= 1.0) {
+        return Err(KmError::Invalid(format!(
+            "percent must be in (0, 1], got {percent}"
+        )));
+    }
+    let keep = ((n as f64 * percent).ceil() as usize).clamp(usize::from(n > 0), n);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut chosen = rand::seq::index::sample(&mut rng, n, keep).into_vec();
+    chosen.sort_unstable();
+    Ok(chosen)
+}
+
 impl SampledSource {
     /// Keeps `ceil(n * percent)` of `inner`'s `n` utterances, drawn at `seed`; `percent` is in
     /// (0, 1].
     pub fn new(inner: ShardSource, percent: f64, seed: u64) -> Result<Self> {
-        use rand::SeedableRng;
-        if !(percent > 0.0 && percent <= 1.0) {
-            return Err(KmError::Invalid(format!(
-                "percent must be in (0, 1], got {percent}"
-            )));
-        }
         let lengths = inner.lengths();
         let n = lengths.len();
-        let keep = ((n as f64 * percent).ceil() as usize).clamp(usize::from(n > 0), n);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut chosen = rand::seq::index::sample(&mut rng, n, keep).into_vec();
-        chosen.sort_unstable();
+        let chosen = sample_utterances(n, percent, seed)?;
         let mut first = Vec::with_capacity(n);
         let mut row = 0;
         for &len in lengths {

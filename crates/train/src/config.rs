@@ -340,7 +340,8 @@ fn nesting_depth(text: &str) -> usize {
 /// used to train HuBERT Base on every default without a word.
 pub fn parse_run_tree(path: &Path, text: &str) -> Result<serde_yaml_ng::Value, TrainError> {
     let at = |why: String| cfg_err(format!("{}: {why}", path.display()));
-    let tree: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| at(e.to_string()))?;
+    let tree: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(text).map_err(|e| at(e.to_string()))?;
     match &tree {
         serde_yaml_ng::Value::Null => Err(at(
             "the file is empty: a run file names at least its model (pretraining: preset: tiny|student|base|large); see configs/*.yaml".into(),

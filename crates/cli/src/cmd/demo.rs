@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::distill::{DistillOutcome, DistillRequest, distill};
 use super::features::{FeatureKind, FeaturesInput, FeaturesRequest, features};
 use super::kmeans::{KmeansRequest, KmeansSummary, ModeArg, kmeans};
+use super::layers::{LayersReport, LayersRequest, layers};
 use super::prepare::{
     DEFAULT_MIN_CLIENT_UTTERANCES, DEFAULT_VALID_FRACTION, PrepareRequest, prepare, print_summary,
 };
@@ -30,7 +31,7 @@ use super::pretrain::{FederatedSummary, PretrainMode, PretrainOutcome, PretrainR
 use super::probe::{ProbeRequest, print_report, probe};
 use crate::common::{Start, bundled, device};
 use fedhubert_audio::partition::{Method, PartitionConfig};
-use report::{DataSummary, ProbeRow, Results, StageRow, fmt, mb};
+use report::{DataSummary, LayerChoice, ProbeRow, Results, StageRow, fmt, mb};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -60,9 +61,9 @@ pub struct Args {
     pub fresh: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// HuBERT iterations: 1 (MFCC targets), or 2 (then k-means of a middle layer of the
-    /// iteration-1 teacher, 50 Hz labels, and a second teacher pretrained on them from scratch,
-    /// as fairseq's recipe).
+    /// HuBERT iterations: 1 (MFCC targets), or 2 (then the per-layer report of the iteration-1
+    /// teacher in OUT/layers, k-means of its middle layer, 50 Hz labels, and a second teacher
+    /// pretrained on them from scratch, as fairseq's recipe).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub iterations: u8,
 }
@@ -139,14 +140,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let pre = st.run("pretrain", || pretrain_stage(&args, k))?;
     let dis = st.run("distill", || distill_stage(&args))?;
     let mut probes = probe_stages(&args, &mut st)?;
+    let mut layer_choice = None;
     if args.iterations == 2 {
-        probes.push(("teacher-it2", iteration_two(&args, &mut st, k)?));
+        let (row, choice) = iteration_two(&args, &mut st, k)?;
+        probes.push(("teacher-it2", row));
+        layer_choice = Some(choice);
     }
     let r = Results {
         data,
         pretrain: pre,
         distill: dis,
         probes,
+        layers: layer_choice,
     };
     let total_s = t_all.elapsed().as_secs_f64();
     let report = out.join("report");
@@ -342,16 +347,45 @@ fn probe_stages(args: &Args, st: &mut Stages) -> anyhow::Result<Vec<(&'static st
     Ok(probes)
 }
 
-/// HuBERT's second iteration on the demo's partition: layer features of the iteration-1 teacher
-/// (its middle layer: fairseq takes layer 6 of Base's 12), federated k-means on them into
-/// `km2` labels at the teacher's 50 Hz, a second teacher pretrained from scratch on those
-/// (`label_rate: 50`), and its speech-commands probe.
-fn iteration_two(args: &Args, st: &mut Stages, k: usize) -> anyhow::Result<ProbeRow> {
+/// `fedhubert layers` on the iteration-1 teacher, into `out/layers`: every layer's federated
+/// k-means inertia and probe accuracy, which explain the layer iteration 2 takes (they do not
+/// choose it). `--quick`: k = 20 on half of each client's utterances, 3 folds.
+fn layers_stage(args: &Args, teacher: &std::path::Path, k: usize) -> anyhow::Result<LayersReport> {
+    let (k, percent, folds) = if args.quick {
+        (20, 0.5, 3)
+    } else {
+        (k, 1.0, 5)
+    };
+    let mut req = LayersRequest::new(
+        teacher.to_path_buf(),
+        partition_dir(args),
+        k,
+        args.out.join("layers"),
+        args.seed,
+    );
+    req.percent = percent;
+    req.probe = Some((bundled("assets/speech-commands-sample")?, folds));
+    let r = layers(&req)?;
+    super::layers::print_table(&r);
+    println!("{}", super::layers::verdict(&r));
+    Ok(r)
+}
+
+/// HuBERT's second iteration on the demo's partition: the layer report of the iteration-1
+/// teacher, layer features of it (its middle layer: fairseq takes layer 6 of Base's 12),
+/// federated k-means on them into `km2` labels at the teacher's 50 Hz, a second teacher
+/// pretrained from scratch on those (`label_rate: 50`), and its speech-commands probe.
+fn iteration_two(
+    args: &Args,
+    st: &mut Stages,
+    k: usize,
+) -> anyhow::Result<(ProbeRow, LayerChoice)> {
     let out = &args.out;
     let teacher = out.join("pretrain/model.safetensors");
     let cfg = HubertConfig::from_json_file(out.join("pretrain/hf/config.json"))?;
     let layer = (cfg.num_hidden_layers / 2).max(1);
     let feature = fedhubert_eval::layer_feature_stem(layer);
+    let report = st.run("layers", || layers_stage(args, &teacher, k))?;
     st.run("features-it2", || {
         let mut req = features_request(args);
         req.kind = FeatureKind::Layer {
@@ -386,14 +420,21 @@ fn iteration_two(args: &Args, st: &mut Stages, k: usize) -> anyhow::Result<Probe
     st.run("pretrain-it2", || pretrain_on(args, k, &extra, "pretrain2"))?;
     let commands = bundled("assets/speech-commands-sample")?;
     let dir = out.join("probe").join("teacher-it2");
-    st.run("probe-teacher-it2", || {
+    let row = st.run("probe-teacher-it2", || {
         let upstream = UpstreamSpec::HfDir(out.join("pretrain2/hf"));
         let mut req = ProbeRequest::new(upstream, commands.clone(), dir.clone(), args.seed);
         req.config.folds = 5;
         let r = probe(&req)?;
         print_report(&r, &dir);
         Ok(ProbeRow::from(&r))
-    })
+    })?;
+    Ok((
+        row,
+        LayerChoice {
+            report,
+            chosen: layer,
+        },
+    ))
 }
 
 fn print_summary_table(args: &Args, r: &Results, rows: &[StageRow], total_s: f64) {
@@ -437,6 +478,18 @@ fn print_summary_table(args: &Args, r: &Results, rows: &[StageRow], total_s: f64
             fmt(r.cv_fold_std),
             fmt(r.test_accuracy),
             fmt(r.valid_accuracy)
+        );
+    }
+    if let Some(c) = &r.layers {
+        println!(
+            "\nlayer report of the iteration-1 teacher -> {}",
+            args.out.join("layers/layers.md").display()
+        );
+        super::layers::print_table(&c.report);
+        println!(
+            "{} This demo's iteration 2 clusters layer {} (the middle one).",
+            super::layers::verdict(&c.report),
+            c.chosen
         );
     }
     println!("\n{:<16} {:>9}", "stage", "time (s)");

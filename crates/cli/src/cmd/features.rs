@@ -36,7 +36,9 @@ pub struct Args {
     #[arg(long)]
     pub allow_outside_root: bool,
     /// HuBERT iteration 2: instead of MFCC, the frames of a layer of this model (a fedhubert
-    /// checkpoint or an HF directory) at its 50 Hz, into `hubert_L.npy` + `.len`.
+    /// checkpoint, an HF directory, or a published fairseq / torchaudio / s3prl `.pt`) at its
+    /// 50 Hz, into `hubert_L.npy` + `.len`, one utterance at a time as fairseq's
+    /// `dump_hubert_feature.py` (a padded batch would change a group-norm model's frames).
     #[arg(long, value_name = "CKPT|HF_DIR", requires = "layer")]
     pub model: Option<PathBuf>,
     /// With --model: the layer (HF `hidden_states[L]`, the output of the L-th transformer
@@ -67,7 +69,7 @@ fn load_manifest(path: &Path, root: Option<&Path>, opts: ManifestOptions) -> Res
 }
 
 /// Every `DIR/client_*/manifest.csv`, sorted by client number.
-fn client_manifests(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn client_manifests(dir: &Path) -> Result<Vec<PathBuf>> {
     let rd = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read client folder {}", dir.display()))?;
     let mut found: Vec<(u64, String, PathBuf)> = Vec::new();

@@ -102,7 +102,7 @@ pub struct Args {
     pub percent: f64,
 }
 
-fn parse_percent(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_percent(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
         _ => Err(format!("expected a fraction in (0, 1], got `{s}`")),

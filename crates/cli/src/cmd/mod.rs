@@ -6,6 +6,7 @@ pub mod export;
 pub mod features;
 pub mod import;
 pub mod kmeans;
+pub mod layers;
 pub mod mvq;
 pub mod prepare;
 pub mod pretrain;

@@ -10,6 +10,7 @@ use fedhubert_eval::ProbeReport;
 use serde::{Deserialize, Serialize};
 
 use crate::cmd::distill::DistillOutcome;
+use crate::cmd::layers::LayersReport;
 use crate::cmd::pretrain::FederatedSummary;
 
 /// The data stage's record: what was partitioned.
@@ -60,6 +61,28 @@ pub struct Results {
     pub pretrain: FederatedSummary,
     pub distill: DistillOutcome,
     pub probes: Vec<(&'static str, ProbeRow)>,
+    /// Iteration 2: the layer report of the iteration-1 teacher and the layer taken.
+    pub layers: Option<LayerChoice>,
+}
+
+/// The layer report of the iteration-1 teacher and the layer iteration 2 clusters.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerChoice {
+    pub report: LayersReport,
+    pub chosen: usize,
+}
+
+impl LayerChoice {
+    /// `k = 20, 50 % of the utterances, 3-fold probe`.
+    pub fn settings(&self) -> String {
+        let r = &self.report;
+        format!(
+            "k = {}, {} % of the utterances, {}-fold probe",
+            r.k,
+            r.percent * 100.0,
+            r.folds.unwrap_or(0)
+        )
+    }
 }
 
 pub fn mb(bytes: u64) -> f64 {
@@ -107,6 +130,7 @@ pub fn write_report(
     let summary = serde_json::json!({
         "data": r.data, "pretrain": r.pretrain, "distill": r.distill,
         "probe": r.probes.iter().map(|(n, p)| (n.to_string(), p)).collect::<BTreeMap<_, _>>(),
+        "layers": r.layers,
         "stages": rows.iter().map(|(n, t, h)| serde_json::json!({"stage": n, "time_s": t, "how": h})).collect::<Vec<_>>(),
     });
     fedhubert_fl::atomic_write(
@@ -135,6 +159,8 @@ fn copy_outputs(report: &Path, out: &Path, r: &Results) -> anyhow::Result<()> {
     )?;
     copy_dir(&out.join("pretrain/hf"), &report.join("hf/teacher"))?;
     copy_dir(&out.join("distill/hf"), &report.join("hf/student"))?;
+    copy_if(&out.join("layers/layers.json"), &report.join("layers.json"))?;
+    copy_if(&out.join("layers/layers.md"), &report.join("layers.md"))?;
     for (name, _) in &r.probes {
         let d = out.join("probe").join(name);
         copy_if(
@@ -249,6 +275,14 @@ fn markdown(r: &Results, rows: &[StageRow]) -> String {
     md += &format!("\n{} Student: {:.3}.\n\n", verdict(t, rnd, mfcc), st);
     for (name, _) in probes {
         md += &format!("![{name} confusion](probe_{name}_confusion.png) ");
+    }
+    if let Some(c) = &r.layers {
+        md += &format!(
+            "\n\n## Choosing the layer (iteration 2)\n\n`fedhubert layers` on the iteration-1 teacher ({}); iteration 2 clusters layer {} (`layers.json`).\n\n{}",
+            c.settings(),
+            c.chosen,
+            crate::cmd::layers::markdown(&c.report).trim_end()
+        );
     }
     md += "\n\n## Stages\n\n| stage | time (s) | |\n|---|---:|---|\n";
     for (name, t, how) in rows {
