@@ -158,25 +158,44 @@ pub fn load_tensors<M: Module>(module: M, tensors: Weights) -> Result<M, ModelEr
     Ok(module)
 }
 
-fn decode(key: &str, view: &TensorView<'_>) -> Result<Vec<f32>, ModelError> {
-    let b = view.data();
-    let out = match view.dtype() {
-        Dtype::F32 => b
+/// The float element types a checkpoint may store, all read as f32.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum FloatKind {
+    F32,
+    F64,
+    F16,
+    BF16,
+}
+
+/// Little-endian `bytes` of `kind` elements as f32 (safetensors, and torch checkpoints, which
+/// `pytorch-reader` hands over in the host's order: little-endian on every target we build).
+pub(crate) fn floats_from_le(kind: FloatKind, b: &[u8]) -> Vec<f32> {
+    match kind {
+        FloatKind::F32 => b
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
-        Dtype::F64 => b
+        FloatKind::F64 => b
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
             .collect(),
-        Dtype::F16 => b
+        FloatKind::F16 => b
             .chunks_exact(2)
             .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
             .collect(),
-        Dtype::BF16 => b
+        FloatKind::BF16 => b
             .chunks_exact(2)
             .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
             .collect(),
+    }
+}
+
+fn decode(key: &str, view: &TensorView<'_>) -> Result<Vec<f32>, ModelError> {
+    let kind = match view.dtype() {
+        Dtype::F32 => FloatKind::F32,
+        Dtype::F64 => FloatKind::F64,
+        Dtype::F16 => FloatKind::F16,
+        Dtype::BF16 => FloatKind::BF16,
         other => {
             return Err(ModelError::UnsupportedDtype {
                 key: key.to_string(),
@@ -184,7 +203,7 @@ fn decode(key: &str, view: &TensorView<'_>) -> Result<Vec<f32>, ModelError> {
             });
         }
     };
-    Ok(out)
+    Ok(floats_from_le(kind, view.data()))
 }
 
 /// Read every tensor of a safetensors file (F32 / F64 / F16 / BF16, converted to f32) and its

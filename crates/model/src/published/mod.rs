@@ -24,10 +24,12 @@ pub use names::{Naming, Target, parse_conv_layers};
 
 use crate::config::HubertConfig;
 use crate::error::ModelError;
-use crate::hf::{HostTensor, Weights, collect_tensors, load_tensors, param_shapes};
+use crate::hf::{
+    FloatKind, HostTensor, Weights, collect_tensors, floats_from_le, load_tensors, param_shapes,
+};
 use crate::hubert::HubertModel;
 use crate::pretraining::{HeadKind, HubertForPretraining, PretrainConfig};
-use burn::tensor::{Device, bf16, f16};
+use burn::tensor::Device;
 
 /// The layout a `.pt` checkpoint was written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -381,24 +383,11 @@ fn to_json(v: &PickleValue) -> serde_json::Value {
 
 /// A tensor's values as f32 (f32, f64, f16 and bf16 checkpoints).
 fn read_f32(path: &Path, name: &str, t: &PtTensor) -> Result<Vec<f32>, ModelError> {
-    let bytes = t.read().map_err(|e| file_error(path, e))?;
-    let out = match t.dtype() {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_ne_bytes(c.try_into().expect("8 bytes")) as f32)
-            .collect(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| f16::from_bits(u16::from_ne_bytes([c[0], c[1]])).to_f32())
-            .collect(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| bf16::from_bits(u16::from_ne_bytes([c[0], c[1]])).to_f32())
-            .collect(),
+    let kind = match t.dtype() {
+        DType::F32 => FloatKind::F32,
+        DType::F64 => FloatKind::F64,
+        DType::F16 => FloatKind::F16,
+        DType::BF16 => FloatKind::BF16,
         other => {
             return Err(ModelError::UnsupportedDtype {
                 key: name.to_string(),
@@ -406,7 +395,8 @@ fn read_f32(path: &Path, name: &str, t: &PtTensor) -> Result<Vec<f32>, ModelErro
             });
         }
     };
-    Ok(out)
+    let bytes = t.read().map_err(|e| file_error(path, e))?;
+    Ok(floats_from_le(kind, &bytes))
 }
 
 /// Read `tensors` (already checked against `expected`'s shapes, so nothing larger than the
