@@ -31,6 +31,12 @@ use crate::hubert::HubertModel;
 use crate::pretraining::{HeadKind, HubertForPretraining, PretrainConfig};
 use burn::tensor::Device;
 
+/// Tensors of a checkpoint by (HF) name, not yet read.
+type Tensors = BTreeMap<String, PtTensor>;
+
+/// A pretraining head: its config and its tensors.
+type Head = (PretrainConfig, Tensors);
+
 /// The layout a `.pt` checkpoint was written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -51,9 +57,9 @@ pub struct PublishedHubert {
     pub naming: Naming,
     pub config: HubertConfig,
     /// Encoder tensors by HF `HubertModel` name.
-    encoder: BTreeMap<String, PtTensor>,
+    encoder: Tensors,
     /// The fairseq pretraining head, when the file has one that fits one codebook.
-    head: Option<(PretrainConfig, BTreeMap<String, PtTensor>)>,
+    head: Option<Head>,
     /// What was assumed or left out, for the user (printed by `import`).
     pub notes: Vec<String>,
 }
@@ -175,13 +181,12 @@ fn detect_layout(
 }
 
 /// Tensors to HF names; a key neither scheme knows is an error naming it.
-#[allow(clippy::type_complexity)]
 fn map_names(
     path: &Path,
     naming: Naming,
     tensors: HashMap<String, PtTensor>,
     notes: &mut Vec<String>,
-) -> Result<(BTreeMap<String, PtTensor>, BTreeMap<String, PtTensor>), ModelError> {
+) -> Result<(Tensors, Tensors), ModelError> {
     let mut encoder = BTreeMap::new();
     let mut head = BTreeMap::new();
     let mut unknown = Vec::new();
@@ -224,9 +229,9 @@ fn map_names(
 fn head_config(
     path: &Path,
     cfg: Option<&FairseqModelCfg>,
-    tensors: BTreeMap<String, PtTensor>,
+    tensors: Tensors,
     notes: &mut Vec<String>,
-) -> Result<Option<(PretrainConfig, BTreeMap<String, PtTensor>)>, ModelError> {
+) -> Result<Option<Head>, ModelError> {
     let Some(emb) = tensors.get("label_embs_concat") else {
         if !tensors.is_empty() {
             notes.push("a partial pretraining head left out".into());
@@ -403,7 +408,7 @@ fn read_f32(path: &Path, name: &str, t: &PtTensor) -> Result<Vec<f32>, ModelErro
 /// model is allocated) into host tensors named `prefix + name`.
 fn read_checked(
     path: &Path,
-    tensors: &BTreeMap<String, PtTensor>,
+    tensors: &Tensors,
     expected: &HashMap<String, Vec<usize>>,
     prefix: &str,
     out: &mut Weights,
