@@ -313,6 +313,25 @@ fn distill_stage(args: &Args) -> anyhow::Result<DistillOutcome> {
     distill(&req)
 }
 
+/// The 5-fold speech-commands probe of `upstream` (report in `dir`, printed): a demo row.
+fn probe_row(
+    args: &Args,
+    upstream: UpstreamSpec,
+    commands: &std::path::Path,
+    dir: &std::path::Path,
+) -> anyhow::Result<ProbeRow> {
+    let mut req = ProbeRequest::new(
+        upstream,
+        commands.to_path_buf(),
+        dir.to_path_buf(),
+        args.seed,
+    );
+    req.config.folds = 5;
+    let r = probe(&req)?;
+    print_report(&r, dir);
+    Ok(ProbeRow::from(&r))
+}
+
 /// The teacher, the student, the teacher's architecture untrained and the MFCC features the
 /// k-means clusters (the baselines pretraining must beat), each probed on the bundled speech
 /// commands.
@@ -336,11 +355,7 @@ fn probe_stages(args: &Args, st: &mut Stages) -> anyhow::Result<Vec<(&'static st
                     }
                 }
             };
-            let mut req = ProbeRequest::new(upstream, commands.clone(), dir.clone(), args.seed);
-            req.config.folds = 5;
-            let r = probe(&req)?;
-            print_report(&r, &dir);
-            Ok(ProbeRow::from(&r))
+            probe_row(args, upstream, &commands, &dir)
         })?;
         probes.push((name, row));
     }
@@ -422,11 +437,7 @@ fn iteration_two(
     let dir = out.join("probe").join("teacher-it2");
     let row = st.run("probe-teacher-it2", || {
         let upstream = UpstreamSpec::HfDir(out.join("pretrain2/hf"));
-        let mut req = ProbeRequest::new(upstream, commands.clone(), dir.clone(), args.seed);
-        req.config.folds = 5;
-        let r = probe(&req)?;
-        print_report(&r, &dir);
-        Ok(ProbeRow::from(&r))
+        probe_row(args, upstream, &commands, &dir)
     })?;
     Ok((
         row,

@@ -17,8 +17,8 @@ use fedhubert_eval::{
     extract_layer_features_as, load_feature_model, load_labelled_dir, write_report,
 };
 use fedhubert_kmeans::{
-    FederatedConfig, FrameSource, InProcessClient, KmClient, ShardSource, fit_federated,
-    sample_utterances,
+    ClientStats, Codebook, FederatedConfig, FrameSource, InProcessClient, KmClient, ShardSource,
+    fit_federated, sample_utterances,
 };
 use fedhubert_model::HubertModel;
 use serde::{Deserialize, Serialize};
@@ -341,15 +341,13 @@ fn layer_row(
             .with_context(|| format!("{}: layer {layer} features", c.dir.display()))?;
     }
     let fit_clients = fit_clients(req, clients, &stem)?;
-    let mut total = Moments::zeros(src.model.config().hidden_size);
-    for c in &fit_clients {
-        total.add(&Moments::of(c.source.as_ref())?);
-    }
+    let dims = src.model.config().hidden_size;
+    let total = pooled_spread(&fit_clients, dims)?;
     let k = req.kmeans.k;
-    if (k as u64) > total.n {
+    if (k as u64) > total.n_frames {
         bail!(
             "--k {k} is larger than the {} frames of layer {layer} the fit sees (lower --k or raise --percent)",
-            total.n
+            total.n_frames
         );
     }
     let n_clients = fit_clients.len();
@@ -359,10 +357,10 @@ fn layer_row(
         .collect();
     let fit = fit_federated(&boxed, &req.kmeans)
         .with_context(|| format!("layer {layer}: federated k-means"))?;
-    let tss = total.total_sum_of_squares();
+    let tss = total_sum_of_squares(&total);
     let row = LayerRow {
         layer,
-        dims: total.sum.len(),
+        dims,
         frames: fit.n_frames,
         inertia: fit.inertia,
         inertia_per_frame: fit.inertia / fit.n_frames.max(1) as f64,
@@ -404,54 +402,23 @@ fn fit_clients(
     Ok(out)
 }
 
-/// What one client sends for the total sum of squares: Σx, Σ‖x‖² and n, sums only (like its
-/// k-means replies).
-struct Moments {
-    sum: Vec<f64>,
-    sumsq: f64,
-    n: u64,
+/// The frames' total sum of squares about their global mean, from each client's ordinary
+/// k-means reply (`KmClient::stats`) to a one-centre codebook at the origin: its per-dimension
+/// Σx and Σx² and its frame count, sums only, as in every k-means round.
+fn pooled_spread(clients: &[InProcessClient], dim: usize) -> Result<ClientStats> {
+    let origin = Codebook::new(1, dim, vec![0.0; dim])?;
+    let mut total = ClientStats::zeros(1, dim);
+    for c in clients {
+        total.add(&c.stats(0, &origin)?);
+    }
+    Ok(total)
 }
 
-impl Moments {
-    fn zeros(dim: usize) -> Self {
-        Self {
-            sum: vec![0.0; dim],
-            sumsq: 0.0,
-            n: 0,
-        }
-    }
-
-    /// One pass over a client's frames.
-    fn of(src: &dyn FrameSource) -> Result<Self> {
-        let d = src.dim();
-        let mut m = Self::zeros(d);
-        src.for_each_chunk(&mut |_, x| {
-            for row in x.chunks_exact(d) {
-                for (s, &v) in m.sum.iter_mut().zip(row) {
-                    let v = f64::from(v);
-                    *s += v;
-                    m.sumsq += v * v;
-                }
-                m.n += 1;
-            }
-            Ok(())
-        })?;
-        Ok(m)
-    }
-
-    fn add(&mut self, o: &Self) {
-        for (a, b) in self.sum.iter_mut().zip(&o.sum) {
-            *a += b;
-        }
-        self.sumsq += o.sumsq;
-        self.n += o.n;
-    }
-
-    /// Σ‖x − mean‖² = Σ‖x‖² − ‖Σx‖² / n.
-    fn total_sum_of_squares(&self) -> f64 {
-        let n = self.n.max(1) as f64;
-        (self.sumsq - self.sum.iter().map(|s| s * s).sum::<f64>() / n).max(0.0)
-    }
+/// Σ‖x − mean‖² = Σ‖x‖² − ‖Σx‖² / n, from one-centre statistics ([`pooled_spread`]).
+fn total_sum_of_squares(s: &ClientStats) -> f64 {
+    let n = s.n_frames.max(1) as f64;
+    let sq: f64 = s.sumsq.iter().sum();
+    (sq - s.sums.iter().map(|v| v * v).sum::<f64>() / n).max(0.0)
 }
 
 /// `acc ± std`, `acc` alone, or `-`.
@@ -551,18 +518,22 @@ mod tests {
     #[test]
     fn total_sum_of_squares_is_the_spread_about_the_pooled_mean() {
         // Two clients: {0, 2} and {4}: mean 2, squares 4 + 0 + 4.
-        let mut a = Moments::zeros(1);
-        a.add(&Moments {
-            sum: vec![2.0],
-            sumsq: 4.0,
-            n: 2,
+        let mut a = ClientStats::zeros(1, 1);
+        a.add(&ClientStats {
+            sums: vec![2.0],
+            sumsq: vec![4.0],
+            counts: vec![2],
+            inertia: 4.0,
+            n_frames: 2,
         });
-        a.add(&Moments {
-            sum: vec![4.0],
-            sumsq: 16.0,
-            n: 1,
+        a.add(&ClientStats {
+            sums: vec![4.0],
+            sumsq: vec![16.0],
+            counts: vec![1],
+            inertia: 16.0,
+            n_frames: 1,
         });
-        assert!((a.total_sum_of_squares() - 8.0).abs() < 1e-12);
+        assert!((total_sum_of_squares(&a) - 8.0).abs() < 1e-12);
     }
 
     #[test]
