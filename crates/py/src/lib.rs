@@ -633,11 +633,11 @@ fn read_checkpoint<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, P
     Ok(d)
 }
 
-/// A round checkpoint → a HuggingFace `HubertModel` folder (plus the pretraining head files).
-/// HuBERT iteration 2 on a node: layer `layer` of the model at `model` (a fedhubert checkpoint
-/// or an HF folder) for every utterance of `partition/manifest.csv`, into
-/// `partition/hubert_L.{npy,len}` with its provenance record, exactly as `fedhubert features
-/// --model --layer` writes them; the summary as JSON. The features never leave the node.
+/// HuBERT iteration 2 on a node: layer `layer` of the model at `model` (a fedhubert checkpoint,
+/// an HF folder or a published fairseq / torchaudio / s3prl `.pt`) for every utterance of
+/// `partition/manifest.csv`, into `partition/hubert_L.{npy,len}` with its provenance record,
+/// exactly as `fedhubert features --model --layer` writes them; the summary as JSON. The
+/// features never leave the node.
 #[pyfunction]
 #[pyo3(signature = (partition, model, layer, chunk_seconds = 100.0))]
 fn extract_layer_features(
@@ -683,6 +683,7 @@ fn pin_run_labels(out: PathBuf, codebook: &str, run_file: &str, resume: bool) ->
         .map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
+/// A round checkpoint → a HuggingFace `HubertModel` folder (plus the pretraining head files).
 #[pyfunction]
 fn export_hf(py: Python<'_>, checkpoint: PathBuf, run_file: &str, out: PathBuf) -> PyResult<()> {
     let rf = parse_run_file(run_file)?;
