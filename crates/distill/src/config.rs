@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fedhubert_fl::PrivacyConfig;
 use fedhubert_train::RunFile;
 use fedhubert_train::config::{self, FederatedSection, PretrainingSection};
 use serde::{Deserialize, Serialize};
@@ -276,6 +277,8 @@ pub struct DistillRunFile {
     pub federated: FederatedSection,
     pub pretraining: PretrainingSection,
     pub distillation: DistillConfig,
+    /// Client-level DP of the student's client updates (the pretraining run file's section).
+    pub privacy: PrivacyConfig,
 }
 
 impl DistillRunFile {
@@ -320,6 +323,7 @@ impl DistillRunFile {
         RunFile {
             federated: self.federated.clone(),
             pretraining: self.pretraining.clone(),
+            privacy: self.privacy.clone(),
         }
     }
 }

@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::compress::{Compression, decode};
 use crate::instructions::{ClientInstructions, MESSAGE_FORMAT, Upload};
-use crate::rounds::{RunConfig, sample_clients};
+use crate::privacy::{DpFedAvg, DpPlan, PrivacyRecord};
+use crate::rounds::{RunConfig, sample_clients, sample_fit};
 use crate::schedule::UpdateWindow;
 use crate::store::Checkpoint;
 use crate::strategy::{FitRes, Strategy, weighted_metrics};
@@ -72,6 +73,9 @@ pub struct RoundRecord {
     /// [`crate::ClientPool::evaluate_global`]); empty when the server holds no data.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub server_eval: BTreeMap<String, f64>,
+    /// Differential privacy: epsilon spent so far, the noise, the clipping norm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyRecord>,
 }
 
 /// What the clients of an exchange are asked to do.
@@ -157,6 +161,8 @@ pub struct RoundEngine {
     round_failures: Vec<Failure>,
     round_t0: Instant,
     open: Open,
+    /// Why the run ended before `num_rounds` (the privacy budget), once it has.
+    stopped: Option<String>,
 }
 
 impl RoundEngine {
@@ -168,6 +174,7 @@ impl RoundEngine {
         num_clients: usize,
     ) -> Result<Self, FlError> {
         cfg.validate(num_clients)?;
+        let strategy = with_privacy(&cfg, strategy, num_clients)?;
         Ok(Self {
             cfg,
             strategy,
@@ -180,13 +187,14 @@ impl RoundEngine {
             round_failures: Vec::new(),
             round_t0: Instant::now(),
             open: Open::Nothing,
+            stopped: None,
         })
     }
 
     /// Continues the run `ck` was written by; `initial` fixes the layout the checkpoint must have.
     pub fn resume(
         cfg: RunConfig,
-        mut strategy: Box<dyn Strategy>,
+        strategy: Box<dyn Strategy>,
         initial: Weights,
         num_clients: usize,
         ck: Checkpoint,
@@ -211,8 +219,9 @@ impl RoundEngine {
                 ck.seed, cfg.seed
             )));
         }
-        strategy.load_state(ck.state)?;
         let mut e = Self::new(cfg, strategy, ck.global, num_clients)?;
+        e.strategy.load_state(ck.state)?;
+        e.strategy.load_ledger(ck.privacy.as_deref())?;
         e.history = ck.history;
         e.synced = ck.synced;
         e.round = ck.round + 1;
@@ -258,7 +267,12 @@ impl RoundEngine {
 
     /// The round in progress (or next), None when the run is complete.
     pub fn next_round(&self) -> Option<u64> {
-        (self.round <= self.cfg.num_rounds).then_some(self.round)
+        (self.round <= self.cfg.num_rounds && self.stopped.is_none()).then_some(self.round)
+    }
+
+    /// Why the run stopped before `num_rounds` (`privacy.max_epsilon`), if it did.
+    pub fn stopped(&self) -> Option<&str> {
+        self.stopped.as_deref()
     }
 
     /// What `--resume` needs to continue from here exactly; between rounds only (after
@@ -280,6 +294,7 @@ impl RoundEngine {
             synced: self.synced.clone(),
             clients: Some(told(&self.cfg)),
             client_state: BTreeMap::new(),
+            privacy: self.strategy.ledger(),
         })
     }
 
@@ -294,18 +309,16 @@ impl RoundEngine {
         let Some(round) = self.next_round() else {
             return Ok(None);
         };
+        if let Err(why) = self.strategy.round_allowed() {
+            tracing::warn!("stopping before round {round}: {why}");
+            self.stopped = Some(why);
+            return Ok(None);
+        }
         if self.attempt == 0 {
             self.round_t0 = Instant::now();
             self.round_failures.clear();
         }
-        let sampled = sample_clients(
-            self.num_clients,
-            self.cfg.fraction_fit,
-            self.cfg.min_fit_clients,
-            self.cfg.seed,
-            round,
-            self.attempt,
-        );
+        let sampled = sample_fit(&self.cfg, self.num_clients, round, self.attempt);
         let current = self.cfg.upload.trainable(&self.global);
         self.strategy.begin_round(round, &current)?;
         let attempt = self.attempt as u64;
@@ -351,6 +364,7 @@ impl RoundEngine {
             updates: UpdateWindow::of_round(round, settings.updates_per_round()),
             settings,
             upload: self.cfg.upload.clone(),
+            privacy: self.strategy.client_privacy(),
         }
     }
 
@@ -533,11 +547,17 @@ impl RoundEngine {
         }
         let new_trainable = self.strategy.end_round()?;
         self.global.update_from(&new_trainable)?;
+        let privacy = self.strategy.privacy_record();
+        // Under DP the clients' own metrics are not published: they are outside the guarantee.
+        let train = match privacy {
+            None => weighted_metrics(a.metrics.iter().map(|(n, m)| (*n, m))),
+            Some(_) => BTreeMap::new(),
+        };
         let record = RoundRecord {
             round: self.round,
             sampled: a.ex.clients.iter().map(|c| c.0).collect(),
             num_examples: a.metrics.iter().map(|(n, _)| *n).sum(),
-            train: weighted_metrics(a.metrics.iter().map(|(n, m)| (*n, m))),
+            train,
             participated: a.participated,
             failures: self.round_failures.clone(),
             attempts: self.attempt + 1,
@@ -548,6 +568,7 @@ impl RoundEngine {
             round_time_s: 0.0,
             lr: self.cfg.client.lr_range(self.round),
             server_eval: BTreeMap::new(),
+            privacy,
         };
         let pass = EvalPass {
             ex: self.eval_exchange(self.eval_plan()),
@@ -660,6 +681,36 @@ impl RoundEngine {
         self.attempt = 0;
         rec
     }
+}
+
+/// `strategy` wrapped in DP-FedAvg when the run asks for privacy (the one place it is: every
+/// runner builds its engine here).
+fn with_privacy(
+    cfg: &RunConfig,
+    strategy: Box<dyn Strategy>,
+    n: usize,
+) -> Result<Box<dyn Strategy>, FlError> {
+    let p = &cfg.privacy;
+    if !p.is_on() {
+        return Ok(strategy);
+    }
+    let plan = DpPlan::new(p, n, cfg.fraction_fit, cfg.min_fit_clients, cfg.num_rounds)
+        .map_err(FlError::Config)?;
+    tracing::info!(
+        "privacy: {:?} DP, {:?} sampling q = {:.4}, noise multiplier {:.4}, denominator {:.2}, clipping norm {}",
+        p.mode,
+        plan.sampling,
+        plan.q,
+        plan.noise_multiplier,
+        plan.denominator,
+        p.clipping_norm
+    );
+    Ok(Box::new(DpFedAvg::new(
+        strategy,
+        p.clone(),
+        plan,
+        cfg.seed,
+    )?))
 }
 
 /// What the clients of a run are told (settings and upload plan) as JSON: a resumed run must

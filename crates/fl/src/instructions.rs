@@ -3,8 +3,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+
 use crate::compress::{Compression, encode};
+use crate::engine::Reply;
+use crate::privacy::{ClientPrivacy, clip_update};
 use crate::schedule::{LrSchedule, UpdateWindow};
+use crate::strategy::FitRes;
 use crate::{FlError, Weights};
 
 /// Version of the messages between server and clients ([`ClientInstructions`] and the run file
@@ -96,9 +101,9 @@ impl ClientSettings {
     }
 }
 
-/// What leaves the client, in order: the trained weights minus the frozen tensors, then the
-/// update encoding. Transforms of the update before it is encoded (clipping for differential
-/// privacy, masking for secure aggregation) are stages of [`prepare_upload`].
+/// What leaves the client, in order: the trained weights minus the frozen tensors, then (with
+/// DP, from the instructions) the clipped and possibly noised update, then the update encoding.
+/// Transforms of the update before it is encoded are stages of [`prepare_reply`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UploadPlan {
@@ -133,6 +138,11 @@ pub struct ClientInstructions {
     pub updates: UpdateWindow,
     pub settings: ClientSettings,
     pub upload: UploadPlan,
+    /// Differential privacy: clip (and with local DP, noise) the update before it is encoded.
+    /// Absent without DP; a node too old to know it refuses the instructions (unknown field)
+    /// rather than sending an unclipped update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<ClientPrivacy>,
 }
 
 impl ClientInstructions {
@@ -191,7 +201,10 @@ pub fn prepare_upload(
     global: &Weights,
     plan: &UploadPlan,
 ) -> Result<Upload, FlError> {
-    let sent = plan.trainable(trained);
+    encode_upload(plan.trainable(trained), global, plan)
+}
+
+fn encode_upload(sent: Weights, global: &Weights, plan: &UploadPlan) -> Result<Upload, FlError> {
     if plan.compression == Compression::None {
         // The server checks the layout of what it receives (`RoundEngine::deliver`).
         return Ok(Upload::Weights(sent));
@@ -201,4 +214,32 @@ pub fn prepare_upload(
         &plan.trainable(global),
         plan.compression,
     )?))
+}
+
+/// The client's whole reply to a training exchange, the one place every runner (the native
+/// simulation, a Flower node) builds it: the upload, and the example count and metrics. With
+/// DP the update is clipped (and noised, locally) before encoding, and the reply carries no
+/// training metrics and a unit example count: only whether the update was within the norm.
+pub fn prepare_reply(
+    res: FitRes,
+    global: &Weights,
+    ins: &ClientInstructions,
+) -> Result<Reply, FlError> {
+    let plan = &ins.upload;
+    let Some(privacy) = &ins.privacy else {
+        return Ok(Reply::Fit {
+            upload: prepare_upload(&res.weights, global, plan)?,
+            num_examples: res.num_examples,
+            metrics: res.metrics,
+        });
+    };
+    let mut sent = plan.trainable(&res.weights);
+    let base = plan.trainable(global);
+    base.check_layout(&sent, "the trained update")?;
+    let metrics: BTreeMap<String, f64> = clip_update(&mut sent, &base, privacy, ins.seed);
+    Ok(Reply::Fit {
+        upload: encode_upload(sent, global, plan)?,
+        num_examples: 1,
+        metrics,
+    })
 }

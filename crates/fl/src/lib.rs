@@ -5,6 +5,8 @@
 //!   FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg, Krum), wrappers around any of them.
 //! - [`instructions`]: the typed instructions a client gets, and its side of the upload;
 //!   [`schedule`]: the learning-rate schedule over the run's global updates.
+//! - [`privacy`]: client-level differential privacy (DP-FedAvg, adaptive clipping) and its RDP
+//!   accountant, a wrapper the engine puts around any mean-based strategy.
 //! - [`rounds`]: the native runner over a [`ClientPool`]; [`store`]: checkpoints and metrics.
 //!
 //! The crate knows nothing about HuBERT (nor burn): clients are a `ClientPool` or messages, and
@@ -15,6 +17,7 @@ pub mod compress;
 pub mod engine;
 pub mod instructions;
 pub mod lock;
+pub mod privacy;
 pub mod rounds;
 pub mod schedule;
 pub mod store;
@@ -31,9 +34,10 @@ pub use engine::{
 };
 pub use instructions::{
     ClientInstructions, ClientSettings, LocalOptimizerState, LocalWork, MESSAGE_FORMAT, Upload,
-    UploadPlan, prepare_upload,
+    UploadPlan, prepare_reply, prepare_upload,
 };
 pub use lock::FolderLock;
+pub use privacy::{PrivacyConfig, PrivacyMode, PrivacyRecord};
 pub use rounds::{ClientPool, RunConfig, RunResult, run};
 pub use schedule::{LrSchedule, UpdateWindow};
 pub use strategy::{FitRes, Strategy, StrategyConfig, StrategySpec};

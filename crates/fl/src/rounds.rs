@@ -7,13 +7,14 @@ use std::path::Path;
 use std::time::Instant;
 
 use fedhubert_io::seeds::{self, mix};
-use rand::SeedableRng;
 use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{EvalRes, ExchangeKind, Progress, Reply, RoundEngine, RoundRecord};
-use crate::instructions::{ClientInstructions, ClientSettings, UploadPlan, prepare_upload};
+use crate::instructions::{ClientInstructions, ClientSettings, UploadPlan, prepare_reply};
+use crate::privacy::{PrivacyConfig, Sampling};
 use crate::store::{checkpoint_path, load_checkpoint, save_round};
 use crate::strategy::{FitRes, Strategy};
 use crate::{FlError, Weights};
@@ -75,6 +76,9 @@ pub struct RunConfig {
     pub upload: UploadPlan,
     /// What clients are told to do locally.
     pub client: ClientSettings,
+    /// Client-level differential privacy (off by default).
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
 }
 
 impl Default for RunConfig {
@@ -92,6 +96,7 @@ impl Default for RunConfig {
             max_round_retries: 2,
             upload: UploadPlan::default(),
             client: ClientSettings::default(),
+            privacy: PrivacyConfig::default(),
         }
     }
 }
@@ -133,7 +138,12 @@ impl RunConfig {
     }
 }
 
-/// Flower's rule: `max(int(n * fraction), min)` clients, sampled without replacement.
+/// Flower's sample size: `max(int(n * fraction), min)`, at most n.
+pub fn sample_size(n: usize, fraction: f64, min: usize) -> usize {
+    ((n as f64 * fraction) as usize).max(min).min(n)
+}
+
+/// Flower's rule: [`sample_size`] clients, sampled without replacement.
 pub fn sample_clients(
     n: usize,
     fraction: f64,
@@ -142,13 +152,35 @@ pub fn sample_clients(
     round: u64,
     attempt: u32,
 ) -> Vec<usize> {
-    let k = ((n as f64 * fraction) as usize).max(min).min(n);
+    let k = sample_size(n, fraction, min);
     let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, &[seeds::SAMPLE_FIT, round, attempt as u64]));
     let mut all: Vec<usize> = (0..n).collect();
     all.shuffle(&mut rng);
     let mut s = all[..k].to_vec();
     s.sort_unstable();
     s
+}
+
+/// Poisson sampling as the DP accountant assumes it: each client independently with probability
+/// `q`, not conditioned on any minimum (the draw may be empty).
+pub fn sample_poisson(n: usize, q: f64, seed: u64, round: u64, attempt: u32) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(seed, &[seeds::SAMPLE_FIT, round, attempt as u64]));
+    (0..n).filter(|_| rng.random::<f64>() < q).collect()
+}
+
+/// The clients of a training attempt: Poisson when a DP run says so, else Flower's rule.
+pub fn sample_fit(cfg: &RunConfig, n: usize, round: u64, attempt: u32) -> Vec<usize> {
+    if cfg.privacy.is_on() && cfg.privacy.sampling == Sampling::Poisson {
+        return sample_poisson(n, cfg.fraction_fit, cfg.seed, round, attempt);
+    }
+    sample_clients(
+        n,
+        cfg.fraction_fit,
+        cfg.min_fit_clients,
+        cfg.seed,
+        round,
+        attempt,
+    )
 }
 
 pub struct RunResult {
@@ -239,15 +271,7 @@ fn call_client(
             let res = pool.fit(c, global, instructions);
             // The deadline is for local training, as it was before uploads were prepared here.
             elapsed = t0.elapsed().as_secs_f64();
-            res.and_then(|res| {
-                let upload = prepare_upload(&res.weights, global, &instructions.upload)
-                    .map_err(|e| e.to_string())?;
-                Ok(Reply::Fit {
-                    upload,
-                    num_examples: res.num_examples,
-                    metrics: res.metrics,
-                })
-            })
+            res.and_then(|res| prepare_reply(res, global, instructions).map_err(|e| e.to_string()))
         }
         ExchangeKind::Evaluate => pool.evaluate(c, global, instructions).map(Reply::Evaluate),
     }))

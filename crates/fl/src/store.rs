@@ -30,6 +30,8 @@ pub struct Checkpoint {
     pub clients: Option<String>,
     /// What simulated clients keep between rounds (`ClientPool::client_state`), by client.
     pub client_state: BTreeMap<String, Weights>,
+    /// The privacy ledger of a DP run (`Strategy::ledger`), as JSON.
+    pub privacy: Option<String>,
 }
 
 pub fn checkpoint_path(dir: &Path) -> PathBuf {
@@ -143,6 +145,9 @@ pub fn save_checkpoint(path: &Path, ck: &Checkpoint) -> Result<(), FlError> {
     if let Some(c) = &ck.clients {
         meta.insert("clients".into(), c.clone());
     }
+    if let Some(p) = &ck.privacy {
+        meta.insert("privacy".into(), p.clone());
+    }
     meta.insert("order".into(), order_metadata(&gref));
     Ok(save_safetensors(path, &gref, meta)?)
 }
@@ -220,6 +225,7 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint, FlError> {
         synced,
         clients: meta.get("clients").cloned(),
         client_state,
+        privacy: meta.get("privacy").cloned(),
     })
 }
 

@@ -35,3 +35,7 @@ pub const PRETRAIN_DROPOUT: u64 = 0xD80F;
 pub const DISTILL_DROPOUT: u64 = 0xD15;
 /// Server-side distillation's steps after round r: `mix(seed, [SERVER_DISTILL, r])`.
 pub const SERVER_DISTILL: u64 = 0x5E4D;
+/// Differential privacy's noise with `privacy.noise: seeded` (never by default): the server's
+/// `mix(seed, [DP_NOISE, round, attempt, what])` (what 0: the update, 1: the clipped count),
+/// a client's local noise `mix(client_seed, [DP_NOISE])`.
+pub const DP_NOISE: u64 = 0xD9D9;

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use fedhubert_fl::instructions::check_format;
 use fedhubert_fl::{
     ClientInstructions, EvalRes, Exchange, MESSAGE_FORMAT, Progress, Reply, Tensor, Upload,
-    Weights, prepare_upload,
+    Weights, prepare_reply,
 };
 use fedhubert_train::RunFile;
 use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
@@ -258,7 +258,8 @@ impl Client {
 
     /// Local training from the global weights as the instructions (JSON from the server) say.
     /// Returns (arrays, num_examples, metrics): the trainable weights, or one uint8 payload
-    /// under `PAYLOAD_KEY` when compression is on (`fedhubert_fl::prepare_upload`).
+    /// under `PAYLOAD_KEY` when compression is on (`fedhubert_fl::prepare_reply`, which also
+    /// clips the update under DP and then sends no training metrics).
     fn fit<'py>(
         &mut self,
         py: Python<'py>,
@@ -268,10 +269,18 @@ impl Client {
         let global = weights_from_py(arrays)?;
         let ins = parse_instructions(instructions)?;
         let inner = &mut self.inner;
-        let (upload, res) = py.detach(|| -> Result<_, BridgeError> {
+        let reply = py.detach(|| -> Result<_, BridgeError> {
             let res = inner.fit(&global, &ins)?;
-            Ok((prepare_upload(&res.weights, &global, &ins.upload)?, res))
+            Ok(prepare_reply(res, &global, &ins)?)
         })?;
+        let Reply::Fit {
+            upload,
+            num_examples,
+            metrics,
+        } = reply
+        else {
+            return Err(BridgeError::Config("a training reply was expected".into()).into());
+        };
         let out = match upload {
             Upload::Weights(w) => weights_to_py(py, w)?,
             Upload::Payload(p) => {
@@ -280,7 +289,7 @@ impl Client {
                 d
             }
         };
-        Ok((out, res.num_examples, metrics_to_py(py, &res.metrics)?))
+        Ok((out, num_examples, metrics_to_py(py, &metrics)?))
     }
 
     /// Evaluation of the global weights on the local validation split: (num_examples, metrics).

@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use fedhubert_fl::{
-    ClientSettings, Compression, LocalOptimizerState, LocalWork, LrSchedule, RunConfig,
-    StrategyConfig, UploadPlan,
+    ClientSettings, Compression, LocalOptimizerState, LocalWork, LrSchedule, PrivacyConfig,
+    RunConfig, StrategyConfig, UploadPlan,
 };
 use fedhubert_model::{HeadKind, HubertConfig, PretrainConfig};
 use serde::{Deserialize, Serialize};
@@ -272,6 +272,8 @@ impl Preset {
 pub struct RunFile {
     pub federated: FederatedSection,
     pub pretraining: PretrainingSection,
+    /// Client-level differential privacy (`fedhubert_fl::privacy`); off unless `mode` says.
+    pub privacy: PrivacyConfig,
 }
 
 fn cfg_err(why: impl std::fmt::Display) -> TrainError {
@@ -475,7 +477,11 @@ impl RunFile {
                 )));
             }
         }
-        self.strategy()?;
+        let strategy = self.strategy()?;
+        if self.privacy.is_on() {
+            self.privacy.validate().map_err(cfg_err)?;
+            fedhubert_fl::privacy::check_strategy(&strategy).map_err(cfg_err)?;
+        }
         // The round settings, before any partition is read (the client count is checked
         // against the partition when the run starts).
         let f = &self.federated.run;
@@ -687,6 +693,7 @@ impl RunFile {
                 proximal_mu: f.proximal_mu,
                 local_optimizer_state: p.local_optimizer_state,
             },
+            privacy: self.privacy.clone(),
         })
     }
 }

@@ -1,7 +1,7 @@
 //! Strategies with Flower's semantics and defaults, built as Flower's `FedOpt(FedAvg)` family is:
 //! a strategy is an [`Aggregator`] (how the replies combine) times a [`ServerOptimizer`] (how the
-//! aggregate moves the global model). Wrappers (server-side distillation today; differential
-//! privacy and secure aggregation next) implement [`Strategy`] around any other strategy.
+//! aggregate moves the global model). Wrappers (server-side distillation, differential privacy's
+//! [`crate::privacy::DpFedAvg`]) implement [`Strategy`] around any other strategy.
 //!
 //! Adding a strategy: one small config type implementing [`StrategySpec`] below, and one line in
 //! the `strategies!` list.
@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 pub use aggregate::{Aggregator, Buffered, Mean, Median, RobustRule, TrimmedMean};
 pub use server_opt::{Adagrad, Adam, AvgM, Moments, Replace, ServerOptimizer, Yogi};
 
+use crate::privacy::{ClientPrivacy, PrivacyRecord};
 use crate::{FlError, Weights};
 
 /// What a client sends back after local training.
@@ -319,6 +320,35 @@ pub trait Strategy: Send {
     /// Server optimizer state for checkpoints (name -> tensors).
     fn state(&self) -> BTreeMap<String, Weights>;
     fn load_state(&mut self, state: BTreeMap<String, Weights>) -> Result<(), FlError>;
+
+    // Hooks of a privacy wrapper ([`crate::privacy::DpFedAvg`]); a plain strategy has none.
+
+    /// What the next round's clients are told to do to their update (Flower's `configure_fit`
+    /// of its DP wrappers): the clipping norm, local noise.
+    fn client_privacy(&self) -> Option<ClientPrivacy> {
+        None
+    }
+    /// The privacy of the last aggregated round, for its record.
+    fn privacy_record(&self) -> Option<PrivacyRecord> {
+        None
+    }
+    /// Err(why) when another training attempt would exceed the privacy budget.
+    fn round_allowed(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// The privacy ledger (JSON) the round checkpoint keeps.
+    fn ledger(&self) -> Option<String> {
+        None
+    }
+    /// Restores [`Self::ledger`] from a checkpoint (None: it had none).
+    fn load_ledger(&mut self, saved: Option<&str>) -> Result<(), FlError> {
+        match saved {
+            None => Ok(()),
+            Some(_) => Err(FlError::Config(
+                "the checkpoint was made with privacy on (it holds a privacy ledger) but this run has privacy.mode none: resume it with the same privacy section".into(),
+            )),
+        }
+    }
 }
 
 /// An aggregator times a server optimizer.
