@@ -144,10 +144,12 @@ def _setup(rc) -> tuple[str, "fedhubert.ServerDistillation | None"]:
 
 def _report(rec: dict) -> None:
     rnd = rec["round"]
+    dp = rec.get("privacy")
+    dp = f" | epsilon {dp['epsilon']:.3f} (delta {dp['delta']:g})" if dp else ""
     _say(
         f"round {rnd:>3}: train loss {_fmt(rec['train'].get('loss'))} "
         f"acc_masked {_fmt(rec['train'].get('acc_masked'))} | eval loss "
-        f"{_fmt(rec['eval'].get('loss'))} | clients {len(rec['participated'])} ok, "
+        f"{_fmt(rec['eval'].get('loss'))}{dp} | clients {len(rec['participated'])} ok, "
         f"{len(rec['failures'])} failed | up {rec['bytes_up'] / 1e6:.2f} MB "
         f"down {rec['bytes_down'] / 1e6:.2f} MB | {rec['round_time_s']:.1f} s"
     )

@@ -362,6 +362,44 @@ def test_simulation_runtime_and_resume(work: Path, partitions: Path, native: Pat
             print(json.dumps({"round": h["round"], "train": h["train"], "eval": h["eval"]}))
 
 
+# Client-level DP with reproducible noise (never the default: `noise: os` cannot be replayed).
+DP_OVERRIDES = [
+    "privacy.mode=central", "privacy.clipping_norm=0.5", "privacy.noise_multiplier=0.3",
+    "privacy.delta=0.001", "privacy.sampling=fixed", "privacy.noise=seeded",
+]
+
+
+def test_differential_privacy_over_flower_matches_native(work: Path, partitions: Path):
+    """DP-FedAvg on the simulation runtime: the clipped, noised global model and the privacy
+    ledger are bit-identical to the native run; no client training metric is published."""
+    pytest.importorskip("ray", reason="the simulation runtime needs flwr[simulation]")
+    native_dp = work / "native-dp"
+    args = ["pretrain", "--config", str(ROOT / "configs/tiny.yaml"), "--clients", str(partitions),
+            "--simulation", "--out", str(native_dp)]
+    for o in OVERRIDES + DP_OVERRIDES:
+        args += ["--set", o]
+    run_cli(*args)
+    d = work / "simulation-dp"
+    with simulation_superlink(d) as (env, procs, logs):
+        out = d / "run"
+        cfg = {"partitions": str(partitions), "set": " ".join(OVERRIDES + DP_OVERRIDES)}
+        log = flwr_run(env, out, cfg, procs, logs, "num-supernodes=2")
+    assert (out / "summary.json").is_file(), log[-6000:]
+    ck = fedhubert.read_checkpoint(str(out / "checkpoint.safetensors"))
+    nat = fedhubert.read_checkpoint(str(native_dp / "checkpoint.safetensors"))
+    hist, nat_hist = json.loads(ck["history"]), json.loads(nat["history"])
+    assert len(hist) == ROUNDS
+    for h, n in zip(hist, nat_hist):
+        assert h["train"] == {} and h["num_examples"] == 2, h
+        assert h["privacy"] == n["privacy"], (h["privacy"], n["privacy"])
+    eps = [h["privacy"]["epsilon"] for h in hist]
+    assert 0 < eps[0] < eps[1], eps
+    diff = [k for k in ck["global"] if not np.array_equal(ck["global"][k], nat["global"][k])]
+    assert not diff, f"{len(diff)} tensors differ from the native run, e.g. {diff[:3]}"
+    assert json.loads((out / "summary.json").read_text())["privacy"]["epsilon"] == eps[-1]
+    assert "epsilon" in log
+
+
 def test_federated_kmeans_over_flower_matches_native(work: Path, partitions: Path):
     """mode="kmeans" in the simulation runtime: the global codebook learned over the nodes from
     sums and counts, and the labels each node writes, are byte-identical to `fedhubert kmeans

@@ -202,6 +202,7 @@ impl DistillSetup {
             "bytes_up": history.iter().map(|r| r.bytes_up).sum::<u64>(),
             "bytes_down": history.iter().map(|r| r.bytes_down).sum::<u64>(),
             "failures": history.iter().map(|r| r.failures.len()).sum::<usize>(),
+            "privacy": history.last().and_then(|r| r.privacy.as_ref()),
             "student_checkpoint": out.join("student.safetensors"),
             "hf_export": out.join("hf"),
         }))

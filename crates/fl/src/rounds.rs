@@ -186,6 +186,8 @@ pub fn sample_fit(cfg: &RunConfig, n: usize, round: u64, attempt: u32) -> Vec<us
 pub struct RunResult {
     pub weights: Weights,
     pub history: Vec<RoundRecord>,
+    /// Why the run ended before `num_rounds` (`privacy.max_epsilon`), if it did.
+    pub stopped: Option<String>,
 }
 
 /// Runs (or resumes) a federated training. With `out_dir`, every round's checkpoint is written
@@ -249,9 +251,11 @@ pub fn run(
         }
     }
     let history = engine.history().to_vec();
+    let stopped = engine.stopped().map(str::to_string);
     Ok(RunResult {
         weights: engine.into_global(),
         history,
+        stopped,
     })
 }
 

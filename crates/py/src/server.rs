@@ -150,6 +150,8 @@ impl RoundServer {
             "bytes_down": history.iter().map(|r| r.bytes_down).sum::<u64>(),
             "failures": history.iter().map(|r| r.failures.len()).sum::<usize>(),
             "hf_export": self.out.join("hf"),
+            "privacy": last.and_then(|r| r.privacy.as_ref()),
+            "stopped": self.engine.stopped(),
         });
         fedhubert_fl::atomic_write(
             &self.out.join("summary.json"),

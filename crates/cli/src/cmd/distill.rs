@@ -268,9 +268,10 @@ fn print_round(r: &RoundRecord) {
         format!(" ({})", parts.join(", "))
     };
     println!(
-        "round {:>3}: client loss {:.4}{parts} | clients {} ok, {} failed | up {:.2} MB down {:.2} MB",
+        "round {:>3}: client loss {:.4}{parts}{} | clients {} ok, {} failed | up {:.2} MB down {:.2} MB",
         r.round,
         r.train.get("loss").copied().unwrap_or(f64::NAN),
+        fedhubert_fl::PrivacyRecord::console(r.privacy.as_ref()),
         r.participated.len(),
         r.failures.len(),
         r.bytes_up as f64 / 1e6,

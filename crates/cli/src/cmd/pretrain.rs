@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use fedhubert_eval::{UpstreamSpec, load_upstream};
-use fedhubert_fl::{RoundRecord, StrategyConfig};
+use fedhubert_fl::{PrivacyRecord, RoundRecord, StrategyConfig};
 use fedhubert_model::{
     Device, HubertConfig, HubertForPretraining, HubertModel, collect_tensors, load_tensors,
 };
@@ -116,17 +116,24 @@ pub struct FederatedSummary {
     pub failures: usize,
     pub wall_time_s: f64,
     pub hf_export: PathBuf,
+    /// Differential privacy after the last round: epsilon spent, delta, noise, clipping norm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyRecord>,
+    /// Why the run ended before `num_rounds` (`privacy.max_epsilon`), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
 
 impl FederatedSummary {
     /// The summary of a finished run's `history`, its model exported to `out/hf`.
     fn new(
-        history: &[RoundRecord],
+        res: &fedhubert_fl::RunResult,
         strategy: StrategyConfig,
         parameters: usize,
         wall_time_s: f64,
         out: &Path,
     ) -> Self {
+        let history = &res.history;
         let last = history.last();
         Self {
             mode: "federated-simulation".into(),
@@ -142,6 +149,8 @@ impl FederatedSummary {
             failures: history.iter().map(|r| r.failures.len()).sum::<usize>(),
             wall_time_s,
             hf_export: out.join("hf"),
+            privacy: last.and_then(|r| r.privacy.clone()),
+            stopped: res.stopped.clone(),
         }
     }
 }
@@ -329,12 +338,13 @@ fn federated(
         |r: &RoundRecord| {
             bar.set_position(r.round);
             bar.suspend(|| println!(
-            "round {:>3}: train loss {:.4} acc_masked {:.3} | eval loss {}{} | clients {} ok, {} failed | up {:.2} MB down {:.2} MB | {:.1} s",
+            "round {:>3}: train loss {:.4} acc_masked {:.3} | eval loss {}{}{} | clients {} ok, {} failed | up {:.2} MB down {:.2} MB | {:.1} s",
             r.round,
             r.train.get("loss").copied().unwrap_or(f64::NAN),
             r.train.get("acc_masked").copied().unwrap_or(f64::NAN),
             r.eval.get("loss").map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
             heldout_text(&r.server_eval),
+            PrivacyRecord::console(r.privacy.as_ref()),
             r.participated.len(),
             r.failures.len(),
             r.bytes_up as f64 / 1e6,
@@ -344,16 +354,19 @@ fn federated(
         },
     )?;
     bar.finish_and_clear();
-    let model = fedhubert_model::load_tensors(template, res.weights)?;
-    model.save_checkpoint(out.join("model.safetensors"))?;
-    model.save_hf(out.join("hf"))?;
+    if let Some(why) = &res.stopped {
+        println!("stopped after round {}: {why}", res.history.len());
+    }
     let summary = FederatedSummary::new(
-        &res.history,
+        &res,
         strategy_cfg,
         n_params,
         t0.elapsed().as_secs_f64(),
         out,
     );
+    let model = fedhubert_model::load_tensors(template, res.weights)?;
+    model.save_checkpoint(out.join("model.safetensors"))?;
+    model.save_hf(out.join("hf"))?;
     write_json(&out.join("summary.json"), &summary)?;
     crate::plot::curves(&res.history, &out.join("curves.svg"))?;
     Ok(summary)

@@ -155,6 +155,19 @@ pub struct PrivacyRecord {
     pub unclipped_fraction: Option<f64>,
 }
 
+impl PrivacyRecord {
+    /// The part of a round's console line: " | epsilon E (delta D), clipping norm C".
+    pub fn console(record: Option<&PrivacyRecord>) -> String {
+        match record {
+            Some(p) => format!(
+                " | epsilon {:.3} (delta {:e}), clipping norm {:.4}",
+                p.epsilon, p.delta, p.clipping_norm
+            ),
+            None => String::new(),
+        }
+    }
+}
+
 impl PrivacyConfig {
     pub fn is_on(&self) -> bool {
         self.mode != PrivacyMode::None
