@@ -859,3 +859,86 @@ fn layers_reports_every_layer_and_leaves_no_scratch_shards() {
     ]);
     assert!(e.contains("--model nope.safetensors"), "{e}");
 }
+
+const DP: [&str; 10] = [
+    "--set",
+    "privacy.mode=central",
+    "--set",
+    "privacy.clipping_norm=0.5",
+    "--set",
+    "privacy.delta=0.001",
+    "--set",
+    "privacy.sampling=fixed",
+    "--set",
+    "privacy.noise_multiplier=1.0",
+];
+
+#[test]
+fn differential_privacy_runs_from_the_cli_reports_epsilon_and_stops_at_max_epsilon() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let parts = f.path.join("parts");
+    let out = dir.path().join("dp");
+    // q = 1, z = 1: one round spends epsilon 3.2 at delta 1e-3, two 4.9.
+    let mut extra = DP.to_vec();
+    extra.extend(["--set", "privacy.max_epsilon=4"]);
+    let args = teacher_args(parts.to_str().unwrap(), out.to_str().unwrap(), &extra);
+    let text = ok(&strs(&args));
+    assert!(
+        text.contains("epsilon") && text.contains("stopped after round 1"),
+        "{text}"
+    );
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let eps = s["privacy"]["epsilon"].as_f64().unwrap();
+    assert!(eps > 3.0 && eps <= 4.0, "{s}");
+    assert!(
+        s["stopped"]
+            .as_str()
+            .unwrap()
+            .contains("privacy.max_epsilon"),
+        "{s}"
+    );
+    let line = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        r["train"],
+        serde_json::json!({}),
+        "client metrics were published: {r}"
+    );
+    assert_eq!(r["privacy"]["denominator"], 3.0);
+    assert!(out.join("hf/model.safetensors").is_file());
+
+    // Keys DP cannot honour, named.
+    let bad = |extra: &[&str], want: &str| {
+        let o = dir.path().join(format!("bad{}", want.len()));
+        let e = fail(&strs(&teacher_args(
+            parts.to_str().unwrap(),
+            o.to_str().unwrap(),
+            extra,
+        )));
+        assert!(e.contains(want), "{extra:?}: {e}");
+    };
+    bad(
+        &["--set", "privacy.mode=central"],
+        "give noise_multiplier or target_epsilon",
+    );
+    bad(&["--set", "privacy.clip_norm=1"], "clip_norm");
+    let mut median = DP.to_vec();
+    median.extend(["--strategy", "fedmedian"]);
+    bad(&median, "fedmedian");
+    let mut delta = DP.to_vec();
+    delta.extend(["--set", "privacy.delta=0.5"]);
+    bad(&delta, "privacy.delta");
+}
+
+#[test]
+fn distillation_client_updates_take_the_privacy_section() {
+    let mut extra = DP.to_vec();
+    extra.extend(["--set", "privacy.noise=seeded"]);
+    let s = distill_with("client", "client-dp", &extra);
+    let p = &s["privacy"];
+    assert!(p["epsilon"].as_f64().unwrap() > 0.0, "{s}");
+    assert_eq!(p["replied"], 3);
+    assert_eq!(s["final_round_client_metrics"], serde_json::json!({}));
+}

@@ -350,6 +350,9 @@ fn delta_norm(a: &Weights, b: &Weights) -> f64 {
 /// Scales `w - reference` to norm at most `c` in place; returns whether it already was.
 fn clip_to(w: &mut Weights, reference: &Weights, c: f64) -> bool {
     let norm = delta_norm(w, reference);
+    // The norms are what a clipping norm is chosen from (their median, as adaptive clipping
+    // targets): visible in the log that stays on the machine that computed them.
+    tracing::debug!("update norm {norm:.5} (clipping norm {c:.5})");
     if norm <= c {
         return true;
     }
