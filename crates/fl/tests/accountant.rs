@@ -41,6 +41,7 @@ fn epsilon_matches_opacus_and_dp_accounting() {
     let f = fixture();
     assert!(f.cases.len() >= 20);
     let mut worst = (0.0f64, 0.0f64);
+    let mut looser = 0.0f64;
     for c in &f.cases {
         let mut l = Ledger::default();
         l.compose(c.sampling, c.q, c.noise_multiplier, c.rounds);
@@ -59,6 +60,7 @@ fn epsilon_matches_opacus_and_dp_accounting() {
             );
         } else {
             // dp_accounting left orders out (its series did not converge): its bound is looser.
+            looser = looser.max(c.dp_accounting / ours - 1.0);
             assert!(
                 ours <= c.dp_accounting * 1.01,
                 "{what}: ours {ours} dp_accounting {}",
@@ -77,8 +79,10 @@ fn epsilon_matches_opacus_and_dp_accounting() {
         }
     }
     eprintln!(
-        "worst relative difference: dp_accounting {:.2e}, opacus {:.2e}",
-        worst.0, worst.1
+        "worst relative difference: dp_accounting {:.2e}, opacus {:.2e}; where dp_accounting dropped orders its epsilon is up to {:.1}% larger",
+        worst.0,
+        worst.1,
+        100.0 * looser
     );
 }
 
