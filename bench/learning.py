@@ -48,6 +48,8 @@ CONFIG = REPO / "bench" / "learning.yaml"
 NUM_CLIENTS = 10
 HELDOUT_PARTS = 2
 K = 100
+DP = ["--set", "privacy.mode=central", "--set", "privacy.clipping_norm=5", "--set",
+      "privacy.delta=1e-5", "--set", "privacy.sampling=fixed"]
 ARMS = {
     "centralized": ["--centralized"],
     "fedavg": ["--simulation"],
@@ -60,6 +62,11 @@ ARMS = {
     "fedavg_sampled": ["--simulation", "--set", "federated.client_fraction=0.2",
                        "--set", "federated.min_fit_clients=2", "--set", "federated.num_rounds=300",
                        "--set", "pretraining.warmup_rounds=25"],
+    # Client-level DP-FedAvg (central noise) at epsilon 8 and 1, delta 1e-5, over the 60 planned
+    # rounds of all 10 clients; C = 5, about the median update norm after the warm-up, measured
+    # on a DP-free run of this config (BENCHMARKS.md, "Privacy").
+    "fedavg_dp8": ["--simulation", *DP, "--set", "privacy.target_epsilon=8"],
+    "fedavg_dp1": ["--simulation", *DP, "--set", "privacy.target_epsilon=1"],
     # + the iteration-2 labels (label_stem, label_rate): see prepare_it2
     "fedavg_it2": ["--simulation"],
 }

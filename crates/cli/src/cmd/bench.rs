@@ -40,7 +40,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Cases to run, comma separated: student-forward, student-step, student-step-frozen,
-    /// teacher-forward, teacher-step, mfcc, aggregate.
+    /// teacher-forward, teacher-step, mfcc, aggregate, aggregate-dp (the same through DP-FedAvg).
     #[arg(
         long,
         default_value = "student-forward,student-step,student-step-frozen,teacher-forward,mfcc,aggregate"
@@ -396,8 +396,10 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// FedAvg of 10 clients' student weights (the server's per-round work).
-    fn aggregate(&mut self) -> anyhow::Result<()> {
+    /// FedAvg of 10 clients' student weights (the server's per-round work); with `dp`, the
+    /// same through DP-FedAvg (central noise from the OS generator, every update re-clipped on
+    /// the server: the replies are 0.01 off the global in every weight, norm about 33 > C = 1).
+    fn aggregate(&mut self, name: &str, dp: bool) -> anyhow::Result<()> {
         let cfg = bench_config("student");
         let model = HubertForPretraining::new(
             &cfg,
@@ -408,11 +410,34 @@ impl Ctx<'_> {
         let w = fedhubert_model::collect_tensors(&model);
         let params: usize = w.tensors.iter().map(|t| t.data.len()).sum();
         let clients = 10;
-        let replies: Vec<_> = (0..clients).map(|_| w.clone()).collect();
+        let mut reply = w.clone();
+        reply.iter_data_mut().for_each(|x| *x += 0.01);
+        let replies: Vec<_> = (0..clients).map(|_| reply.clone()).collect();
+        let privacy = fedhubert_fl::PrivacyConfig {
+            mode: fedhubert_fl::PrivacyMode::Central,
+            noise_multiplier: Some(1.0),
+            delta: 1e-3,
+            sampling: fedhubert_fl::privacy::Sampling::Fixed,
+            ..Default::default()
+        };
+        let plan = fedhubert_fl::privacy::DpPlan::new(&privacy, clients, 1.0, clients, 1)
+            .map_err(anyhow::Error::msg)?;
+        let strategy = || -> anyhow::Result<Box<dyn fedhubert_fl::Strategy>> {
+            let s = StrategyConfig::default().build()?;
+            Ok(match dp {
+                true => Box::new(fedhubert_fl::privacy::DpFedAvg::new(
+                    s,
+                    privacy.clone(),
+                    plan.clone(),
+                    0,
+                )?),
+                false => s,
+            })
+        };
         let mut err = None;
         let t = time_case(self.args.warmup, self.args.repeat.max(10), || {
             let run = || -> anyhow::Result<()> {
-                let mut s = StrategyConfig::default().build()?;
+                let mut s = strategy()?;
                 s.begin_round(1, &w)?;
                 for (i, r) in replies.iter().enumerate() {
                     s.accumulate(FitRes {
@@ -438,7 +463,23 @@ impl Ctx<'_> {
             params as f64 / 1e6,
             (clients * params * 4) as f64 / t.median_s / 1e9
         );
-        self.record("aggregate", t, 0.0);
+        if dp {
+            // A client's own share of the cost: one norm pass and one scaling pass.
+            let clip = fedhubert_fl::privacy::ClientPrivacy {
+                clipping_norm: 1.0,
+                local_noise_std: None,
+                noise: fedhubert_fl::privacy::NoiseSource::Os,
+            };
+            let c = time_case(self.args.warmup, self.args.repeat.max(10), || {
+                let mut r = reply.clone();
+                std::hint::black_box(fedhubert_fl::privacy::clip_update(&mut r, &w, &clip, 0));
+            });
+            eprintln!(
+                "{:<22} client-side clipping of one update: {:.4} s (with the copy of the update)",
+                "", c.median_s
+            );
+        }
+        self.record(name, t, 0.0);
         Ok(())
     }
 
@@ -452,7 +493,8 @@ impl Ctx<'_> {
             "teacher-step" => self.step(case, "teacher", false),
             "teacher-step-frozen" => self.step(case, "teacher", true),
             "mfcc" => self.mfcc(),
-            "aggregate" => self.aggregate(),
+            "aggregate" => self.aggregate(case, false),
+            "aggregate-dp" => self.aggregate(case, true),
             other => bail!("unknown case {other:?}"),
         }
     }

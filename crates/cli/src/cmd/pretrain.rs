@@ -244,6 +244,14 @@ fn load_heldout(req: &PretrainRequest, rf: &RunFile) -> anyhow::Result<Option<He
 }
 
 /// ` | held-out acc_masked A (majority M)` for a round's line, empty without a held-out set.
+/// A metric with `digits` decimals, or "-" when the round has none (no evaluation this round;
+/// under DP the clients publish no training metrics).
+fn metric(m: &std::collections::BTreeMap<String, f64>, key: &str, digits: usize) -> String {
+    m.get(key)
+        .map(|v| format!("{v:.digits$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
 fn heldout_text(m: &std::collections::BTreeMap<String, f64>) -> String {
     match (m.get("acc_masked"), m.get("majority_rate")) {
         (Some(a), Some(maj)) => format!(" | held-out acc_masked {a:.3} (majority {maj:.3})"),
@@ -338,11 +346,11 @@ fn federated(
         |r: &RoundRecord| {
             bar.set_position(r.round);
             bar.suspend(|| println!(
-            "round {:>3}: train loss {:.4} acc_masked {:.3} | eval loss {}{}{} | clients {} ok, {} failed | up {:.2} MB down {:.2} MB | {:.1} s",
+            "round {:>3}: train loss {} acc_masked {} | eval loss {}{}{} | clients {} ok, {} failed | up {:.2} MB down {:.2} MB | {:.1} s",
             r.round,
-            r.train.get("loss").copied().unwrap_or(f64::NAN),
-            r.train.get("acc_masked").copied().unwrap_or(f64::NAN),
-            r.eval.get("loss").map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+            metric(&r.train, "loss", 4),
+            metric(&r.train, "acc_masked", 3),
+            metric(&r.eval, "loss", 4),
             heldout_text(&r.server_eval),
             PrivacyRecord::console(r.privacy.as_ref()),
             r.participated.len(),
