@@ -225,33 +225,23 @@ fn seeded_runs_repeat_and_a_resume_continues_the_ledger_exactly() {
     assert!(eps(&whole.history).windows(2).all(|w| w[1] > w[0]));
 
     // Another privacy section, or none, cannot continue this run.
-    let other = run_cfg(dp(PrivacyMode::Central, 2.0), 4);
-    let e = run(
-        &mut movers(5, 0.01),
-        fedavg(),
-        model(),
-        &other,
-        Some(out),
-        true,
-        |_| {},
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let resume_error = |cfg: &RunConfig| {
+        run(
+            &mut movers(5, 0.01),
+            fedavg(),
+            model(),
+            cfg,
+            Some(out),
+            true,
+            |_| {},
+        )
+        .err()
+        .unwrap()
+        .to_string()
+    };
+    let e = resume_error(&run_cfg(dp(PrivacyMode::Central, 2.0), 4));
     assert!(e.contains("made with privacy"), "{e}");
-    let none = run_cfg(PrivacyConfig::default(), 4);
-    let e = run(
-        &mut movers(5, 0.01),
-        fedavg(),
-        model(),
-        &none,
-        Some(out),
-        true,
-        |_| {},
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let e = resume_error(&run_cfg(PrivacyConfig::default(), 4));
     assert!(e.contains("privacy.mode none"), "{e}");
 }
 

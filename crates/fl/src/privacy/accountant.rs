@@ -137,17 +137,25 @@ fn log_a_frac(q: f64, z: f64, a: f64) -> f64 {
     f64::INFINITY
 }
 
+/// The cases both samplings share: nobody sampled (0), no noise or an infinite order (infinite),
+/// everybody sampled (the Gaussian mechanism itself, a / (2 z^2)); None otherwise.
+fn unsampled_rdp(q: f64, z: f64, a: f64) -> Option<f64> {
+    if q == 0.0 {
+        Some(0.0)
+    } else if z == 0.0 || a.is_infinite() {
+        Some(f64::INFINITY)
+    } else if q == 1.0 {
+        Some(a / (2.0 * z * z))
+    } else {
+        None
+    }
+}
+
 /// RDP at order `a` of the Gaussian mechanism with noise multiplier `z`, each participant
 /// sampled with probability `q` (Poisson).
 pub fn rdp_poisson(q: f64, z: f64, a: f64) -> f64 {
-    if q == 0.0 {
-        return 0.0;
-    }
-    if z == 0.0 || a.is_infinite() {
-        return f64::INFINITY;
-    }
-    if q == 1.0 {
-        return a / (2.0 * z * z);
+    if let Some(r) = unsampled_rdp(q, z, a) {
+        return r;
     }
     let log_a = if a.fract() == 0.0 {
         log_a_int(q, z, a as u64)
@@ -249,14 +257,8 @@ fn wor_log_a_int(q: f64, z: f64, a: u64) -> f64 {
 /// RDP at order `a` of the Gaussian mechanism on a subset of fraction q = m/n drawn without
 /// replacement.
 pub fn rdp_without_replacement(q: f64, z: f64, a: f64) -> f64 {
-    if q == 0.0 {
-        return 0.0;
-    }
-    if z == 0.0 || a.is_infinite() {
-        return f64::INFINITY;
-    }
-    if q == 1.0 {
-        return a / (2.0 * z * z);
+    if let Some(r) = unsampled_rdp(q, z, a) {
+        return r;
     }
     if a.fract() == 0.0 {
         return wor_log_a_int(q, z, a as u64) / (a - 1.0);

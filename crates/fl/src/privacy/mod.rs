@@ -280,12 +280,7 @@ impl DpPlan {
                 (k as f64 / n as f64, k as f64)
             }
         };
-        // Local noise protects a client against the server, which sees who sent: no
-        // amplification by sampling, every round counts for every client.
-        let (acc_sampling, acc_q) = match cfg.mode {
-            PrivacyMode::Local => (Sampling::Poisson, 1.0),
-            _ => (cfg.sampling, q),
-        };
+        let (acc_sampling, acc_q) = accounted(cfg.mode, cfg.sampling, q);
         let z = match (cfg.noise_multiplier, cfg.target_epsilon) {
             (Some(z), _) => z,
             (None, Some(eps)) => {
@@ -321,10 +316,16 @@ impl DpPlan {
 
     /// (sampling, q) as the ledger composes one attempt.
     fn accounted(&self, mode: PrivacyMode) -> (Sampling, f64) {
-        match mode {
-            PrivacyMode::Local => (Sampling::Poisson, 1.0),
-            _ => (self.sampling, self.q),
-        }
+        accounted(mode, self.sampling, self.q)
+    }
+}
+
+/// (sampling, q) as the ledger composes one attempt. Local noise protects a client against the
+/// server, which sees who sent: no amplification by sampling, every round counts for everyone.
+fn accounted(mode: PrivacyMode, sampling: Sampling, q: f64) -> (Sampling, f64) {
+    match mode {
+        PrivacyMode::Local => (Sampling::Poisson, 1.0),
+        _ => (sampling, q),
     }
 }
 
