@@ -398,6 +398,8 @@ def test_differential_privacy_over_flower_matches_native(work: Path, partitions:
     assert not diff, f"{len(diff)} tensors differ from the native run, e.g. {diff[:3]}"
     assert json.loads((out / "summary.json").read_text())["privacy"]["epsilon"] == eps[-1]
     assert "epsilon" in log
+    card = (out / "hf" / "README.md").read_text()
+    assert "2 Flower nodes" in card and f"epsilon {eps[-1]:.4f}" in card, card
 
 
 def test_federated_kmeans_over_flower_matches_native(work: Path, partitions: Path):

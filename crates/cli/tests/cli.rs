@@ -908,6 +908,24 @@ fn differential_privacy_runs_from_the_cli_reports_epsilon_and_stops_at_max_epsil
     );
     assert_eq!(r["privacy"]["denominator"], 3.0);
     assert!(out.join("hf/model.safetensors").is_file());
+    // The export's model card: owners with hours and manifest hashes, the codebook, epsilon.
+    let card = std::fs::read_to_string(out.join("hf/README.md")).unwrap();
+    let labels: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("labels.json")).unwrap()).unwrap();
+    assert!(
+        card.starts_with("---\nlibrary_name: transformers"),
+        "{card}"
+    );
+    assert!(
+        card.contains("3 data owners") && card.contains("| client_2 |"),
+        "{card}"
+    );
+    assert!(
+        card.contains(labels["codebook"].as_str().unwrap()),
+        "{card}"
+    );
+    assert!(card.contains(&format!("epsilon {eps:.4}")), "{card}");
+    assert!(card.contains("clipping_norm: 0.5"), "{card}");
 
     // Keys DP cannot honour, named.
     let bad = |extra: &[&str], want: &str| {
@@ -941,4 +959,10 @@ fn distillation_client_updates_take_the_privacy_section() {
     assert!(p["epsilon"].as_f64().unwrap() > 0.0, "{s}");
     assert_eq!(p["replied"], 3);
     assert_eq!(s["final_round_client_metrics"], serde_json::json!({}));
+    let card =
+        std::fs::read_to_string(fixture().path.join("distill-client-dp/hf/README.md")).unwrap();
+    assert!(
+        card.contains("student distilled") && card.contains("differential privacy"),
+        "{card}"
+    );
 }

@@ -8,7 +8,10 @@ use fedhubert_fl::{Failure, RoundRecord};
 use serde_json::Value;
 
 fn schema() -> Value {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/metrics.schema.json");
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/metrics.schema.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
@@ -29,19 +32,30 @@ fn check(obj: &Value, schema: &Value, at: &str, skip: &[&str]) {
     let props = schema["properties"].as_object().unwrap();
     let obj = obj.as_object().unwrap();
     for (k, v) in obj {
-        let p = props.get(k).unwrap_or_else(|| panic!("{at}{k} is not in the schema"));
+        let p = props
+            .get(k)
+            .unwrap_or_else(|| panic!("{at}{k} is not in the schema"));
         let want = p["type"].as_str().unwrap();
         let got = type_of(v);
-        assert!(got == want || (want == "number" && got == "integer"), "{at}{k}: {got}, schema {want}");
+        assert!(
+            got == want || (want == "number" && got == "integer"),
+            "{at}{k}: {got}, schema {want}"
+        );
         if want == "object" && p.get("properties").is_some() {
             check(v, p, &format!("{at}{k}."), &[]);
         }
     }
     for r in schema["required"].as_array().unwrap() {
-        assert!(obj.contains_key(r.as_str().unwrap()), "{at}{r} is required but not written");
+        assert!(
+            obj.contains_key(r.as_str().unwrap()),
+            "{at}{r} is required but not written"
+        );
     }
     for k in props.keys() {
-        assert!(obj.contains_key(k) || skip.contains(&k.as_str()), "{at}{k} is in the schema but never written");
+        assert!(
+            obj.contains_key(k) || skip.contains(&k.as_str()),
+            "{at}{k} is in the schema but never written"
+        );
     }
 }
 

@@ -131,6 +131,10 @@ impl DistillServer {
         let student = self.rounds.model()?;
         student.save_checkpoint(out.join("student.safetensors"))?;
         student.save_hf(out.join("hf"))?;
+        self.rounds.write_card(
+            "HuBERT student distilled on the Flower server after each aggregation (fedhubert)",
+            &self.rf.to_yaml()?,
+        )?;
         let log = self.server_log();
         let mut summary = self.setup.summary(
             &self.rf,

@@ -129,6 +129,20 @@ impl RoundServer {
         &self.out
     }
 
+    /// The model card of the run's HF export (`hf/README.md`); the data stayed on the nodes.
+    pub fn write_card(&self, title: &str, config_yaml: &str) -> Result<(), BridgeError> {
+        fedhubert_train::ModelCard {
+            title,
+            config_yaml,
+            strategy: self.engine.strategy().config().name(),
+            data: fedhubert_train::CardData::Nodes(self.engine.num_clients()),
+            history: self.history(),
+            run_dir: &self.out,
+        }
+        .write(&self.out.join("hf"))?;
+        Ok(())
+    }
+
     /// Writes the global model as `model.safetensors` (fedhubert checkpoint), `hf/` (HuggingFace
     /// `HubertModel` directory) and `summary.json`, as `fedhubert pretrain --simulation` does.
     pub fn export(&self, mode: &str) -> Result<serde_json::Value, BridgeError> {
@@ -136,6 +150,10 @@ impl RoundServer {
         model.save_checkpoint(self.out.join("model.safetensors"))?;
         model.save_hf(self.out.join("hf"))?;
         let history = self.history();
+        self.write_card(
+            "HuBERT, federated masked-prediction pretraining on Flower (fedhubert)",
+            &self.rf.to_yaml()?,
+        )?;
         let last = history.last();
         let summary = serde_json::json!({
             "mode": mode,

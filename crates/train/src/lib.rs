@@ -7,12 +7,14 @@
 //!   accumulation, a frozen front-end, checkpoints.
 //! - [`client`]: a [`fedhubert_fl::ClientPool`] whose clients train on their own folders.
 
+pub mod card;
 pub mod client;
 pub mod config;
 pub mod core;
 pub mod data;
 pub mod trainer;
 
+pub use card::{CardData, ModelCard};
 pub use client::{ClientCache, Heldout, HubertClients, SimConfig};
 pub use config::{FederatedRun, FederatedSection, Preset, RunFile};
 pub use core::{AdamState, Grads, StepMetrics, StepPlan};

@@ -201,6 +201,7 @@ pub fn distill(req: &DistillRequest) -> anyhow::Result<DistillOutcome> {
     }
     let base = rf.run_file();
     announce(rf, mode, &setup, &base, dirs.len())?;
+    let owners = dirs.clone();
     let run = Run {
         rf,
         setup: &setup,
@@ -223,7 +224,7 @@ pub fn distill(req: &DistillRequest) -> anyhow::Result<DistillOutcome> {
         Mode::Client | Mode::Mvq => run_clients(run, mode, req.quantizer.as_deref(), on_round)?,
     };
     bar.finish_and_clear();
-    finish(rf, mode, &setup, trained, out, t0)
+    finish(rf, mode, &setup, trained, &owners, out, t0)
 }
 
 /// The setup's notes and the run's one-line description.
@@ -469,6 +470,7 @@ fn finish(
     mode: Mode,
     setup: &DistillSetup,
     trained: Trained,
+    owners: &[PathBuf],
     out: &Path,
     t0: Instant,
 ) -> anyhow::Result<DistillOutcome> {
@@ -481,6 +483,16 @@ fn finish(
     } = trained;
     final_student.save_checkpoint(out.join("student.safetensors"))?;
     final_student.save_hf(out.join("hf"))?;
+    let title = format!("HuBERT student distilled federatedly ({mode:?} mode, fedhubert)");
+    fedhubert_train::ModelCard {
+        title: &title,
+        config_yaml: &rf.to_yaml()?,
+        strategy: rf.federated.strategy.name(),
+        data: fedhubert_train::CardData::Partitions(owners),
+        history: &history,
+        run_dir: out,
+    }
+    .write(&out.join("hf"))?;
     let mut summary = setup.summary(
         rf,
         mode,

@@ -325,7 +325,7 @@ fn federated(
         rayon::current_num_threads()
     );
     let mut pool = HubertClients::new(
-        dirs,
+        dirs.clone(),
         template.clone(),
         rf.train_config()?,
         rf.sim_config(),
@@ -375,6 +375,15 @@ fn federated(
     let model = fedhubert_model::load_tensors(template, res.weights)?;
     model.save_checkpoint(out.join("model.safetensors"))?;
     model.save_hf(out.join("hf"))?;
+    fedhubert_train::ModelCard {
+        title: "HuBERT, federated masked-prediction pretraining (fedhubert)",
+        config_yaml: &rf.to_yaml()?,
+        strategy: summary.strategy.name(),
+        data: fedhubert_train::CardData::Partitions(&dirs),
+        history: &res.history,
+        run_dir: out,
+    }
+    .write(&out.join("hf"))?;
     write_json(&out.join("summary.json"), &summary)?;
     crate::plot::curves(&res.history, &out.join("curves.svg"))?;
     Ok(summary)
