@@ -75,12 +75,19 @@ IT2_BASE = "fedavg"  # the iteration-1 arm whose final model iteration 2 cluster
 IT2_LABELS = "km2"   # its label shard stem, beside the MFCC targets' `km`
 
 
-def sh(bin_, *args, log=None):
+class ArmFailed(Exception):
+    """A run that stopped with an error (the DP arm at epsilon 1 diverges: its noise is the
+    measurement, so the benchmark records the failure and goes on)."""
+
+
+def sh(bin_, *args, log=None, may_fail=False):
     cmd = [str(bin_), *map(str, args)]
     print("+", " ".join(cmd), flush=True)
     with open(log, "a") if log else open(os.devnull, "w") as f:
         r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         f.write(r.stdout)
+    if r.returncode and may_fail:
+        raise ArmFailed(r.stdout.strip().splitlines()[-1][:400])
     if r.returncode:
         sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-3000:]}")
     return r.stdout
@@ -159,16 +166,25 @@ def updates_per_arm():
     return config_int("num_rounds") * config_int("local_steps") * config_int("num_clients")
 
 
-def train(fh, out: Path, part: Path, heldout: Path, arm: str, steps: int, extra=()):
+def train(fh, out: Path, part: Path, heldout: Path, arm: str, steps: int, extra=()) -> bool:
+    """Trains (or resumes) one arm; False when its run failed (recorded in `arm.failed`)."""
     run = out / arm
     if done(run / "arm.done"):
-        return
+        return True
+    if (run / "arm.failed").is_file():
+        return False
     resume = (run / "checkpoint.safetensors").is_file() or (run / "trainer.safetensors").is_file()
     t0 = time.time()
-    sh(fh, "pretrain", "--config", CONFIG, "--clients", part, "--out", run, "--heldout", heldout,
-       "--steps", steps, *ARMS[arm], *extra, *(["--resume"] if resume else []),
-       log=out / f"{arm}.log")
+    try:
+        sh(fh, "pretrain", "--config", CONFIG, "--clients", part, "--out", run, "--heldout",
+           heldout, "--steps", steps, *ARMS[arm], *extra, *(["--resume"] if resume else []),
+           log=out / f"{arm}.log", may_fail=arm.startswith("fedavg_dp"))
+    except ArmFailed as e:
+        (run / "arm.failed").write_text(str(e) + "\n")
+        print(f"arm {arm} failed: {e}", flush=True)
+        return False
     (run / "arm.done").write_text(json.dumps({"wall_s_last_session": time.time() - t0}) + "\n")
+    return True
 
 
 def probe(fh, out: Path, name: str, upstream):
@@ -280,6 +296,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     fh = args.bin.resolve()
     part, heldout = prepare(fh, args.data.resolve(), out)
+    trained = []
     for arm in arms:
         extra = []
         if arm == IT2:
@@ -287,9 +304,10 @@ def main():
             extra = ["--set", f"pretraining.label_stem={it2['labels']}",
                      "--set", f"pretraining.label_rate={it2['label_rate']:g}"]
         t0 = time.time()
-        train(fh, out, part, heldout, arm, updates_per_arm(), extra)
+        if train(fh, out, part, heldout, arm, updates_per_arm(), extra):
+            trained.append(arm)
         print(f"arm {arm}: {time.time() - t0:.0f} s this session", flush=True)
-    probes = {arm: probe(fh, out, arm, out / arm / "hf") for arm in arms}
+    probes = {arm: probe(fh, out, arm, out / arm / "hf") for arm in trained}
     probes["random"] = probe(fh, out, "random", "random")
     probes["mfcc"] = probe(fh, out, "mfcc", "mfcc")
     probes["fbank"] = probe(fh, out, "fbank", "fbank")
