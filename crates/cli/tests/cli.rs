@@ -105,6 +105,13 @@ fn export_writes_a_huggingface_directory_and_embed_matches_it() {
     .unwrap();
     assert_eq!(pre["sampling_rate"], 16000);
     assert_eq!(pre["do_normalize"], false);
+    // A checkpoint in its run folder gets the run's model card (config and metrics beside it).
+    let card = std::fs::read_to_string(hf.join("README.md")).unwrap();
+    assert!(
+        card.contains("exported from its run folder") && card.contains("2 federated rounds"),
+        "{card}"
+    );
+    assert!(card.contains("No differential privacy"), "{card}");
     let names: Vec<String> = read(&hf.join("model.safetensors"))
         .into_iter()
         .map(|t| t.0)
@@ -740,9 +747,19 @@ fn a_published_checkpoint_is_imported_extracted_and_continued() {
         "model.safetensors",
         "pretraining_head.safetensors",
         "import.json",
+        "README.md",
     ] {
         assert!(hf.join(file).is_file(), "missing {file}");
     }
+    let card = std::fs::read_to_string(hf.join("README.md")).unwrap();
+    let sha = fedhubert_io::provenance::sha256_file(std::path::Path::new(&published(
+        "fairseq_postnorm.pt",
+    )))
+    .unwrap();
+    assert!(
+        card.contains("imported by fedhubert") && card.contains(&sha),
+        "{card}"
+    );
     let bad = dir.path().join("bad");
     let e = fail(&[
         "import",

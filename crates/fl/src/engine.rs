@@ -705,9 +705,7 @@ fn with_privacy(
         plan.denominator,
         p.clipping_norm
     );
-    if plan.sampling == crate::privacy::Sampling::Poisson
-        && plan.q < 1.0
-        && cfg.min_fit_clients > 1
+    if plan.sampling == crate::privacy::Sampling::Poisson && plan.q < 1.0 && cfg.min_fit_clients > 1
     {
         tracing::warn!(
             "privacy.sampling poisson draws each client independently, so a round can draw fewer than federated.min_fit_clients = {}: it is then retried, and every attempt is paid for in epsilon (set min_fit_clients: 1, or sampling: fixed)",

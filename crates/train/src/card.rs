@@ -17,6 +17,8 @@ pub enum CardData<'a> {
     Partitions(&'a [PathBuf]),
     /// Flower nodes, whose data never reaches the server: only their number is known.
     Nodes(usize),
+    /// A run exported afterwards from its folder: the owners are in its records, not here.
+    Recorded,
 }
 
 /// What a card says about one run.
@@ -116,6 +118,9 @@ impl ModelCard<'_> {
                     "{n} Flower nodes. Their data never reached the server, so its hours and manifests are recorded on the nodes only.\n"
                 );
             }
+            CardData::Recorded => s.push_str(
+                "Exported afterwards from the run's folder: its data owners are recorded there (the partition's `partition.json` and manifests), not in the checkpoint.\n\n",
+            ),
             CardData::Partitions(dirs) => {
                 let _ = writeln!(
                     s,
@@ -174,4 +179,41 @@ impl ModelCard<'_> {
         let path = hf.join("README.md");
         fedhubert_io::atomic_write(&path, self.render()?.as_bytes()).map_err(|e| card_err(&path, e))
     }
+}
+
+/// The card of a model whose training run is not known here (an imported published checkpoint,
+/// a bare checkpoint): what it is, where it came from (path and SHA-256), and `facts`.
+pub fn write_source_card(
+    hf: &Path,
+    title: &str,
+    source: &Path,
+    facts: &[String],
+) -> Result<(), TrainError> {
+    let hash = fedhubert_io::provenance::sha256_file(source).map_err(|e| card_err(source, e))?;
+    let mut s = String::from(
+        "---\nlibrary_name: transformers\npipeline_tag: feature-extraction\ntags:\n- hubert\n- fedhubert\n---\n\n",
+    );
+    let _ = writeln!(s, "# {title}\n");
+    let _ = writeln!(
+        s,
+        "Converted by fedhubert from `{}` (SHA-256 `{hash}`); the tensors were read back bit-exact. fedhubert did not train it, so its data and privacy are those of its source.\n",
+        source.display()
+    );
+    for f in facts {
+        let _ = writeln!(s, "- {f}");
+    }
+    let path = hf.join("README.md");
+    fedhubert_io::atomic_write(&path, s.as_bytes()).map_err(|e| card_err(&path, e))
+}
+
+/// The rounds of a run folder's `metrics.jsonl`.
+pub fn read_history(path: &Path) -> Result<Vec<RoundRecord>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| card_err(path, e))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| card_err(path, format!("line {}: {e}", i + 1)))
+        })
+        .collect()
 }

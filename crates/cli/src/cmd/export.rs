@@ -83,11 +83,46 @@ pub fn export(req: &Args) -> anyhow::Result<ExportOutcome> {
         m
     };
     let tensors = verify_export(&encoder, out)?;
+    write_card(checkpoint, out)?;
     Ok(ExportOutcome {
         checkpoint: checkpoint.to_path_buf(),
         out: out.to_path_buf(),
         tensors,
     })
+}
+
+/// The export's model card: the run's own when the checkpoint sits in a run folder (its
+/// `config.yaml` and `metrics.jsonl` beside it), else where the checkpoint came from.
+fn write_card(checkpoint: &Path, out: &Path) -> anyhow::Result<()> {
+    let run = checkpoint.parent().unwrap_or(Path::new("."));
+    let (config, metrics) = (run.join("config.yaml"), run.join("metrics.jsonl"));
+    if !(config.is_file() && metrics.is_file()) {
+        let title = "HuBERT exported by fedhubert from a checkpoint";
+        return Ok(fedhubert_train::write_source_card(
+            out,
+            title,
+            checkpoint,
+            &[],
+        )?);
+    }
+    let history = fedhubert_train::read_history(&metrics)?;
+    let config_yaml = std::fs::read_to_string(&config)
+        .with_context(|| format!("reading {}", config.display()))?;
+    let strategy = config_yaml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("strategy: "))
+        .unwrap_or("fedavg")
+        .to_string();
+    fedhubert_train::ModelCard {
+        title: "HuBERT, federated training (fedhubert), exported from its run folder",
+        config_yaml: &config_yaml,
+        strategy: &strategy,
+        data: fedhubert_train::CardData::Recorded,
+        history: &history,
+        run_dir: run,
+    }
+    .write(out)?;
+    Ok(())
 }
 
 /// Reads the HF directory `out` back and checks it holds `encoder`'s config and tensors, bit

@@ -79,6 +79,21 @@ pub fn import(src: &Path, out: &Path) -> anyhow::Result<ImportOutcome> {
         model
     };
     let tensors = crate::cmd::export::verify_export(&encoder, out)?;
+    let facts: Vec<String> = std::iter::once(format!(
+        "Layout {:?}, {} names; {} layers of width {}.",
+        p.format,
+        format!("{:?}", p.naming).to_lowercase(),
+        p.config.num_hidden_layers,
+        p.config.hidden_size
+    ))
+    .chain(p.notes.iter().map(|n| format!("Assumed: {n}")))
+    .collect();
+    fedhubert_train::write_source_card(
+        out,
+        "A published HuBERT imported by fedhubert",
+        src,
+        &facts,
+    )?;
     let outcome = ImportOutcome {
         source: src.to_path_buf(),
         source_sha256: fedhubert_io::provenance::sha256_file(src)
