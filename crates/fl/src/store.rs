@@ -118,6 +118,24 @@ pub fn write_jsonl(path: &Path, history: &[RoundRecord]) -> Result<(), FlError> 
     crate::atomic_write(path, s.as_bytes())
 }
 
+/// The rounds of a run folder's `metrics.jsonl` ([`write_jsonl`]'s format).
+pub fn read_jsonl(path: &Path) -> Result<Vec<RoundRecord>, FlError> {
+    let text = std::fs::read_to_string(path).map_err(|source| {
+        FlError::Tensor(crate::TensorError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    })?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| FlError::format(path, format!("line {}: {e}", i + 1)))
+        })
+        .collect()
+}
+
 pub fn save_checkpoint(path: &Path, ck: &Checkpoint) -> Result<(), FlError> {
     let mut groups: Vec<(String, &Weights)> = vec![("global/".into(), &ck.global)];
     for (k, w) in &ck.state {

@@ -205,15 +205,3 @@ pub fn write_source_card(
     let path = hf.join("README.md");
     fedhubert_io::atomic_write(&path, s.as_bytes()).map_err(|e| card_err(&path, e))
 }
-
-/// The rounds of a run folder's `metrics.jsonl`.
-pub fn read_history(path: &Path) -> Result<Vec<RoundRecord>, TrainError> {
-    let text = std::fs::read_to_string(path).map_err(|e| card_err(path, e))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| card_err(path, format!("line {}: {e}", i + 1)))
-        })
-        .collect()
-}

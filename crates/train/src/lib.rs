@@ -14,7 +14,7 @@ pub mod core;
 pub mod data;
 pub mod trainer;
 
-pub use card::{CardData, ModelCard, read_history, write_source_card};
+pub use card::{CardData, ModelCard, write_source_card};
 pub use client::{ClientCache, Heldout, HubertClients, SimConfig};
 pub use config::{FederatedRun, FederatedSection, Preset, RunFile};
 pub use core::{AdamState, Grads, StepMetrics, StepPlan};

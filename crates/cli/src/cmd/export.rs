@@ -105,7 +105,7 @@ fn write_card(checkpoint: &Path, out: &Path) -> anyhow::Result<()> {
             &[],
         )?);
     }
-    let history = fedhubert_train::read_history(&metrics)?;
+    let history = fedhubert_fl::store::read_jsonl(&metrics)?;
     let config_yaml = std::fs::read_to_string(&config)
         .with_context(|| format!("reading {}", config.display()))?;
     let strategy = config_yaml

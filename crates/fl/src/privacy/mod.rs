@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use accountant::{Ledger, Sampling};
 
-use crate::strategy::{FitRes, Strategy};
+use crate::strategy::{FitRes, Strategy, check_reply};
 use crate::{FlError, StrategyConfig, Weights};
 
 /// The metric a client's reply carries under DP: 1 when its update was within the clipping norm.
@@ -506,13 +506,7 @@ impl Strategy for DpFedAvg {
         let (Some(current), Some(sum)) = (self.current.as_ref(), self.sum.as_mut()) else {
             return Err(FlError::Config("accumulate before begin_round".into()));
         };
-        current.check_layout(&res.weights, &format!("client {} reply", res.client))?;
-        if res.weights.iter_data().any(|v| !v.is_finite()) {
-            return Err(FlError::Client {
-                client: res.client,
-                why: "reply contains NaN or infinite weights".into(),
-            });
-        }
+        check_reply(current, &res)?;
         // The sensitivity bound must hold for what is summed, whatever the client did and
         // whatever compression did to the norm; local noise is outside it by design.
         if self.cfg.mode == PrivacyMode::Central {

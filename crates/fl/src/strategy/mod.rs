@@ -351,6 +351,19 @@ pub trait Strategy: Send {
     }
 }
 
+/// A reply a strategy may aggregate: the layout of the weights it started the round from, and
+/// finite values (every strategy and wrapper checks replies here).
+pub fn check_reply(current: &Weights, res: &FitRes) -> Result<(), FlError> {
+    current.check_layout(&res.weights, &format!("client {} reply", res.client))?;
+    if res.weights.iter_data().any(|v| !v.is_finite()) {
+        return Err(FlError::Client {
+            client: res.client,
+            why: "reply contains NaN or infinite weights".into(),
+        });
+    }
+    Ok(())
+}
+
 /// An aggregator times a server optimizer.
 pub struct FedStrategy {
     cfg: StrategyConfig,
@@ -390,13 +403,7 @@ impl Strategy for FedStrategy {
             .current
             .as_ref()
             .ok_or_else(|| FlError::Config("accumulate before begin_round".into()))?;
-        current.check_layout(&res.weights, &format!("client {} reply", res.client))?;
-        if res.weights.iter_data().any(|v| !v.is_finite()) {
-            return Err(FlError::Client {
-                client: res.client,
-                why: "reply contains NaN or infinite weights".into(),
-            });
-        }
+        check_reply(current, &res)?;
         self.aggregator.add(res);
         Ok(())
     }
