@@ -567,7 +567,7 @@ impl Strategy for DpFedAvg {
         let local = self.cfg.mode == PrivacyMode::Local;
         Some(ClientPrivacy {
             clipping_norm: self.clipping_norm,
-            local_noise_std: local.then(|| self.plan.noise_multiplier * self.clipping_norm),
+            local_noise_std: local.then_some(self.plan.noise_multiplier * self.clipping_norm),
             noise: self.cfg.noise,
         })
     }
